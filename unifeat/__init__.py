@@ -1,0 +1,47 @@
+"""unifeat: one timm-style API for intermediate features of vision models.
+
+>>> import torch, unifeat
+>>> backbone = unifeat.create_model("resnet18", features_only=True, out_indices=(-2, -1))
+>>> backbone.feature_info.channels()
+[256, 512]
+>>> [tuple(f.shape) for f in backbone(torch.randn(1, 3, 64, 64))]
+[(1, 256, 4, 4), (1, 512, 2, 2)]
+
+Backend libraries (timm, ...) are imported on first use, not here.
+"""
+
+from unifeat._api import create_model, feature_info, list_models
+from unifeat._errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    InvalidIndicesError,
+    InvalidNodeError,
+    TracingError,
+    UnifeatError,
+    UnknownBackendError,
+    UnknownModelError,
+    UnsupportedOptionError,
+)
+from unifeat._feature_info import FeatureInfo, FeatureLevel
+from unifeat._feature_model import FeatureModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "CheckpointError",
+    "FeatureInfo",
+    "FeatureLevel",
+    "FeatureModel",
+    "InvalidIndicesError",
+    "InvalidNodeError",
+    "TracingError",
+    "UnifeatError",
+    "UnknownBackendError",
+    "UnknownModelError",
+    "UnsupportedOptionError",
+    "__version__",
+    "create_model",
+    "feature_info",
+    "list_models",
+]

@@ -1,0 +1,171 @@
+"""The public entry points: :func:`create_model`, :func:`feature_info`, :func:`list_models`."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from unifeat import _registry
+from unifeat._errors import UnknownBackendError
+from unifeat._feature_info import FeatureInfo
+from unifeat._options import BuildPlan, make_plan
+
+__all__ = ["create_model", "feature_info", "list_models"]
+
+
+def _plan(
+    model: str | nn.Module,
+    *,
+    backend: str | None,
+    **options: Any,
+) -> BuildPlan:
+    if isinstance(model, nn.Module):
+        chosen = (
+            _registry.canonical_backend(backend, context=f"module {type(model).__qualname__}")
+            if backend is not None
+            else _registry.backend_for_module(model)
+        )
+        return make_plan(backend=chosen, module=model, **options)
+    if not isinstance(model, str):
+        raise UnknownBackendError(
+            f"model must be a model name or a torch.nn.Module, got {type(model).__name__}"
+        )
+    chosen, name = _registry.resolve_model_name(model, backend)
+    return make_plan(backend=chosen, model_name=name, **options)
+
+
+def create_model(
+    model_name: str | nn.Module,
+    pretrained: bool = False,
+    features_only: bool = False,
+    out_indices: int | tuple[int, ...] | list[int] | None = None,
+    output_stride: int | None = None,
+    output_type: str = "list",
+    output_fmt: str = "NCHW",
+    backend: str | None = None,
+    *,
+    checkpoint_path: str | Path | None = None,
+    return_prefix_tokens: bool = False,
+    **model_kwargs: Any,
+) -> nn.Module:
+    """Build a model, or a feature model cut from it, from any backend.
+
+    Args:
+        model_name: ``"resnet50"`` (the first backend that knows it, in the
+            order timm, torchvision, transformers), ``"timm:convnext_tiny"``
+            (timm's ``hf-hub:`` names pass through), or an ``nn.Module``. A
+            module passed in is never mutated: the feature model shares its
+            parameters and buffers.
+        pretrained: load the backend's own pretrained weights.
+        features_only: return a :class:`~unifeat.FeatureModel` whose forward
+            gives the requested levels; otherwise the backend's own model.
+        out_indices: ``None`` (the backend's default: every level of a
+            hierarchical net, the last 3 blocks of a plain ViT), an int ``n``
+            (the last ``n`` levels) or a sequence of level indices, negatives
+            counting from the end. Outputs always come in depth order.
+        output_stride: ``8``, ``16`` or ``32`` to dilate the later stages, where
+            the model supports it (:class:`UnsupportedOptionError` otherwise).
+        output_type: ``"list"`` or ``"dict"`` (keyed by level module name).
+        output_fmt: ``"NCHW"`` or ``"NHWC"``.
+        backend: ``None`` (from the name or module) or a backend name.
+        checkpoint_path: a local ``.pth``/``.pt``/``.safetensors`` state dict,
+            loaded into the model before features are cut out.
+        return_prefix_tokens: token models also return their class/register
+            tokens: each level becomes ``(map, prefix_tokens)``.
+        **model_kwargs: passed to the backend's own constructor.
+
+    Returns:
+        The feature model (``features_only=True``) or the backend's model.
+
+    Raises:
+        UnknownModelError, UnknownBackendError, InvalidIndicesError,
+        UnsupportedOptionError, BackendUnavailableError, CheckpointError:
+        see the error table in the docs; every message names the bad value
+        and the valid ones.
+
+    Example:
+        >>> import torch, unifeat
+        >>> model = unifeat.create_model("resnet18", features_only=True, out_indices=(1, -1))
+        >>> model.feature_info.channels(), model.feature_info.reduction()
+        ([64, 512], [4, 32])
+        >>> [tuple(f.shape) for f in model(torch.randn(1, 3, 64, 64))]
+        [(1, 64, 16, 16), (1, 512, 2, 2)]
+    """
+    plan = _plan(
+        model_name,
+        backend=backend,
+        pretrained=pretrained,
+        checkpoint_path=checkpoint_path,
+        features_only=features_only,
+        out_indices=out_indices,
+        output_stride=output_stride,
+        output_type=output_type,
+        output_fmt=output_fmt,
+        return_prefix_tokens=return_prefix_tokens,
+        model_kwargs=model_kwargs,
+    )
+    return _registry.get_adapter(plan.backend).create(plan)
+
+
+def feature_info(
+    model_name: str | nn.Module,
+    out_indices: int | tuple[int, ...] | list[int] | None = None,
+    output_stride: int | None = None,
+    backend: str | None = None,
+    **model_kwargs: Any,
+) -> FeatureInfo:
+    """The :class:`FeatureInfo` that ``create_model(..., features_only=True)`` would have.
+
+    Nothing is allocated: models are built on the meta device, so this is fast
+    even for billion-parameter models. Takes the same arguments as
+    :func:`create_model` (options that only change outputs are accepted and
+    ignored).
+
+    Example:
+        >>> import unifeat
+        >>> info = unifeat.feature_info("resnet50")
+        >>> info.channels(), info.reduction()
+        ([64, 256, 512, 1024, 2048], [2, 4, 8, 16, 32])
+        >>> unifeat.feature_info("timm:vit_small_patch16_224").out_indices
+        (9, 10, 11)
+    """
+    for ignored in ("pretrained", "features_only", "output_type", "output_fmt",
+                    "return_prefix_tokens", "checkpoint_path"):
+        model_kwargs.pop(ignored, None)
+    plan = _plan(
+        model_name,
+        backend=backend,
+        features_only=True,
+        out_indices=out_indices,
+        output_stride=output_stride,
+        model_kwargs=model_kwargs,
+    )
+    return _registry.get_adapter(plan.backend).describe(plan)
+
+
+def list_models(pattern: str = "*", backend: str | None = None) -> list[str]:
+    """Model names matching a shell-style ``pattern``.
+
+    With ``backend`` the names are bare, as that library spells them; without
+    it they are prefixed (``"timm:resnet50"``) and cover every installed
+    backend, so each entry can be passed to :func:`create_model` as is.
+
+    Example:
+        >>> import unifeat
+        >>> unifeat.list_models("resnet1*", backend="timm")[:3]
+        ['resnet10t', 'resnet14t', 'resnet18']
+        >>> "timm:resnet50" in unifeat.list_models("resnet50")
+        True
+    """
+    if backend is not None:
+        name = _registry.canonical_backend(backend)
+        return sorted(fnmatch.filter(_registry.get_adapter(name).model_names(), pattern))
+    found: list[str] = []
+    for name in _registry.backend_names():
+        if _registry.is_available(name):
+            names = _registry.get_adapter(name).model_names()
+            found += [f"{name}:{model}" for model in sorted(fnmatch.filter(names, pattern))]
+    return found

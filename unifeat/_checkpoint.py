@@ -1,0 +1,75 @@
+"""Loading a local state dict (``checkpoint_path=``), the same for every backend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from unifeat._errors import CheckpointError
+
+# Training scripts nest the weights under one of these keys.
+_NESTING_KEYS = ("state_dict", "model_state_dict", "model", "module")
+# Wrappers that prefix every key: DistributedDataParallel, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read ``.safetensors``, ``.pt``/``.pth``/``.bin`` files into a flat state dict.
+
+    Weights nested under ``"state_dict"``/``"model"`` (as training scripts save
+    them) and ``module.``/``_orig_mod.`` key prefixes are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            loaded: Any = load_file(str(path), device="cpu")
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"could not read checkpoint {str(path)!r}: {exc}") from exc
+    while isinstance(loaded, Mapping):
+        nested = next((k for k in _NESTING_KEYS if isinstance(loaded.get(k), Mapping)), None)
+        if nested is None:
+            break
+        loaded = loaded[nested]
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in loaded.values()
+    ):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds no state dict of tensors")
+    state = dict(loaded)
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix) :]: value for key, value in state.items()}
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, context: str) -> None:
+    """Load ``path`` into ``model`` strictly, with a message that names what did not fit."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    mismatched = [
+        f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}"
+        for key in own
+        if key in state and state[key].shape != own[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected),
+                           ("wrong shape", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+                parts.append(f"{len(keys)} {what}: {shown}")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not fit {context}: {'; '.join(parts)}"
+        )
+    model.load_state_dict(state, strict=True)

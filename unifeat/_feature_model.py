@@ -1,0 +1,188 @@
+"""What every feature model has in common, whatever its backend.
+
+A backend's feature model wraps the source model under ``self.model`` and
+implements ``forward``, ``forward_intermediates`` and
+``prune_intermediate_layers``. This base class provides the rest once:
+
+* output formatting (list or dict, NCHW or NHWC, prefix tokens);
+* ``state_dict`` keys equal to the *source* model's, so checkpoints written for
+  the source model load into the feature model and back (keys of pruned
+  modules in such a checkpoint are accepted and ignored);
+* the parameter-sharing copy used when a user passes in a module.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Union
+
+from torch import Tensor, nn
+
+from unifeat._errors import InvalidIndicesError
+from unifeat._feature_info import FeatureInfo
+from unifeat._indices import normalize_indices
+
+FeatureMap = Union[Tensor, tuple[Tensor, Tensor]]
+"""A map, or ``(map, prefix_tokens)`` when prefix tokens were asked for."""
+Features = Union[list[FeatureMap], dict[str, FeatureMap]]
+
+_INNER = "model"
+
+
+def share_parameters_copy(module: nn.Module) -> nn.Module:
+    """A structural copy of ``module`` whose parameters and buffers are the same tensors.
+
+    Pruning or re-wiring the copy never touches the user's module, yet training
+    the feature model trains the user's weights, as torchvision's extractor does.
+    """
+    shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo=shared)
+
+
+def to_format(tensor: Tensor, output_fmt: str) -> Tensor:
+    """NCHW -> NHWC when asked; adapters hand maps over in NCHW."""
+    return tensor.permute(0, 2, 3, 1) if output_fmt == "NHWC" else tensor
+
+
+def _state_dict_to_source_keys(
+    module: FeatureModel, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    inner = f"{prefix}{_INNER}."
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        state_dict[prefix + key[len(inner) :] if key.startswith(inner) else key] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        renamed = OrderedDict()
+        for key, value in metadata.items():
+            if key == f"{prefix}{_INNER}":
+                continue
+            renamed[prefix + key[len(inner) :] if key.startswith(inner) else key] = value
+        metadata.clear()
+        metadata.update(renamed)
+
+
+def _load_from_source_keys(
+    module: FeatureModel,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    own = [key for key in state_dict if key.startswith(prefix)]
+    for key in own:
+        value = state_dict.pop(key)
+        relative = key[len(prefix) :]
+        if relative not in module._pruned_keys:
+            state_dict[f"{prefix}{_INNER}.{relative}"] = value
+
+
+class FeatureModel(nn.Module):
+    """Base class of the feature models :func:`unifeat.create_model` returns.
+
+    Attributes:
+        feature_info: the levels and the ones returned (:class:`FeatureInfo`).
+        backend: the backend that built the model (``"timm"``, ...).
+        output_type: ``"list"`` or ``"dict"`` (keys are level module names).
+        output_fmt: ``"NCHW"`` or ``"NHWC"``.
+        return_prefix_tokens: whether each map comes with its prefix tokens.
+    """
+
+    feature_info: FeatureInfo
+    backend: str
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        feature_info: FeatureInfo,
+        backend: str,
+        output_type: str = "list",
+        output_fmt: str = "NCHW",
+        return_prefix_tokens: bool = False,
+        context: str = "the model",
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.feature_info = feature_info
+        self.backend = backend
+        self.output_type = output_type
+        self.output_fmt = output_fmt
+        self.return_prefix_tokens = return_prefix_tokens
+        self._context = context
+        self._source_keys: tuple[str, ...] = tuple(self._inner_keys())
+        self._pruned_keys: frozenset[str] = frozenset()
+        # Feature models compute nothing past their deepest requested level.
+        self.last_level = max(feature_info.out_indices)
+        self.register_state_dict_post_hook(_state_dict_to_source_keys)  # type: ignore[arg-type]
+        self.register_load_state_dict_pre_hook(_load_from_source_keys)  # type: ignore[arg-type]
+
+    def _inner_keys(self) -> list[str]:
+        return list(nn.Module.state_dict(self.model).keys())
+
+    def _after_prune(self) -> None:
+        """Call after the inner model lost modules: their keys become ignorable."""
+        self._pruned_keys = frozenset(self._source_keys) - set(self._inner_keys())
+
+    def resolve_indices(self, indices: object) -> tuple[int, ...]:
+        """Normalize ``indices`` against all levels, refusing pruned ones."""
+        if indices is None:
+            return self.feature_info.out_indices
+        resolved = normalize_indices(
+            indices, len(self.feature_info), context=self._context, what="indices"
+        )
+        limit = self.last_level
+        too_deep = [i for i in resolved if i > limit]
+        if too_deep:
+            raise InvalidIndicesError(
+                f"indices {tuple(resolved)} ask for level {too_deep[0]}, but {self._context} "
+                f"was pruned after level {limit}: valid indices are 0..{limit}"
+            )
+        return resolved
+
+    def format_features(
+        self, maps: Sequence[FeatureMap], indices: Sequence[int], output_fmt: str | None = None
+    ) -> Features:
+        """Lay out backend maps (NCHW, depth order) as the user asked."""
+        fmt = output_fmt or self.output_fmt
+        laid_out: list[FeatureMap] = [
+            (to_format(m[0], fmt), m[1]) if isinstance(m, tuple) else to_format(m, fmt)
+            for m in maps
+        ]
+        if self.output_type == "dict":
+            names = self.feature_info.module_name(list(indices))
+            return dict(zip(names, laid_out))
+        return laid_out
+
+    def extra_repr(self) -> str:
+        return (
+            f"backend={self.backend!r}, out_indices={self.feature_info.out_indices}, "
+            f"output_type={self.output_type!r}, output_fmt={self.output_fmt!r}"
+        )
+
+    # Backends implement these three (SPEC §4).
+    def forward(self, x: Tensor) -> Features:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        intermediates_only: bool = False,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+    ) -> list[FeatureMap] | tuple[Tensor, list[FeatureMap]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int], prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+

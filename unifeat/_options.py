@@ -1,0 +1,88 @@
+"""Options are parsed once, at the front door, into an immutable :class:`BuildPlan`.
+
+Adapters receive a plan whose every field is already type-checked, so no
+backend re-validates ``output_type`` or the form of ``out_indices``; what only
+the model can tell (how many levels, which strides) is checked by the adapter
+against the shared helpers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from torch import nn
+
+from unifeat._errors import UnsupportedOptionError, format_choices
+from unifeat._indices import IndexSpec, check_index_spec
+
+OutputType = Literal["list", "dict"]
+OutputFormat = Literal["NCHW", "NHWC"]
+
+_CHOICES: dict[str, tuple[object, ...]] = {
+    "output_type": ("list", "dict"),
+    "output_fmt": ("NCHW", "NHWC"),
+}
+
+
+class BuildPlan(BaseModel):
+    """Everything an adapter needs to build one model, validated."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True, extra="forbid")
+
+    backend: str
+    model_name: str | None = None
+    """The name without backend prefix; ``None`` when ``module`` is given."""
+    module: nn.Module | None = None
+    pretrained: StrictBool = False
+    checkpoint_path: Path | None = None
+    features_only: StrictBool = False
+    out_indices: IndexSpec = None
+    output_stride: int | None = Field(default=None, gt=0)
+    output_type: OutputType = "list"
+    output_fmt: OutputFormat = "NCHW"
+    return_prefix_tokens: StrictBool = False
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """How messages name the model: ``'resnet50' (backend 'timm')``."""
+        return _label(self.model_name, self.module, self.backend)
+
+
+# Options that only shape a feature model's outputs; with features_only=False
+# they would be silently ignored, so they are refused instead.
+_FEATURE_ONLY_OPTIONS = ("out_indices", "output_type", "output_fmt", "return_prefix_tokens")
+
+
+def make_plan(**options: Any) -> BuildPlan:
+    """Validate ``options`` into a plan, raising unifeat errors that name the value."""
+    context = _label(options.get("model_name"), options.get("module"), options.get("backend"))
+    options["out_indices"] = check_index_spec(options.get("out_indices"))
+    try:
+        plan = BuildPlan(**options)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "options"
+        value = options.get(field, error.get("input"))
+        valid = (
+            f"expected {format_choices(_CHOICES[field])}"
+            if field in _CHOICES
+            else error["msg"].lower()
+        )
+        raise UnsupportedOptionError(f"invalid {field}={value!r} for {context}: {valid}") from None
+    if not plan.features_only:
+        defaults = BuildPlan.model_fields
+        changed = [k for k in _FEATURE_ONLY_OPTIONS if getattr(plan, k) != defaults[k].default]
+        if changed:
+            raise UnsupportedOptionError(
+                f"{', '.join(changed)} only apply to feature models, but {plan.label} was "
+                "asked for with features_only=False: pass features_only=True"
+            )
+    return plan
+
+
+def _label(model_name: str | None, module: object, backend: object) -> str:
+    what = repr(model_name) if model_name is not None else f"module {type(module).__qualname__}"
+    return f"{what} (backend {backend!r})"
