@@ -43,7 +43,13 @@ def check_index_spec(value: object, what: str = "out_indices") -> IndexSpec:
     """
     if value is None:
         return None
-    if hasattr(value, "__index__") and not isinstance(value, bool):
+    is_sequence = isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
+    if not is_sequence:
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise InvalidIndicesError(
+                f"{what} must be None, a positive int (the last n levels) or a sequence "
+                f"of ints, got {value!r} ({type(value).__name__})"
+            )
         count = operator.index(value)  # type: ignore[arg-type]
         if count < 1:
             raise InvalidIndicesError(
@@ -51,11 +57,6 @@ def check_index_spec(value: object, what: str = "out_indices") -> IndexSpec:
                 "be at least 1 (use a sequence such as (-1,) to pick by position)"
             )
         return count
-    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
-        raise InvalidIndicesError(
-            f"{what} must be None, a positive int (the last n levels) or a sequence "
-            f"of ints, got {value!r} ({type(value).__name__})"
-        )
     indices = tuple(_as_int(v, what) for v in value)
     if not indices:
         raise InvalidIndicesError(f"{what} is empty ({value!r}); ask for at least one level")
