@@ -155,8 +155,8 @@ def list_models(pattern: str = "*", backend: str | None = None) -> list[str]:
 
     Example:
         >>> import unifeat
-        >>> unifeat.list_models("resnet1*", backend="timm")[:3]
-        ['resnet10t', 'resnet14t', 'resnet18']
+        >>> unifeat.list_models("resnet1?", backend="timm")
+        ['resnet18']
         >>> "timm:resnet50" in unifeat.list_models("resnet50")
         True
     """

@@ -161,6 +161,11 @@ class FeatureModel(nn.Module):
             return dict(zip(names, laid_out))
         return laid_out
 
+    @property
+    def default_input_size(self) -> tuple[int, int, int] | None:
+        """The ``(C, H, W)`` input the source model was made for, where it says."""
+        return None
+
     def extra_repr(self) -> str:
         return (
             f"backend={self.backend!r}, out_indices={self.feature_info.out_indices}, "

@@ -238,6 +238,12 @@ class TimmFeatureModel(FeatureModel):
             model.prune_intermediate_layers(list(feature_info.out_indices), prune_head=True)
         self._after_prune()
 
+    @property
+    def default_input_size(self) -> tuple[int, int, int] | None:
+        source = self.model if self._native else None
+        size = (getattr(source, "pretrained_cfg", None) or {}).get("input_size")
+        return tuple(size) if size else None  # type: ignore[return-value]
+
     def _run(
         self, x: Tensor, indices: tuple[int, ...], **kwargs: Any
     ) -> list[FeatureMap] | tuple[Tensor, list[FeatureMap]]:

@@ -1,0 +1,56 @@
+"""Contributor sessions: `nox -s tests`, `nox -s slow`, `nox -s lint`, `nox -s typecheck`, `nox -s docs`.
+
+Environments are created with uv and reused between runs, so the multi-GB
+torch install happens once per session environment, and uv's cache makes
+every later environment a matter of seconds.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["tests", "lint"]
+
+CONSTRAINTS = ("-c", "constraints.txt")
+
+
+def _install(session: nox.Session, extras: str) -> None:
+    session.install(*CONSTRAINTS, "-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The fast default suite, doctests included (what CI runs)."""
+    _install(session, "test")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """The heavier checks: more and larger architectures, torch.compile."""
+    _install(session, "test")
+    session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "unifeat", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "unifeat", "tests", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy over the package (the public API is fully annotated)."""
+    _install(session, "dev")
+    session.run("mypy", "unifeat")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation strictly: a warning fails the build."""
+    _install(session, "docs")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site")
