@@ -1,4 +1,4 @@
-"""Contributor sessions: `nox -s tests`, `nox -s slow`, `nox -s lint`, `nox -s typecheck`, `nox -s docs`.
+"""Contributor sessions: tests, slow, lint, typecheck, docs (`nox -s NAME`).
 
 Environments are created with uv and reused between runs, so the multi-GB
 torch install happens once per session environment, and uv's cache makes

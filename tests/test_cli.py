@@ -20,13 +20,27 @@ def test_info_prints_the_level_table(capsys):
 
 
 def test_info_json_has_exact_shapes_from_the_meta_device(capsys):
-    assert main(["info", "timm:convnext_atto", "--output-stride", "16", "--input-size", "96",
-                 "--out-indices", "-1", "1", "--json"]) == 0
+    assert (
+        main(
+            [
+                "info",
+                "timm:convnext_atto",
+                "--output-stride",
+                "16",
+                "--input-size",
+                "96",
+                "--out-indices",
+                "-1",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["out_indices"] == [1, 3]
     assert [lv["reduction"] for lv in report["levels"]] == [4, 8, 16, 16]
-    assert [lv["shape"] for lv in report["levels"] if lv["selected"]] == [[80, 12, 12],
-                                                                         [320, 6, 6]]
+    assert [lv["shape"] for lv in report["levels"] if lv["selected"]] == [[80, 12, 12], [320, 6, 6]]
 
 
 def test_list(capsys):
@@ -64,8 +78,12 @@ def test_argparse_errors_exit_2():
 
 
 def test_python_dash_m_runs_the_same_command():
-    done = subprocess.run([sys.executable, "-m", "unifeat", "info", "resnet18"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "unifeat", "info", "resnet18"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "layer4" in done.stdout and "512x7x7" in done.stdout
 
@@ -75,7 +93,10 @@ def test_runtime_failures_exit_1_with_one_line():
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "unifeat", "info", "timm:hf-hub:unifeat-tests/no-such-model"],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()

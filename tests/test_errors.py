@@ -21,8 +21,8 @@ from unifeat import (
     UnknownBackendError,
     UnknownModelError,
     UnsupportedOptionError,
+    _registry,
 )
-from unifeat import _registry
 
 
 def test_every_error_is_a_unifeat_error_and_a_builtin():
@@ -52,7 +52,9 @@ def test_unknown_model_suggests_close_matches():
 
 
 def test_unknown_backend_names_the_known_ones():
-    with pytest.raises(UnknownBackendError, match=r"unknown backend 'caffe'.*known backends are 'timm'"):
+    with pytest.raises(
+        UnknownBackendError, match=r"unknown backend 'caffe'.*known backends are 'timm'"
+    ):
         unifeat.create_model("caffe:resnet50")
     with pytest.raises(UnknownBackendError, match=r"unknown backend 'caffe'.*'timm'"):
         unifeat.create_model("resnet50", backend="caffe")
@@ -65,8 +67,11 @@ def test_unknown_backend_names_the_known_ones():
 @pytest.mark.parametrize(
     ("out_indices", "message"),
     [
-        ((0, 5), r"value 5 is out of range for 'resnet18' \(backend 'timm'\), which has 5 "
-                 r"levels: valid indices are 0\.\.4 or -5\.\.-1"),
+        (
+            (0, 5),
+            r"value 5 is out of range for 'resnet18' \(backend 'timm'\), which has 5 "
+            r"levels: valid indices are 0\.\.4 or -5\.\.-1",
+        ),
         ((-6,), r"value -6 is out of range.*0\.\.4 or -5\.\.-1"),
         (6, r"last 6 levels, but 'resnet18' \(backend 'timm'\) has 5: use 1\.\.5"),
         ((1, 1), r"duplicate: 1 is repeated"),
@@ -84,12 +89,17 @@ def test_invalid_indices(out_indices, message):
 
 
 def test_unsupported_output_stride_names_supported_values():
-    with pytest.raises(UnsupportedOptionError,
-                       match=r"output_stride=8 is not supported by 'vit_tiny_patch16_224' "
-                             r"\(backend 'timm'\): supported values are 16"):
+    with pytest.raises(
+        UnsupportedOptionError,
+        match=r"output_stride=8 is not supported by 'vit_tiny_patch16_224' "
+        r"\(backend 'timm'\): supported values are 16",
+    ):
         unifeat.create_model("vit_tiny_patch16_224", features_only=True, output_stride=8)
-    with pytest.raises(UnsupportedOptionError, match=r"output_stride=4 .*supported values are "
-                                                     r"8, 16 or 32"):
+    with pytest.raises(
+        UnsupportedOptionError,
+        match=r"output_stride=4 .*supported values are "
+        r"8, 16 or 32",
+    ):
         unifeat.feature_info("resnet18", output_stride=4)
     with pytest.raises(UnsupportedOptionError, match=r"supported values are 32"):
         unifeat.create_model("densenet121", output_stride=16)  # also for full models
@@ -106,8 +116,11 @@ def test_unsupported_output_stride_names_supported_values():
         (dict(output_type="tuple"), r"invalid output_type='tuple'.*expected 'list' or 'dict'"),
         (dict(output_fmt="NLC"), r"invalid output_fmt='NLC'.*expected 'NCHW' or 'NHWC'"),
         (dict(pretrained="yes"), r"invalid pretrained='yes'"),
-        (dict(return_prefix_tokens=True), r"return_prefix_tokens=True needs a token model.*"
-                                          r"'resnet18'"),
+        (
+            dict(return_prefix_tokens=True),
+            r"return_prefix_tokens=True needs a token model.*"
+            r"'resnet18'",
+        ),
     ],
 )
 def test_unsupported_options(options, message):
@@ -116,8 +129,11 @@ def test_unsupported_options(options, message):
 
 
 def test_feature_options_without_features_only_are_refused():
-    with pytest.raises(UnsupportedOptionError, match=r"out_indices, output_type only apply to "
-                                                     r"feature models"):
+    with pytest.raises(
+        UnsupportedOptionError,
+        match=r"out_indices, output_type only apply to "
+        r"feature models",
+    ):
         unifeat.create_model("resnet18", out_indices=(1,), output_type="dict")
 
 
@@ -129,8 +145,9 @@ def test_missing_backend_library_names_the_pip_extra(monkeypatch):
         "find_spec",
         lambda name, *a: None if name == "timm" else real_find_spec(name, *a),
     )
-    with pytest.raises(BackendUnavailableError,
-                       match=r"needs the 'timm' package.*pip install \"unifeat\[timm\]\""):
+    with pytest.raises(
+        BackendUnavailableError, match=r"needs the 'timm' package.*pip install \"unifeat\[timm\]\""
+    ):
         unifeat.create_model("timm:resnet18")
     with pytest.raises(ImportError):
         unifeat.list_models(backend="timm")
@@ -156,8 +173,11 @@ def test_checkpoint_errors_name_the_file_and_the_mismatch(tmp_path):
         unifeat.create_model("resnet18", checkpoint_path=tmp_path / "missing.pth")
     wrong = tmp_path / "wrong.pth"
     torch.save({"state_dict": {"fc.weight": torch.zeros(3, 3)}}, wrong)
-    with pytest.raises(CheckpointError, match=r"does not fit 'resnet18'.*missing: conv1\.weight"
-                                              r".*wrong shape: fc\.weight \(3, 3\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit 'resnet18'.*missing: conv1\.weight"
+        r".*wrong shape: fc\.weight \(3, 3\)",
+    ):
         unifeat.create_model("resnet18", features_only=True, checkpoint_path=wrong)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")

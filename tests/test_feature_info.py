@@ -17,7 +17,9 @@ RESNET50_LEVELS = [(64, 2), (256, 4), (512, 8), (1024, 16), (2048, 32)]
 
 def test_resnet50_levels_are_the_canonical_ones():
     info = unifeat.feature_info("resnet50")
-    assert list(zip(info.channels(range(5)), info.reduction(range(5)))) == RESNET50_LEVELS
+    assert (
+        list(zip(info.channels(range(5)), info.reduction(range(5)), strict=True)) == RESNET50_LEVELS
+    )
     assert info.module_name() == ["act1", "layer1", "layer2", "layer3", "layer4"]
     assert info.out_indices == (0, 1, 2, 3, 4)
 
@@ -52,8 +54,10 @@ def test_json_round_trip_keeps_every_field():
 
 def test_extra_fields_survive_and_are_readable():
     info = FeatureInfo.from_dicts(
-        [dict(num_chs=8, reduction=2, module="a", stage=0), dict(num_chs=16, reduction=4,
-                                                                  module="b", stage=1)]
+        [
+            dict(num_chs=8, reduction=2, module="a", stage=0),
+            dict(num_chs=16, reduction=4, module="b", stage=1),
+        ]
     )
     assert info.get("stage") == [0, 1]
     assert FeatureInfo.model_validate_json(info.model_dump_json()).get("stage") == [0, 1]
@@ -75,9 +79,13 @@ def test_from_other_normalizes():
         dict(levels=(), out_indices=()),
         dict(levels=(FeatureLevel(index=1, num_chs=1, reduction=1, module="x"),), out_indices=(0,)),
         dict(levels=(FeatureLevel(index=0, num_chs=1, reduction=1, module="x"),), out_indices=(1,)),
-        dict(levels=(FeatureLevel(index=0, num_chs=1, reduction=1, module="x"),
-                     FeatureLevel(index=1, num_chs=1, reduction=1, module="y")),
-             out_indices=(1, 0)),
+        dict(
+            levels=(
+                FeatureLevel(index=0, num_chs=1, reduction=1, module="x"),
+                FeatureLevel(index=1, num_chs=1, reduction=1, module="y"),
+            ),
+            out_indices=(1, 0),
+        ),
     ],
 )
 def test_inconsistent_info_is_rejected(bad):
@@ -87,9 +95,11 @@ def test_inconsistent_info_is_rejected(bad):
 
 def test_feature_info_is_the_feature_models():
     """feature_info() (meta device) and a built model agree, for options too."""
-    for name, kwargs in [("resnet18", dict(out_indices=2)),
-                         ("convnext_atto", dict(output_stride=16)),
-                         ("vit_tiny_patch16_224", dict(img_size=64, out_indices=(0, -1)))]:
+    for name, kwargs in [
+        ("resnet18", dict(out_indices=2)),
+        ("convnext_atto", dict(output_stride=16)),
+        ("vit_tiny_patch16_224", dict(img_size=64, out_indices=(0, -1))),
+    ]:
         described = unifeat.feature_info(name, **kwargs)
         built = unifeat.create_model(name, features_only=True, **kwargs).feature_info
         assert described == built

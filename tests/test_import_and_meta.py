@@ -10,31 +10,37 @@ import pytest
 
 
 def _run(code: str) -> str:
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
     return done.stdout.strip().splitlines()[-1]
 
 
 def test_import_does_not_import_any_backend_library():
-    loaded = json.loads(_run(
-        "import sys, json, unifeat; "
-        "print(json.dumps([m for m in ('timm', 'torchvision', 'transformers') if m in sys.modules]))"
-    ))
+    loaded = json.loads(
+        _run(
+            "import sys, json, unifeat; "
+            "names = ('timm', 'torchvision', 'transformers'); "
+            "print(json.dumps([m for m in names if m in sys.modules]))"
+        )
+    )
     assert loaded == []
 
 
 def test_feature_info_of_a_giant_model_allocates_no_weights():
     """vit_giant_patch14_dinov2 has 1.1 B parameters (4.5 GB in fp32); none may be allocated."""
-    report = json.loads(_run(
-        "import json, resource, time, torch, unifeat, timm\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "start = time.perf_counter()\n"
-        "info = unifeat.feature_info('timm:vit_giant_patch14_dinov2')\n"
-        "seconds = time.perf_counter() - start\n"
-        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base\n"
-        "print(json.dumps(dict(grown_kib=grown, seconds=seconds, levels=len(info),"
-        " channels=info.channels(), out=info.out_indices)))"
-    ))
+    report = json.loads(
+        _run(
+            "import json, resource, time, torch, unifeat, timm\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "start = time.perf_counter()\n"
+            "info = unifeat.feature_info('timm:vit_giant_patch14_dinov2')\n"
+            "seconds = time.perf_counter() - start\n"
+            "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base\n"
+            "print(json.dumps(dict(grown_kib=grown, seconds=seconds, levels=len(info),"
+            " channels=info.channels(), out=info.out_indices)))"
+        )
+    )
     assert report["levels"] == 40
     assert report["channels"] == [1536, 1536, 1536]
     assert report["out"] == [37, 38, 39]

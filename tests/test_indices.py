@@ -45,8 +45,11 @@ def reference_rule(spec, num_levels, default=None):
     default=st.one_of(st.none(), st.integers(1, 3)),
 )
 def test_normalize_matches_reference(num_levels, spec, default):
-    expected = reference_rule(spec if not isinstance(spec, list) else tuple(spec), num_levels,
-                              default if default is None or default <= num_levels else None)
+    expected = reference_rule(
+        spec if not isinstance(spec, list) else tuple(spec),
+        num_levels,
+        default if default is None or default <= num_levels else None,
+    )
     effective_default = default if default is None or default <= num_levels else None
     if expected is None:
         with pytest.raises(InvalidIndicesError):

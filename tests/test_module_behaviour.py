@@ -21,7 +21,7 @@ def _resnet18_features(**kwargs):
 
 def _outputs_equal(a, b):
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
@@ -38,8 +38,10 @@ def test_deepcopy_and_pickle_give_equal_independent_models():
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         _outputs_equal(clone(x), expected)
         assert clone.feature_info == model.feature_info
-        assert all(p.data_ptr() != q.data_ptr()
-                   for p, q in zip(clone.parameters(), model.parameters()))
+        assert all(
+            p.data_ptr() != q.data_ptr()
+            for p, q in zip(clone.parameters(), model.parameters(), strict=True)
+        )
         assert list(clone.state_dict()) == list(model.state_dict())
 
 
@@ -54,15 +56,18 @@ def test_gradients_reach_every_parameter_that_feeds_a_level():
 
 
 def test_vit_gradients_reach_every_block_up_to_the_last_level():
-    model = unifeat.create_model("vit_tiny_patch16_224", features_only=True, img_size=32,
-                                 out_indices=(0, 5)).train()
+    model = unifeat.create_model(
+        "vit_tiny_patch16_224", features_only=True, img_size=32, out_indices=(0, 5)
+    ).train()
     sum(f.mean() for f in model(torch.randn(2, 3, 32, 32))).backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert {n for n, _ in model.named_parameters() if ".blocks.5." in n} <= with_grad
     assert not any(".blocks.6." in n for n, _ in model.named_parameters())  # pruned
     # The final norm does not feed any block output, so it gets no gradient.
-    assert {n for n, _ in model.named_parameters()} - with_grad == {"model.norm.weight",
-                                                                   "model.norm.bias"}
+    assert {n for n, _ in model.named_parameters()} - with_grad == {
+        "model.norm.weight",
+        "model.norm.bias",
+    }
 
 
 def test_state_dict_keys_are_the_source_models():
@@ -75,8 +80,9 @@ def test_state_dict_keys_are_the_source_models():
     other = timm.create_model("resnet18").eval()
     model.load_state_dict(other.state_dict(), strict=True)
     x = torch.randn(1, 3, 64, 64)
-    _outputs_equal(model(x), other.forward_intermediates(x, indices=[1, 2],
-                                                         intermediates_only=True))
+    _outputs_equal(
+        model(x), other.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+    )
     # ... and the feature model's state dict loads back into a source model.
     fresh = timm.create_model("resnet18")
     missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
@@ -128,16 +134,18 @@ def test_checkpoint_path_loads_pth_and_safetensors(tmp_path):
         "plain.pth": lambda p: torch.save(state, p),
         "nested.pt": lambda p: torch.save({"epoch": 3, "state_dict": state}, p),
         "ddp.pth": lambda p: torch.save({f"module.{k}": v for k, v in state.items()}, p),
-        "weights.safetensors": lambda p: save_file({k: v.contiguous() for k, v in state.items()},
-                                                   str(p)),
+        "weights.safetensors": lambda p: save_file(
+            {k: v.contiguous() for k, v in state.items()}, str(p)
+        ),
     }
     x = torch.randn(1, 3, 64, 64)
     expected = trained.eval().forward_intermediates(x, indices=[2, 4], intermediates_only=True)
     for filename, write in files.items():
         path = tmp_path / filename
         write(path)
-        model = unifeat.create_model("resnet18", features_only=True, out_indices=(2, 4),
-                                     checkpoint_path=path).eval()
+        model = unifeat.create_model(
+            "resnet18", features_only=True, out_indices=(2, 4), checkpoint_path=path
+        ).eval()
         _outputs_equal(model(x), expected)
         full = unifeat.create_model("resnet18", checkpoint_path=path)
         assert torch.equal(full.fc.weight, trained.fc.weight)
@@ -160,8 +168,9 @@ def test_pretrained_uses_timms_own_loading(tmp_path):
     torch.nn.init.normal_(trained.conv1.weight)
     path = tmp_path / "pretrained.pth"
     torch.save(trained.state_dict(), path)
-    model = unifeat.create_model("resnet18", pretrained=True, features_only=True,
-                                 pretrained_cfg_overlay={"file": str(path)})
+    model = unifeat.create_model(
+        "resnet18", pretrained=True, features_only=True, pretrained_cfg_overlay={"file": str(path)}
+    )
     assert torch.equal(model.model.conv1.weight, trained.conv1.weight)
 
 
@@ -183,8 +192,9 @@ def test_dict_output_and_nhwc():
     _, model = _resnet18_features(out_indices=(1, -1))
     x = torch.randn(1, 3, 64, 64)
     nchw = model(x)
-    as_dict = unifeat.create_model(model.model, backend="timm", features_only=True,
-                                   out_indices=(1, -1), output_type="dict").eval()(x)
+    as_dict = unifeat.create_model(
+        model.model, backend="timm", features_only=True, out_indices=(1, -1), output_type="dict"
+    ).eval()(x)
     assert list(as_dict) == ["layer1", "layer4"]
     _outputs_equal(list(as_dict.values()), nchw)
     model.output_fmt = "NHWC"
@@ -228,20 +238,25 @@ def test_forward_intermediates_matches_timm():
     final, maps = model.forward_intermediates(x, indices=(2, 3), output_fmt="NHWC")
     assert final.shape == (1, 256, 4, 4)  # the pruned trunk ends at layer3
     assert [tuple(m.shape) for m in maps] == [(1, 8, 8, 128), (1, 4, 4, 256)]
-    with pytest.raises(InvalidIndicesError, match=r"pruned after level 3: valid indices are "
-                                                  r"0\.\.3"):
+    with pytest.raises(
+        InvalidIndicesError,
+        match=r"pruned after level 3: valid indices are "
+        r"0\.\.3",
+    ):
         model.forward_intermediates(x, indices=(4,))
 
 
 def test_vit_forward_intermediates_norm_and_prefix_tokens():
     source = timm.create_model("vit_tiny_patch16_224", img_size=32).eval()
-    model = unifeat.create_model(source, features_only=True, out_indices=(2, 5),
-                                 return_prefix_tokens=True).eval()
+    model = unifeat.create_model(
+        source, features_only=True, out_indices=(2, 5), return_prefix_tokens=True
+    ).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         ours = model.forward_intermediates(x, indices=(5,), norm=True, intermediates_only=True)
-        theirs = source.forward_intermediates(x, indices=[5], norm=True, return_prefix_tokens=True,
-                                              intermediates_only=True)
+        theirs = source.forward_intermediates(
+            x, indices=[5], norm=True, return_prefix_tokens=True, intermediates_only=True
+        )
     torch.testing.assert_close(ours[0][0], theirs[0][0])
     torch.testing.assert_close(ours[0][1], theirs[0][1])
 
@@ -256,8 +271,11 @@ def test_prune_intermediate_layers_removes_work_and_returns_normalized_indices()
     x = torch.randn(1, 3, 64, 64)
     assert [f.shape[1] for f in model(x)] == [64, 128]
     assert "layer3.0.conv1.weight" not in model.state_dict()
-    with pytest.raises(InvalidIndicesError, match=r"ask for level 4, but .* was pruned after "
-                                                  r"level 2"):
+    with pytest.raises(
+        InvalidIndicesError,
+        match=r"ask for level 4, but .* was pruned after "
+        r"level 2",
+    ):
         model.prune_intermediate_layers((4,))
     assert model.feature_info.out_indices == (1, 2)  # a failed call changes nothing
 
@@ -274,13 +292,14 @@ def test_models_without_forward_intermediates_use_timms_hooks():
     modern.load_state_dict(legacy.state_dict())
     model = unifeat.create_model(legacy, features_only=True, out_indices=(1, 3)).eval()
     x = torch.randn(1, 3, 64, 64)
-    _outputs_equal(model(x), modern.forward_intermediates(x, indices=[1, 3],
-                                                          intermediates_only=True))
-    assert list(model.state_dict()) == [k for k in legacy.state_dict()
-                                        if not k.startswith(("layer4.", "fc."))]
+    _outputs_equal(
+        model(x), modern.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    )
+    assert list(model.state_dict()) == [
+        k for k in legacy.state_dict() if not k.startswith(("layer4.", "fc."))
+    ]
     assert model.prune_intermediate_layers((1,)) == [1]
-    _outputs_equal(model(x), modern.forward_intermediates(x, indices=[1],
-                                                          intermediates_only=True))
+    _outputs_equal(model(x), modern.forward_intermediates(x, indices=[1], intermediates_only=True))
     assert not any(k.startswith("layer3.") for k in model.state_dict())
 
 
@@ -289,5 +308,14 @@ def test_torch_compile_gives_the_same_features():
     _, model = _resnet18_features(out_indices=(1, 4))
     x = torch.randn(1, 3, 64, 64)
     compiled = torch.compile(model)
-    for a, b in zip(compiled(x), model(x)):
+    for a, b in zip(compiled(x), model(x), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_module_with_features_only_false_comes_back_as_is():
+    source = timm.create_model("resnet18")
+    assert unifeat.create_model(source) is source
+    assert unifeat.create_model(source, output_stride=32) is source  # its native stride
+    with pytest.raises(unifeat.UnsupportedOptionError, match="cannot be applied to an already"):
+        unifeat.create_model(source, output_stride=16)
+    assert not hasattr(source, "backend")  # nothing was written onto it

@@ -68,9 +68,11 @@ def _timm_reference(name: str, kwargs: dict, source: torch.nn.Module, out_indice
 
 def _as_nchw(tensor: torch.Tensor, reference: torch.nn.Module) -> torch.Tensor:
     # timm's Swin-style feature models return NHWC; unifeat's default is NCHW.
-    return tensor.permute(0, 3, 1, 2) if str(getattr(reference, "output_fmt", "")).endswith(
-        "NHWC"
-    ) else tensor
+    return (
+        tensor.permute(0, 3, 1, 2)
+        if str(getattr(reference, "output_fmt", "")).endswith("NHWC")
+        else tensor
+    )
 
 
 def _check_parity(name: str, size: int, kwargs: dict) -> None:
@@ -86,21 +88,24 @@ def _check_parity(name: str, size: int, kwargs: dict) -> None:
 
     # The default selection is timm's features_only default.
     default = unifeat.feature_info(f"timm:{name}", **kwargs).out_indices
-    assert default == tuple(timm.create_model(name, features_only=True, **kwargs)
-                            .feature_info.out_indices)
+    assert default == tuple(
+        timm.create_model(name, features_only=True, **kwargs).feature_info.out_indices
+    )
 
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         ours = model(x)
         theirs = reference(x)
     assert len(ours) == len(theirs) == len(levels)
-    for mine, ref in zip(ours, theirs):
+    for mine, ref in zip(ours, theirs, strict=True):
         torch.testing.assert_close(mine, _as_nchw(ref, reference))
     # Channels reported equal channels produced.
     assert [t.shape[1] for t in ours] == model.feature_info.channels()
 
 
-@pytest.mark.parametrize(("name", "size", "kwargs"), ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES])
+@pytest.mark.parametrize(
+    ("name", "size", "kwargs"), ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES]
+)
 def test_levels_and_outputs_equal_timm_features_only(name, size, kwargs):
     _check_parity(name, size, kwargs)
 
@@ -148,8 +153,10 @@ def test_built_by_name_equals_timm_built_by_name():
             torch.testing.assert_close(mine, ref)
 
 
-@pytest.mark.parametrize(("name", "stride"), [("resnet18", 16), ("resnet26d", 8),
-                                               ("convnext_atto", 16), ("efficientnet_b0", 8)])
+@pytest.mark.parametrize(
+    ("name", "stride"),
+    [("resnet18", 16), ("resnet26d", 8), ("convnext_atto", 16), ("efficientnet_b0", 8)],
+)
 def test_output_stride_equals_timm(name, stride):
     source = timm.create_model(name, output_stride=stride).eval()
     reference = timm.create_model(name, output_stride=stride, features_only=True).eval()

@@ -81,12 +81,14 @@ def create_model(
         The feature model (``features_only=True``) or the backend's model.
 
     Raises:
-        UnknownModelError, UnknownBackendError, InvalidIndicesError,
-        UnsupportedOptionError, BackendUnavailableError, CheckpointError:
-        see the error table in the docs; every message names the bad value
-        and the valid ones.
+        UnknownModelError: no backend knows the name (close matches listed).
+        UnknownBackendError: the prefix or ``backend=`` names no backend.
+        InvalidIndicesError: ``out_indices`` out of range, duplicated, empty or not ints.
+        UnsupportedOptionError: an option value the model cannot honour.
+        BackendUnavailableError: the backend's library is not installed.
+        CheckpointError: ``checkpoint_path`` is missing, unreadable or does not fit.
 
-    Example:
+    Examples:
         >>> import torch, unifeat
         >>> model = unifeat.create_model("resnet18", features_only=True, out_indices=(1, -1))
         >>> model.feature_info.channels(), model.feature_info.reduction()
@@ -124,7 +126,7 @@ def feature_info(
     :func:`create_model` (options that only change outputs are accepted and
     ignored).
 
-    Example:
+    Examples:
         >>> import unifeat
         >>> info = unifeat.feature_info("resnet50")
         >>> info.channels(), info.reduction()
@@ -132,8 +134,14 @@ def feature_info(
         >>> unifeat.feature_info("timm:vit_small_patch16_224").out_indices
         (9, 10, 11)
     """
-    for ignored in ("pretrained", "features_only", "output_type", "output_fmt",
-                    "return_prefix_tokens", "checkpoint_path"):
+    for ignored in (
+        "pretrained",
+        "features_only",
+        "output_type",
+        "output_fmt",
+        "return_prefix_tokens",
+        "checkpoint_path",
+    ):
         model_kwargs.pop(ignored, None)
     plan = _plan(
         model_name,
@@ -153,7 +161,7 @@ def list_models(pattern: str = "*", backend: str | None = None) -> list[str]:
     it they are prefixed (``"timm:resnet50"``) and cover every installed
     backend, so each entry can be passed to :func:`create_model` as is.
 
-    Example:
+    Examples:
         >>> import unifeat
         >>> unifeat.list_models("resnet1?", backend="timm")
         ['resnet18']

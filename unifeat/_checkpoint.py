@@ -64,8 +64,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, context: str) -> None
     ]
     if missing or unexpected or mismatched:
         parts = []
-        for what, keys in (("missing", missing), ("unexpected", unexpected),
-                           ("wrong shape", mismatched)):
+        for what, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", mismatched),
+        ):
             if keys:
                 shown = ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
                 parts.append(f"{len(keys)} {what}: {shown}")

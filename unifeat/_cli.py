@@ -43,18 +43,28 @@ def _parser() -> argparse.ArgumentParser:
         "meta device. Levels marked * are the ones out_indices selects.",
     )
     info.add_argument("model", help='model name: "resnet50", "timm:convnext_tiny", ...')
-    info.add_argument("--out-indices", type=int, nargs="+", metavar="I",
-                      help="levels to select (negatives count from the end); default: the "
-                      "backend's default")
+    info.add_argument(
+        "--out-indices",
+        type=int,
+        nargs="+",
+        metavar="I",
+        help="levels to select (negatives count from the end); default: the backend's default",
+    )
     info.add_argument("--output-stride", type=int, metavar="N", help="dilate to stride N")
-    info.add_argument("--input-size", type=int, nargs="+", metavar="S",
-                      help="input height [width] for the output shapes; default: the "
-                      "model's own input size, else 224")
+    info.add_argument(
+        "--input-size",
+        type=int,
+        nargs="+",
+        metavar="S",
+        help="input height [width] for the output shapes; default: the "
+        "model's own input size, else 224",
+    )
     info.add_argument("--backend", help="force a backend (timm, ...)")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    listing = commands.add_parser("list", help="list model names",
-                                  description="List model names matching a shell pattern.")
+    listing = commands.add_parser(
+        "list", help="list model names", description="List model names matching a shell pattern."
+    )
     listing.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'resnet*'")
     listing.add_argument("--backend", help="only this backend (names are then bare)")
     return parser
@@ -80,8 +90,11 @@ def _output_shapes(
         shapes = [tuple(m.shape[1:]) for m in (maps.values() if isinstance(maps, dict) else maps)]
     except Exception as exc:
         # e.g. a fixed-size ViT given another size: the table still shows nominal shapes.
-        print(f"note: the model does not run at {size[0]}x{size[1]} ({exc}); shapes below are "
-              "input size / reduction", file=sys.stderr)
+        print(
+            f"note: the model does not run at {size[0]}x{size[1]} ({exc}); shapes below are "
+            "input size / reduction",
+            file=sys.stderr,
+        )
         shapes = None
     return size, shapes, model.feature_info, model.backend
 
@@ -101,25 +114,46 @@ def _info(args: argparse.Namespace) -> int:
             shape = shapes[info.out_indices.index(level.index)]
         else:
             shape = (level.num_chs, *(math.ceil(s / level.reduction) for s in size))
-        rows.append(dict(level.model_dump(), selected=level.index in info.out_indices,
-                         shape=list(shape)))
+        rows.append(
+            dict(level.model_dump(), selected=level.index in info.out_indices, shape=list(shape))
+        )
     if args.json:
-        print(json.dumps(dict(model=args.model, backend=backend, input_size=list(size),
-                              out_indices=list(info.out_indices), levels=rows), indent=2))
+        print(
+            json.dumps(
+                dict(
+                    model=args.model,
+                    backend=backend,
+                    input_size=list(size),
+                    out_indices=list(info.out_indices),
+                    levels=rows,
+                ),
+                indent=2,
+            )
+        )
         return 0
-    print(f"{args.model} ({backend}): {len(info)} levels, input 3x{size[0]}x{size[1]}, "
-          f"out_indices={info.out_indices}")
+    print(
+        f"{args.model} ({backend}): {len(info)} levels, input 3x{size[0]}x{size[1]}, "
+        f"out_indices={info.out_indices}"
+    )
     header = ("", "index", "module", "channels", "reduction", "output shape")
     table = [header] + [
-        ("*" if r["selected"] else "", str(r["index"]), r["module"] or "(root)",
-         str(r["num_chs"]), str(r["reduction"]), "x".join(map(str, r["shape"])))
+        (
+            "*" if r["selected"] else "",
+            str(r["index"]),
+            r["module"] or "(root)",
+            str(r["num_chs"]),
+            str(r["reduction"]),
+            "x".join(map(str, r["shape"])),
+        )
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     right = {1, 3, 4}
     for row in table:
-        cells = [c.rjust(w) if i in right else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(row, widths))]
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
         print("  ".join(cells).rstrip())
     return 0
 
@@ -149,8 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"unifeat {args.command}: error: {type(exc).__name__}: {exc} "
-              "(run with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"unifeat {args.command}: error: {type(exc).__name__}: {exc} "
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

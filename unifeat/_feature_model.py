@@ -17,7 +17,7 @@ import copy
 import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -25,9 +25,9 @@ from unifeat._errors import InvalidIndicesError
 from unifeat._feature_info import FeatureInfo
 from unifeat._indices import normalize_indices
 
-FeatureMap = Union[Tensor, tuple[Tensor, Tensor]]
+FeatureMap = Tensor | tuple[Tensor, Tensor]
 """A map, or ``(map, prefix_tokens)`` when prefix tokens were asked for."""
-Features = Union[list[FeatureMap], dict[str, FeatureMap]]
+Features = list[FeatureMap] | dict[str, FeatureMap]
 
 _INNER = "model"
 
@@ -108,7 +108,10 @@ class FeatureModel(nn.Module):
         output_fmt: str = "NCHW",
         return_prefix_tokens: bool = False,
         context: str = "the model",
+        source_keys: Sequence[str] | None = None,
     ) -> None:
+        """``source_keys``: the source model's state-dict keys, where ``model`` is
+        not the source itself (default: ``model``'s keys)."""
         super().__init__()
         self.model = model
         self.feature_info = feature_info
@@ -117,12 +120,12 @@ class FeatureModel(nn.Module):
         self.output_fmt = output_fmt
         self.return_prefix_tokens = return_prefix_tokens
         self._context = context
-        self._source_keys: tuple[str, ...] = tuple(self._inner_keys())
+        self._source_keys = tuple(self._inner_keys() if source_keys is None else source_keys)
         self._pruned_keys: frozenset[str] = frozenset()
         # Feature models compute nothing past their deepest requested level.
         self.last_level = max(feature_info.out_indices)
-        self.register_state_dict_post_hook(_state_dict_to_source_keys)  # type: ignore[arg-type]
-        self.register_load_state_dict_pre_hook(_load_from_source_keys)  # type: ignore[arg-type]
+        self.register_state_dict_post_hook(_state_dict_to_source_keys)
+        self.register_load_state_dict_pre_hook(_load_from_source_keys)
 
     def _inner_keys(self) -> list[str]:
         return list(nn.Module.state_dict(self.model).keys())
@@ -148,17 +151,21 @@ class FeatureModel(nn.Module):
         return resolved
 
     def format_features(
-        self, maps: Sequence[FeatureMap], indices: Sequence[int], output_fmt: str | None = None
+        self,
+        maps: Sequence[FeatureMap],
+        indices: Sequence[int],
+        output_fmt: str | None = None,
+        output_type: str | None = None,
     ) -> Features:
-        """Lay out backend maps (NCHW, depth order) as the user asked."""
+        """Lay out backend maps (NCHW, depth order) as asked, by default as the model says."""
         fmt = output_fmt or self.output_fmt
         laid_out: list[FeatureMap] = [
             (to_format(m[0], fmt), m[1]) if isinstance(m, tuple) else to_format(m, fmt)
             for m in maps
         ]
-        if self.output_type == "dict":
+        if (output_type or self.output_type) == "dict":
             names = self.feature_info.module_name(list(indices))
-            return dict(zip(names, laid_out))
+            return dict(zip(names, laid_out, strict=True))
         return laid_out
 
     @property
@@ -190,4 +197,3 @@ class FeatureModel(nn.Module):
         self, indices: int | Sequence[int], prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError
-

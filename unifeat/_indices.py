@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Mapping
-from typing import Union
 
 from unifeat._errors import InvalidIndicesError
 
-IndexSpec = Union[int, tuple[int, ...], None]
+IndexSpec = int | tuple[int, ...] | None
 """``None`` (backend default), ``n`` (the last n levels) or explicit indices."""
 
 
@@ -43,24 +42,23 @@ def check_index_spec(value: object, what: str = "out_indices") -> IndexSpec:
     """
     if value is None:
         return None
-    is_sequence = isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
-    if not is_sequence:
-        if isinstance(value, bool) or not hasattr(value, "__index__"):
-            raise InvalidIndicesError(
-                f"{what} must be None, a positive int (the last n levels) or a sequence "
-                f"of ints, got {value!r} ({type(value).__name__})"
-            )
-        count = operator.index(value)  # type: ignore[arg-type]
-        if count < 1:
-            raise InvalidIndicesError(
-                f"{what}={count!r} asks for the last {count} levels; an int {what} must "
-                "be at least 1 (use a sequence such as (-1,) to pick by position)"
-            )
-        return count
-    indices = tuple(_as_int(v, what) for v in value)
-    if not indices:
-        raise InvalidIndicesError(f"{what} is empty ({value!r}); ask for at least one level")
-    return indices
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping)):
+        indices = tuple(_as_int(v, what) for v in value)
+        if not indices:
+            raise InvalidIndicesError(f"{what} is empty ({value!r}); ask for at least one level")
+        return indices
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise InvalidIndicesError(
+            f"{what} must be None, a positive int (the last n levels) or a sequence "
+            f"of ints, got {value!r} ({type(value).__name__})"
+        )
+    count = _as_int(value, what)
+    if count < 1:
+        raise InvalidIndicesError(
+            f"{what}={count!r} asks for the last {count} levels; an int {what} must "
+            "be at least 1 (use a sequence such as (-1,) to pick by position)"
+        )
+    return count
 
 
 def _valid_range(num_levels: int) -> str:
@@ -110,8 +108,10 @@ def normalize_indices(
         level = index % num_levels
         if level in resolved:
             first = resolved[level]
-            same = f"{first} and {index} both name level {level}" if first != index else (
-                f"{index} is repeated"
+            same = (
+                f"{first} and {index} both name level {level}"
+                if first != index
+                else (f"{index} is repeated")
             )
             raise InvalidIndicesError(
                 f"{what} {tuple(spec)!r} has a duplicate: {same} (for {context})"

@@ -77,8 +77,7 @@ def canonical_backend(name: str, *, context: str = "") -> str:
     except KeyError:
         where = f" (for {context})" if context else ""
         raise UnknownBackendError(
-            f"unknown backend {name!r}{where}: known backends are "
-            f"{format_choices(backend_names())}"
+            f"unknown backend {name!r}{where}: known backends are {format_choices(backend_names())}"
         ) from None
 
 

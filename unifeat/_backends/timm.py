@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import timm
 import torch
@@ -40,7 +40,7 @@ def _has_native_intermediates(model: nn.Module) -> bool:
     )
 
 
-def _build_on_meta(name: str, **kwargs: Any) -> nn.Module:
+def _build_on_meta(name: str, **kwargs: Any) -> Any:
     """``timm.create_model(name, features_only=True)`` without allocating weights.
 
     A few constructors compute on tensors (``.item()``), which the meta device
@@ -55,7 +55,7 @@ def _build_on_meta(name: str, **kwargs: Any) -> nn.Module:
         return timm.create_model(name, pretrained=False, features_only=True, **kwargs)
 
 
-def _levels_and_default(features: nn.Module) -> tuple[list[dict[str, Any]], tuple[int, ...]]:
+def _levels_and_default(features: Any) -> tuple[list[dict[str, Any]], tuple[int, ...]]:
     info = features.feature_info
     levels = [dict(level) for level in info.info]
     return levels, tuple(info.out_indices)
@@ -79,9 +79,13 @@ class TimmAdapter(Adapter):
         return self._layout(plan).info
 
     def create(self, plan: BuildPlan) -> nn.Module:
+        # Every check that depends on the model runs first, on the meta device,
+        # so that a failing call builds nothing and touches nothing.
         layout = self._layout(plan) if plan.features_only else None
-        kwargs = layout.timm_kwargs if layout else self._stride_kwargs(plan)[1]
+        model: Any
         if plan.module is not None:
+            if layout is None:
+                self._check_instance_stride(plan)
             model = plan.module
             if plan.checkpoint_path is not None:
                 # Loading writes into the tensors, which the caller's module owns.
@@ -91,13 +95,15 @@ class TimmAdapter(Adapter):
                 model = share_parameters_copy(model)
         else:
             assert plan.model_name is not None
+            kwargs = layout.timm_kwargs if layout else self._stride_kwargs(plan)[1]
             model = timm.create_model(
                 plan.model_name, pretrained=plan.pretrained, **plan.model_kwargs, **kwargs
             )
             if plan.checkpoint_path is not None:
                 load_checkpoint(model, plan.checkpoint_path, context=plan.label)
-            model.backend = self.name
         if layout is None:
+            if plan.module is None:
+                model.backend = self.name
             return model
         return TimmFeatureModel(
             model,
@@ -116,9 +122,9 @@ class TimmAdapter(Adapter):
                 raise UnsupportedOptionError(
                     f"{plan.label} has no feature_info, so timm defines no feature levels for it"
                 )
-            levels = [dict(level) for level in plan.module.feature_info]
+            levels = [dict(level) for level in cast(Any, plan.module).feature_info]
             default = self._default_for_instance(plan.module, len(levels))
-            self._check_instance_stride(plan, levels)
+            self._check_instance_stride(plan)
             kwargs: dict[str, Any] = {}
             runner: nn.Module | None = plan.module
         else:
@@ -175,14 +181,17 @@ class TimmAdapter(Adapter):
             f"supported values are {format_choices(sorted(supported))}{why}"
         )
 
-    def _check_instance_stride(self, plan: BuildPlan, levels: list[dict[str, Any]]) -> None:
-        native = max(level["reduction"] for level in levels)
-        if plan.output_stride not in (None, native):
+    def _check_instance_stride(self, plan: BuildPlan) -> None:
+        if plan.output_stride is None:
+            return
+        levels = getattr(plan.module, "feature_info", None) or []
+        native = max((level["reduction"] for level in levels), default=None)
+        if plan.output_stride != native:
             raise UnsupportedOptionError(
                 f"output_stride={plan.output_stride} cannot be applied to an already built "
                 f"{plan.label}: timm sets dilation at construction, so pass the model name "
                 f"(unifeat.create_model('timm:<name>', output_stride=...)); supported here: "
-                f"{native}"
+                f"{native if native is not None else 'none'}"
             )
 
     def _default_for_instance(self, module: nn.Module, num_levels: int) -> IndexSpec:
@@ -194,6 +203,7 @@ class TimmAdapter(Adapter):
         try:
             arch_levels, arch_default = _levels_and_default(_build_on_meta(arch))
         except Exception:
+            # Only a default is at stake: every level is a safe one.
             return None
         last = len(arch_levels) - 1
         if arch_default == tuple(range(last - len(arch_default) + 1, last + 1)):
@@ -219,11 +229,11 @@ class TimmFeatureModel(FeatureModel):
         return_prefix_tokens: bool,
         context: str,
     ) -> None:
-        self._native = _has_native_intermediates(model)
+        native = _has_native_intermediates(model)
         source_keys = tuple(nn.Module.state_dict(model).keys())
         last = max(feature_info.out_indices)
         # flatten_sequential=False keeps the source's module names, hence its keys.
-        inner = model if self._native else FeatureListNet(model, tuple(range(last + 1)))
+        inner = model if native else FeatureListNet(model, tuple(range(last + 1)))
         super().__init__(
             inner,
             feature_info=feature_info,
@@ -232,31 +242,35 @@ class TimmFeatureModel(FeatureModel):
             output_fmt=output_fmt,
             return_prefix_tokens=return_prefix_tokens,
             context=context,
+            source_keys=source_keys,
         )
-        self._source_keys = source_keys
-        if self._native:
-            model.prune_intermediate_layers(list(feature_info.out_indices), prune_head=True)
+        self._native = native
+        if native:
+            cast(Any, model).prune_intermediate_layers(
+                list(feature_info.out_indices), prune_head=True
+            )
         self._after_prune()
 
     @property
     def default_input_size(self) -> tuple[int, int, int] | None:
         source = self.model if self._native else None
         size = (getattr(source, "pretrained_cfg", None) or {}).get("input_size")
-        return tuple(size) if size else None  # type: ignore[return-value]
+        return (int(size[0]), int(size[1]), int(size[2])) if size else None
 
     def _run(
         self, x: Tensor, indices: tuple[int, ...], **kwargs: Any
     ) -> list[FeatureMap] | tuple[Tensor, list[FeatureMap]]:
+        inner: Any = self.model
         if not self._native:
-            return _run_list_net(self.model, x, indices, **kwargs)
+            return _run_list_net(inner, x, indices, **kwargs)
         if self.return_prefix_tokens:
             kwargs["return_prefix_tokens"] = True
-        return self.model.forward_intermediates(x, indices=list(indices), **kwargs)
+        return inner.forward_intermediates(x, indices=list(indices), **kwargs)
 
     def forward(self, x: Tensor) -> Features:
         indices = self.feature_info.out_indices
-        maps = self._run(x, indices, intermediates_only=True)
-        return self.format_features(maps, indices)  # type: ignore[arg-type]
+        maps = cast(list[FeatureMap], self._run(x, indices, intermediates_only=True))
+        return self.format_features(maps, indices)
 
     def forward_intermediates(
         self,
@@ -275,16 +289,10 @@ class TimmFeatureModel(FeatureModel):
         chosen = self.resolve_indices(indices)
         result = self._run(x, chosen, intermediates_only=intermediates_only, norm=norm)
         if intermediates_only:
-            return self._layout(result, chosen, output_fmt)  # type: ignore[arg-type]
-        final, maps = result  # type: ignore[misc]
-        return final, self._layout(maps, chosen, output_fmt)
-
-    def _layout(self, maps: list[FeatureMap], chosen: tuple[int, ...], fmt: str) -> list[FeatureMap]:
-        saved, self.output_type = self.output_type, "list"
-        try:
-            return self.format_features(maps, chosen, fmt)  # type: ignore[return-value]
-        finally:
-            self.output_type = saved
+            maps = cast(list[FeatureMap], result)
+            return cast(list[FeatureMap], self.format_features(maps, chosen, output_fmt, "list"))
+        final, maps = cast(tuple[Tensor, list[FeatureMap]], result)
+        return final, cast(list[FeatureMap], self.format_features(maps, chosen, output_fmt, "list"))
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int], prune_norm: bool = False, prune_head: bool = True
@@ -294,12 +302,13 @@ class TimmFeatureModel(FeatureModel):
         ``forward`` then returns exactly these levels.
         """
         chosen = self.resolve_indices(indices)
+        inner: Any = self.model
         if self._native:
-            self.model.prune_intermediate_layers(
+            inner.prune_intermediate_layers(
                 list(chosen), prune_norm=prune_norm, prune_head=prune_head
             )
         else:
-            _truncate_list_net(self.model, max(chosen))
+            _truncate_list_net(inner, max(chosen))
         self.feature_info = self.feature_info.from_other(chosen)
         self.last_level = max(chosen)
         self._after_prune()
@@ -307,7 +316,12 @@ class TimmFeatureModel(FeatureModel):
 
 
 def _run_list_net(
-    net: nn.Module, x: Tensor, indices: tuple[int, ...], *, intermediates_only: bool, norm: bool = False
+    net: Any,
+    x: Tensor,
+    indices: tuple[int, ...],
+    *,
+    intermediates_only: bool,
+    norm: bool = False,
 ) -> list[FeatureMap] | tuple[Tensor, list[FeatureMap]]:
     if norm:
         raise UnsupportedOptionError(
@@ -318,10 +332,10 @@ def _run_list_net(
     return chosen if intermediates_only else (maps[-1], chosen)
 
 
-def _truncate_list_net(net: nn.Module, last_level: int) -> None:
+def _truncate_list_net(net: Any, last_level: int) -> None:
     """Drop the hooked modules that run after level ``last_level``."""
-    names = list(net.keys())  # type: ignore[operator]
+    names = list(net.keys())
     last = next(name for name, level in net.return_layers.items() if int(level) == last_level)
     for name in names[names.index(last) + 1 :]:
-        del net[name]  # type: ignore[operator]
+        del net[name]
         net.return_layers.pop(name, None)
