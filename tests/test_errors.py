@@ -53,15 +53,16 @@ def test_unknown_model_suggests_close_matches():
 
 def test_unknown_backend_names_the_known_ones():
     with pytest.raises(
-        UnknownBackendError, match=r"unknown backend 'caffe'.*known backends are 'timm'"
+        UnknownBackendError,
+        match=r"unknown backend 'caffe'.*known backends are 'timm', 'torchvision' or 'fx'",
     ):
         unifeat.create_model("caffe:resnet50")
     with pytest.raises(UnknownBackendError, match=r"unknown backend 'caffe'.*'timm'"):
         unifeat.create_model("resnet50", backend="caffe")
     with pytest.raises(UnknownBackendError, match=r"unknown backend 'other'.*'timm'"):
         unifeat.create_model("timm:resnet50", backend="other")
-    with pytest.raises(UnknownBackendError, match="no registered backend handles modules of type"):
-        unifeat.create_model(torch.nn.Conv2d(3, 3, 1), features_only=True)
+    with pytest.raises(UnknownBackendError, match=r"names backend 'timm' but backend='tv'"):
+        unifeat.create_model("timm:resnet50", backend="tv")
 
 
 @pytest.mark.parametrize(

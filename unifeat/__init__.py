@@ -10,7 +10,7 @@
 Backend libraries (timm, ...) are imported on first use, not here.
 """
 
-from unifeat._api import create_model, feature_info, list_models
+from unifeat._api import create_model, feature_info, get_node_names, list_models
 from unifeat._errors import (
     BackendUnavailableError,
     CheckpointError,
@@ -43,5 +43,6 @@ __all__ = [
     "__version__",
     "create_model",
     "feature_info",
+    "get_node_names",
     "list_models",
 ]

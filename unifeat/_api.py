@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from unifeat._errors import UnknownBackendError
 from unifeat._feature_info import FeatureInfo
 from unifeat._options import BuildPlan, make_plan
 
-__all__ = ["create_model", "feature_info", "list_models"]
+__all__ = ["create_model", "feature_info", "get_node_names", "list_models"]
 
 
 def _plan(
@@ -43,12 +44,13 @@ def create_model(
     features_only: bool = False,
     out_indices: int | tuple[int, ...] | list[int] | None = None,
     output_stride: int | None = None,
-    output_type: str = "list",
+    output_type: str | None = None,
     output_fmt: str = "NCHW",
     backend: str | None = None,
     *,
     checkpoint_path: str | Path | None = None,
     return_prefix_tokens: bool = False,
+    return_nodes: Sequence[str] | Mapping[str, str] | None = None,
     **model_kwargs: Any,
 ) -> nn.Module:
     """Build a model, or a feature model cut from it, from any backend.
@@ -68,13 +70,19 @@ def create_model(
             counting from the end. Outputs always come in depth order.
         output_stride: ``8``, ``16`` or ``32`` to dilate the later stages, where
             the model supports it (:class:`UnsupportedOptionError` otherwise).
-        output_type: ``"list"`` or ``"dict"`` (keyed by level module name).
+        output_type: ``"list"`` or ``"dict"`` (keyed by level module name, or by
+            the ``return_nodes`` keys). Default: a dict with ``return_nodes``,
+            else a list.
         output_fmt: ``"NCHW"`` or ``"NHWC"``.
         backend: ``None`` (from the name or module) or a backend name.
         checkpoint_path: a local ``.pth``/``.pt``/``.safetensors`` state dict,
             loaded into the model before features are cut out.
         return_prefix_tokens: token models also return their class/register
             tokens: each level becomes ``(map, prefix_tokens)``.
+        return_nodes: FX node names to return instead of levels, as
+            torchvision's ``create_feature_extractor`` takes them: a list, or a
+            ``{node: key}`` dict; full (``"layer4.2.relu_2"``) or truncated
+            (``"layer4"`` = its last node) names. See :func:`get_node_names`.
         **model_kwargs: passed to the backend's own constructor.
 
     Returns:
@@ -107,6 +115,7 @@ def create_model(
         output_type=output_type,
         output_fmt=output_fmt,
         return_prefix_tokens=return_prefix_tokens,
+        return_nodes=return_nodes,
         model_kwargs=model_kwargs,
     )
     return _registry.get_adapter(plan.backend).create(plan)
@@ -177,3 +186,32 @@ def list_models(pattern: str = "*", backend: str | None = None) -> list[str]:
             names = _registry.get_adapter(name).model_names()
             found += [f"{name}:{model}" for model in sorted(fnmatch.filter(names, pattern))]
     return found
+
+
+def get_node_names(
+    model_name: str | nn.Module, backend: str | None = None, **model_kwargs: Any
+) -> tuple[list[str], list[str]]:
+    """The FX node names of a model in train and in eval mode.
+
+    The names are torchvision's (``"layer4.2.relu_2"``: module path, then the
+    operation, ``_N`` suffixes per parent scope), exactly as
+    ``torchvision.models.feature_extraction.get_graph_node_names`` gives them,
+    and are what ``create_model(..., return_nodes=...)`` takes. Models named by
+    string are built on the meta device (no weights); a module passed in is
+    traced as it is and left in the mode it was in.
+
+    Raises:
+        TracingError: the model cannot be traced; the message names the failing
+            operation.
+
+    Examples:
+        >>> import unifeat
+        >>> train_names, eval_names = unifeat.get_node_names("tv:resnet18")
+        >>> eval_names[:4], eval_names[-2:]
+        (['x', 'conv1', 'bn1', 'relu'], ['flatten', 'fc'])
+    """
+    from unifeat import _fx
+
+    plan = _plan(model_name, backend=backend, features_only=True, model_kwargs=model_kwargs)
+    source = _registry.get_adapter(plan.backend).source_on_meta(plan)
+    return _fx.node_names(source, context=plan.label)

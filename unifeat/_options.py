@@ -40,9 +40,11 @@ class BuildPlan(BaseModel):
     features_only: StrictBool = False
     out_indices: IndexSpec = None
     output_stride: int | None = Field(default=None, gt=0)
-    output_type: OutputType = "list"
+    output_type: OutputType | None = None
+    """``None``: a dict where ``return_nodes`` gives keys, else a list."""
     output_fmt: OutputFormat = "NCHW"
     return_prefix_tokens: StrictBool = False
+    return_nodes: tuple[str, ...] | dict[str, str] | None = None
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @property
@@ -53,13 +55,24 @@ class BuildPlan(BaseModel):
 
 # Options that only shape a feature model's outputs; with features_only=False
 # they would be silently ignored, so they are refused instead.
-_FEATURE_ONLY_OPTIONS = ("out_indices", "output_type", "output_fmt", "return_prefix_tokens")
+_FEATURE_ONLY_OPTIONS = (
+    "out_indices",
+    "output_type",
+    "output_fmt",
+    "return_prefix_tokens",
+    "return_nodes",
+)
 
 
 def make_plan(**options: Any) -> BuildPlan:
     """Validate ``options`` into a plan, raising unifeat errors that name the value."""
     context = _label(options.get("model_name"), options.get("module"), options.get("backend"))
     options["out_indices"] = check_index_spec(options.get("out_indices"))
+    nodes = options.get("return_nodes")
+    if nodes is not None and not isinstance(nodes, (str, dict)):
+        options["return_nodes"] = tuple(nodes)
+    if isinstance(nodes, str):
+        options["return_nodes"] = (nodes,)
     try:
         plan = BuildPlan(**options)
     except ValidationError as exc:
@@ -72,6 +85,15 @@ def make_plan(**options: Any) -> BuildPlan:
             else error["msg"].lower()
         )
         raise UnsupportedOptionError(f"invalid {field}={value!r} for {context}: {valid}") from None
+    if plan.return_nodes is not None and plan.features_only:
+        clashing = [k for k in ("out_indices", "output_stride") if getattr(plan, k) is not None]
+        if plan.output_fmt != "NCHW":
+            clashing.append("output_fmt")
+        if clashing:
+            raise UnsupportedOptionError(
+                f"return_nodes picks nodes as they are, so {', '.join(clashing)} cannot be "
+                f"combined with it for {plan.label}"
+            )
     if not plan.features_only:
         defaults = BuildPlan.model_fields
         changed = [k for k in _FEATURE_ONLY_OPTIONS if getattr(plan, k) != defaults[k].default]

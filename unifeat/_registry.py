@@ -65,6 +65,28 @@ register_backend(
 )
 
 
+register_backend(
+    BackendEntry(
+        name="torchvision",
+        adapter="unifeat._backends.torchvision:TorchvisionAdapter",
+        requires="torchvision",
+        extra="torchvision",
+        aliases=("tv",),
+        claims_package="torchvision",
+    )
+)
+# Any other module: traced with FX. It claims no names, only module instances.
+register_backend(
+    BackendEntry(
+        name="fx",
+        adapter="unifeat._backends.fx:FxAdapter",
+        requires="torchvision",
+        extra="torchvision",
+    )
+)
+_FALLBACK_FOR_MODULES = "fx"
+
+
 def backend_names() -> tuple[str, ...]:
     """Registered backends, in the order bare model names are looked up."""
     return tuple(_ENTRIES)
@@ -165,7 +187,4 @@ def backend_for_module(module: nn.Module) -> str:
     for entry in _ENTRIES.values():
         if entry.claims_package in packages:
             return entry.name
-    raise UnknownBackendError(
-        f"no registered backend handles modules of type {type(module).__qualname__!r}: "
-        f"known backends are {format_choices(backend_names())}"
-    )
+    return _FALLBACK_FOR_MODULES

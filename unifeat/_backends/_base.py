@@ -34,3 +34,8 @@ class Adapter(ABC):
     @abstractmethod
     def create(self, plan: BuildPlan) -> nn.Module:
         """The backend's own model (``features_only=False``) or a feature model."""
+
+    @abstractmethod
+    def source_on_meta(self, plan: BuildPlan) -> nn.Module:
+        """The source model without weights (meta device), e.g. for tracing node names;
+        a module passed in is returned as it is."""

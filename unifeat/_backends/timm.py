@@ -21,6 +21,7 @@ from timm.models import FeatureListNet
 from torch import Tensor, nn
 
 from unifeat._backends._base import Adapter
+from unifeat._backends.fx import FxAdapter
 from unifeat._checkpoint import load_checkpoint
 from unifeat._errors import UnsupportedOptionError, format_choices
 from unifeat._feature_info import FeatureInfo
@@ -76,9 +77,42 @@ class TimmAdapter(Adapter):
         return list(timm.list_models())
 
     def describe(self, plan: BuildPlan) -> FeatureInfo:
+        if plan.return_nodes is not None:
+            return FxAdapter().describe(self._as_module_plan(plan, self.source_on_meta(plan)))
         return self._layout(plan).info
 
+    def source_on_meta(self, plan: BuildPlan) -> nn.Module:
+        if plan.module is not None:
+            return plan.module
+        assert plan.model_name is not None
+        with torch.device("meta"):
+            return timm.create_model(plan.model_name, pretrained=False, **plan.model_kwargs)
+
+    def _as_module_plan(self, plan: BuildPlan, module: nn.Module) -> BuildPlan:
+        """``return_nodes`` on a timm model: FX over timm's model, as for any module."""
+        size = (getattr(module, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+        kwargs = {"input_size": tuple(size[-2:])}
+        return plan.model_copy(
+            update={
+                "module": module,
+                "model_name": None,
+                "checkpoint_path": None,
+                "model_kwargs": kwargs,
+            }
+        )
+
     def create(self, plan: BuildPlan) -> nn.Module:
+        if plan.return_nodes is not None and plan.features_only:
+            FxAdapter().describe(self._as_module_plan(plan, self.source_on_meta(plan)))
+            model = self.create(
+                plan.model_copy(
+                    update={"features_only": False, "return_nodes": None, "output_type": None}
+                )
+            )
+            features = FxAdapter().create(self._as_module_plan(plan, model))
+            features.backend = self.name
+            return features
+
         # Every check that depends on the model runs first, on the meta device,
         # so that a failing call builds nothing and touches nothing.
         layout = self._layout(plan) if plan.features_only else None
@@ -108,7 +142,7 @@ class TimmAdapter(Adapter):
         return TimmFeatureModel(
             model,
             feature_info=layout.info,
-            output_type=plan.output_type,
+            output_type=plan.output_type or "list",
             output_fmt=plan.output_fmt,
             return_prefix_tokens=plan.return_prefix_tokens,
             context=plan.label,

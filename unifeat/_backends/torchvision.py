@@ -1,0 +1,103 @@
+"""The torchvision backend: FX graphs cut at automatically found levels.
+
+Levels come from a meta-device build, trace and shape propagation (see
+``unifeat._fx``); the feature model is torchvision's own ``DualGraphModule``
+over the real model, returning only the level nodes it needs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from unifeat._backends.fx import FxAdapter
+from unifeat._errors import UnsupportedOptionError, format_choices
+from unifeat._options import BuildPlan
+
+# Where torchvision's automatic level list differs from the canonical one of
+# the same architecture in timm, these modules are part of the head, not a level:
+# the 1x1 conv before pooling that timm does not count (SPEC §2).
+HEAD_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "efficientnet_b?": ("features.8",),
+    "efficientnet_v2_?": ("features.7",),
+    "mobilenet_v2": ("features.18",),
+    "mnasnet*": ("layers.14", "layers.15", "layers.16"),
+}
+
+# Native dilation switches: output_stride -> constructor kwargs.
+_BOTTLENECK_RESNETS = ("resnet50", "resnet101", "resnet152", "resnext*", "wide_resnet*")
+_NATIVE_DILATION: dict[str, dict[int, dict[str, Any]]] = {
+    **{
+        pattern: {
+            16: {"replace_stride_with_dilation": [False, False, True]},
+            8: {"replace_stride_with_dilation": [False, True, True]},
+        }
+        for pattern in _BOTTLENECK_RESNETS
+    },
+    "mobilenet_v3_*": {16: {"dilated": True}},
+}
+
+# Input sizes the models are made for (ViTs assert it; Inception wants 299).
+_INPUT_SIZES = {"inception_v3": 299}
+
+
+def _matching(table: dict[str, Any], name: str) -> Any:
+    return next((value for pattern, value in table.items() if fnmatch.fnmatch(name, pattern)), None)
+
+
+class TorchvisionAdapter(FxAdapter):
+    name = "torchvision"
+
+    def has_model(self, name: str) -> bool:
+        return name in self.model_names()
+
+    def model_names(self) -> list[str]:
+        return sorted(torchvision.models.list_models(module=torchvision.models))
+
+    def head_modules(self, plan: BuildPlan) -> tuple[str, ...]:
+        return _matching(HEAD_OVERRIDES, plan.model_name or "") or ()
+
+    def input_size(self, plan: BuildPlan) -> tuple[int, int]:
+        size = plan.model_kwargs.get("image_size") or _INPUT_SIZES.get(plan.model_name or "", 224)
+        return (int(size), int(size))
+
+    def constructor_kwargs(self, plan: BuildPlan) -> dict[str, Any]:
+        kwargs = dict(plan.model_kwargs)
+        if plan.output_stride is None or plan.module is not None:
+            return kwargs
+        native = _matching(_NATIVE_DILATION, plan.model_name or "") or {}
+        if plan.output_stride in native:
+            kwargs.update(native[plan.output_stride])
+        return kwargs
+
+    def stride_is_native(self, plan: BuildPlan) -> bool:
+        native = _matching(_NATIVE_DILATION, plan.model_name or "") or {}
+        return plan.output_stride in native
+
+    def supported_strides(self, plan: BuildPlan, native: int) -> list[int]:
+        return sorted({native, *(_matching(_NATIVE_DILATION, plan.model_name or "") or {})})
+
+    def build(self, plan: BuildPlan, *, meta: bool) -> nn.Module:
+        assert plan.model_name is not None
+        kwargs = self.constructor_kwargs(plan)
+        weights = "DEFAULT" if plan.pretrained and not meta else None
+        try:
+            if meta:
+                try:
+                    with torch.device("meta"):
+                        return torchvision.models.get_model(plan.model_name, **kwargs)
+                except (RuntimeError, NotImplementedError):
+                    pass  # RegNet's constructor reads tensor values: build on CPU
+            return torchvision.models.get_model(plan.model_name, weights=weights, **kwargs)
+        except (TypeError, ValueError, NotImplementedError) as exc:
+            if plan.output_stride is not None:
+                raise UnsupportedOptionError(
+                    f"output_stride={plan.output_stride} is not supported by {plan.label}: "
+                    f"supported values are "
+                    f"{format_choices(self.supported_strides(plan, 32))} (torchvision: {exc})"
+                ) from None
+            raise

@@ -1,0 +1,664 @@
+"""FX helpers shared by every backend that cuts features out of a traced graph.
+
+One trace per mode with torchvision's own tracer (its leaf-module and
+node-naming conventions), one shape propagation on the meta device, and from
+those: node names (SPEC §5), the automatic level list (SPEC §2), and a graph
+module that computes only what the requested levels need.
+
+How levels are found
+--------------------
+A node is a *cut point* when it is the only activation alive after it runs:
+everything later depends on it alone. For each reduction ``r`` (input size /
+map size, rounded to a power of two), the level is the output of the last
+stage at ``r``: take the first node ``D`` above ``r``, walk up ``D``'s module
+ancestors while each ancestor's single external input is a cut point at ``r``,
+and take the shallowest such input (the output of the block *before* the one
+that downsamples). Where no ancestor qualifies, the last cut point at ``r``
+before ``D``. Token models (``[N, L, C]`` after a patch embedding) get one
+level per block of their block container.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torchvision.models.feature_extraction import DualGraphModule, NodePathTracer
+
+from unifeat._errors import InvalidNodeError, TracingError, close_matches
+from unifeat._feature_info import FeatureInfo
+from unifeat._feature_model import FeatureMap, FeatureModel, Features
+
+# Top-level modules that belong to a classifier head, never to a feature level:
+# pooling, the final norm and layout change of Swin-likes, logits.
+HEAD_MODULES = frozenset(
+    {
+        "avgpool",
+        "global_pool",
+        "flatten",
+        "fc",
+        "classifier",
+        "head",
+        "heads",
+        "dropout",
+        "norm",
+        "permute",
+        "pre_logits",
+        "last_linear",
+        "logits",
+    }
+)
+# Functions called by the root module's forward that start its head.
+HEAD_FUNCTIONS = frozenset({"adaptive_avg_pool2d", "adaptive_max_pool2d", "flatten", "mean"})
+
+
+def tracer_kwargs(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """torchvision's defaults: its ops as leaf modules, ``math`` auto-wrapped."""
+    from torchvision.models import feature_extraction
+
+    result = dict(extra or {})
+    result["autowrap_modules"] = tuple(
+        set(result.get("autowrap_modules", ())) | {math, torchvision.ops}
+    )
+    leaves = list(result.get("leaf_modules", ()))
+    leaves += feature_extraction._get_leaf_modules_for_ops()
+    timm_leaves = _timm_leaf_modules()
+    result["leaf_modules"] = list(dict.fromkeys(leaves + timm_leaves))
+    return result
+
+
+def _timm_leaf_modules() -> list[type]:
+    """timm's own "do not trace into" registrations, where timm is loaded."""
+    import sys
+
+    fx_features = sys.modules.get("timm.layers._fx") or sys.modules.get("timm.models._features_fx")
+    if fx_features is None:
+        return []
+    leaves = getattr(fx_features, "_leaf_modules", None) or set()
+    return [leaf for leaf in leaves if isinstance(leaf, type)]
+
+
+@dataclass
+class Trace:
+    """One traced graph and torchvision-style names for its nodes."""
+
+    graph: fx.Graph
+    names: dict[fx.Node, str]
+
+
+def trace(
+    module: nn.Module,
+    *,
+    train: bool,
+    context: str,
+    extra_tracer_kwargs: Mapping[str, Any] | None = None,
+    concrete_args: dict[str, Any] | None = None,
+) -> Trace:
+    """Trace ``module`` in train or eval mode, restoring its mode whatever happens."""
+    was_training = module.training
+    tracer = NodePathTracer(**tracer_kwargs(extra_tracer_kwargs))
+    try:
+        module.train(train)
+        graph = tracer.trace(module, concrete_args=concrete_args)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TracingError(
+            f"FX could not trace {context} ({'train' if train else 'eval'} mode): "
+            f"{type(exc).__name__}: {first_line}. Ways out: build it through its own "
+            "backend (backend='timm', ...), or make the failing submodule a leaf with "
+            "tracer_kwargs={'leaf_modules': [...]}"
+        ) from exc
+    finally:
+        module.train(was_training)
+    return Trace(graph, dict(tracer.node_to_qualname))
+
+
+def node_names(
+    module: nn.Module, *, context: str, **trace_kwargs: Any
+) -> tuple[list[str], list[str]]:
+    """Train and eval node names, as ``torchvision``'s ``get_graph_node_names``."""
+    train = trace(module, train=True, context=context, **trace_kwargs)
+    evaluation = trace(module, train=False, context=context, **trace_kwargs)
+    return list(train.names.values()), list(evaluation.names.values())
+
+
+# -- shapes and levels --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeLevel:
+    """Where a level comes from in the graph, and how to turn it into an NCHW map."""
+
+    node: str
+    module: str
+    num_chs: int
+    reduction: int
+    layout: str  # "NCHW", "NHWC" or "tokens"
+    num_prefix_tokens: int = 0
+
+
+_MAX_PREFIX_TOKENS = 32
+
+
+def _reduction(size: int, extent: int) -> int:
+    """Exact where the map divides the input (patch 14 -> 14), else the nearest power
+    of two (valid-padding nets such as AlexNet: 224 / 55 -> 4)."""
+    if extent <= 0:
+        return 0
+    if size % extent == 0:
+        return size // extent
+    return int(2 ** max(0, round(math.log2(size / extent))))
+
+
+def _spatial(shape: Sequence[int], size: tuple[int, int]) -> tuple[str, int, int] | None:
+    """``(layout, reduction, channels)`` of a 4-D map, or None (not a map, or 1x1)."""
+    if len(shape) != 4:
+        return None
+    height, width = size
+    for layout, (h, w, c) in (
+        ("NCHW", (shape[2], shape[3], shape[1])),
+        ("NHWC", (shape[1], shape[2], shape[3])),
+    ):
+        if h <= 1 and w <= 1:
+            continue
+        r_h, r_w = _reduction(height, h), _reduction(width, w)
+        if r_h == r_w and r_h >= 1:
+            return layout, r_h, c
+    return None
+
+
+def module_path(node: fx.Node, names: Mapping[fx.Node, str]) -> str:
+    """The module a node belongs to: the module itself for call_module nodes."""
+    if node.op == "call_module":
+        return str(node.target)
+    name = names.get(node, "")
+    return name.rpartition(".")[0]
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split(".") if path else []
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _inside(path: str, ancestor: str) -> bool:
+    return path == ancestor or path.startswith(ancestor + ".")
+
+
+def _is_activation(node: fx.Node) -> bool:
+    return node.op not in ("get_attr", "output")
+
+
+def derive_levels(
+    graph: fx.Graph,
+    names: Mapping[fx.Node, str],
+    shapes: Mapping[fx.Node, Sequence[int]],
+    input_size: tuple[int, int],
+    *,
+    head_modules: Iterable[str] = (),
+) -> list[NodeLevel]:
+    """The automatic level list of a traced model (see the module docstring)."""
+    # Only tensors computed from the input are activations: parameter-only
+    # subgraphs (e.g. Swin V2's position-bias MLP) never break a stage boundary.
+    from_input: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(a in from_input for a in node.all_input_nodes):
+            from_input.add(node)
+    order = [n for n in graph.nodes if _is_activation(n) and n in from_input]
+    position = {n: i for i, n in enumerate(order)}
+    head = set(HEAD_MODULES) | set(head_modules)
+
+    def in_head(node: fx.Node) -> bool:
+        path = module_path(node, names)
+        if path:
+            return any(_inside(path, h) for h in head)
+        return names.get(node, "").rstrip("_0123456789") in HEAD_FUNCTIONS
+
+    # Cut points: no earlier activation is still needed after this node.
+    last_use = {
+        n: max((position[u] for u in n.users if u in position), default=position[n]) for n in order
+    }
+    cut: set[fx.Node] = set()
+    alive_until = -1
+    for i, node in enumerate(order):
+        if node.op != "placeholder" and alive_until <= i:
+            cut.add(node)
+        alive_until = max(alive_until, last_use[node])
+
+    body = []
+    for node in order:
+        if node.op == "placeholder":
+            continue
+        if in_head(node):
+            break
+        body.append(node)
+
+    tokens = _token_levels(body, names, shapes, input_size, cut)
+    if tokens:
+        return tokens
+
+    info: dict[fx.Node, tuple[str, int, int]] = {}
+    for node in body:
+        shape = shapes.get(node)
+        spatial = _spatial(shape, input_size) if shape is not None else None
+        if spatial is not None:
+            info[node] = spatial
+    reductions = sorted({r for _, r, _ in info.values()})
+    levels: list[NodeLevel] = []
+    previous: fx.Node | None = None
+    for r in reductions:
+        at_r = [n for n in body if n in info and info[n][1] == r]
+        above = next(
+            (n for n in body if n in info and info[n][1] > r and position[n] > position[at_r[0]]),
+            None,
+        )
+        chosen = _stage_output(above, r, names, info, cut, position) if above else None
+        if chosen is None:
+            before = [n for n in at_r if above is None or position[n] < position[above]]
+            cut_before = [n for n in before if n in cut]
+            chosen = (cut_before or before or at_r)[-1]
+        layout, reduction, channels = info[chosen]
+        label = _module_of_output(chosen, names, order, previous)
+        levels.append(NodeLevel(names[chosen], label, channels, reduction, layout))
+        previous = chosen
+    return levels
+
+
+def _stage_output(
+    above: fx.Node,
+    r: int,
+    names: Mapping[fx.Node, str],
+    info: Mapping[fx.Node, tuple[str, int, int]],
+    cut: set[fx.Node],
+    position: Mapping[fx.Node, int],
+) -> fx.Node | None:
+    graph_nodes = [n for n in position]
+    chosen = None
+    for ancestor in _ancestors(module_path(above, names)):
+        inside = [n for n in graph_nodes if _inside(module_path(n, names), ancestor)]
+        external = {
+            arg
+            for n in inside
+            for arg in n.all_input_nodes
+            if arg in position and not _inside(module_path(arg, names), ancestor)
+        }
+        if len(external) != 1:
+            break
+        (source,) = external
+        if source not in cut or source not in info or info[source][1] != r:
+            break
+        chosen = source
+    return chosen
+
+
+def _module_of_output(
+    node: fx.Node,
+    names: Mapping[fx.Node, str],
+    order: list[fx.Node],
+    after: fx.Node | None = None,
+) -> str:
+    """The shallowest module whose output ``node`` is (its last node), else the node name.
+
+    A module that also ran before ``after`` (the previous level) would name
+    several levels ("features"), so the label stops below it ("features.7").
+    """
+    path = module_path(node, names)
+    best = names[node]
+    start = order.index(after) + 1 if after is not None and after in order else 0
+    for ancestor in _ancestors(path):
+        members = [i for i, n in enumerate(order) if _inside(module_path(n, names), ancestor)]
+        if not members or order[members[-1]] is not node or members[0] < start:
+            break
+        best = ancestor
+    return best
+
+
+def _is_tokens(shape: Sequence[int], cells: int) -> bool:
+    """``[N, prefix + cells, C]``: patch tokens plus a few class/register tokens."""
+    return 0 <= shape[1] - cells <= _MAX_PREFIX_TOKENS
+
+
+def _token_levels(
+    body: list[fx.Node],
+    names: Mapping[fx.Node, str],
+    shapes: Mapping[fx.Node, Sequence[int]],
+    input_size: tuple[int, int],
+    cut: set[fx.Node],
+) -> list[NodeLevel]:
+    """One level per block for ViT-style models whose body runs on ``[N, L, C]`` tokens."""
+    grid = None
+    for node in body:
+        shape = shapes.get(node)
+        if shape is None:
+            continue
+        spatial = _spatial(shape, input_size)
+        if spatial is not None and spatial[0] == "NCHW":
+            grid = (shape[2] * shape[3], spatial[1])
+        elif len(shape) == 3 and grid is not None and _is_tokens(shape, grid[0]):
+            break
+    else:
+        return []
+    if grid is None:
+        return []
+    cells, reduction = grid
+    token_outputs = [
+        n for n in body if n in cut and len(shapes.get(n, ())) == 3 and _is_tokens(shapes[n], cells)
+    ]
+    # Blocks: the children of one container that each end at a token cut point.
+    token_cuts = set(token_outputs)
+    last_node: dict[str, fx.Node] = {}
+    for node in body:
+        for ancestor in _ancestors(module_path(node, names)):
+            last_node[ancestor] = node
+    by_container: dict[str, list[tuple[str, fx.Node]]] = {}
+    for module, node in last_node.items():
+        parent = module.rpartition(".")[0]
+        if parent and node in token_cuts:
+            by_container.setdefault(parent, []).append((module, node))
+    if not by_container:
+        return []
+    container, blocks = max(by_container.items(), key=lambda item: len(item[1]))
+    if len(blocks) < 2:
+        return []
+    position = {n: i for i, n in enumerate(body)}
+    blocks.sort(key=lambda block: position[block[1]])
+    return [
+        NodeLevel(
+            names[node],
+            block,
+            int(shapes[node][2]),
+            reduction,
+            "tokens",
+            int(shapes[node][1]) - cells,
+        )
+        for block, node in blocks
+    ]
+
+
+def propagate_shapes(
+    graph_module: fx.GraphModule, example: Tensor, *, fake: bool = False
+) -> dict[fx.Node, Sequence[int]]:
+    """Record every node's output shape without computing anything.
+
+    Meta tensors for models built on the meta device; ``fake=True`` for a real
+    module, whose weights are then stood in for by fake tensors, not copied.
+    """
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        ShapeProp(graph_module, fake_mode=mode).propagate(mode.from_tensor(example))
+    else:
+        ShapeProp(graph_module).propagate(example)
+    shapes: dict[fx.Node, Sequence[int]] = {}
+    for node in graph_module.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            shapes[node] = tuple(meta.shape)
+    return shapes
+
+
+# -- return_nodes ------------------------------------------------------------------
+
+
+def resolve_return_nodes(
+    requested: Sequence[str] | Mapping[str, str], available: Sequence[str], *, context: str
+) -> dict[str, str]:
+    """Map each requested (full or truncated) node name to one node: ``{node: key}``.
+
+    A truncated name (``"layer4"``) means the last node inside that module, as in
+    torchvision. Unknown names, and two requests naming one node, raise
+    :class:`InvalidNodeError` with close matches.
+    """
+    pairs = (
+        list(requested.items())
+        if isinstance(requested, Mapping)
+        else [(name, name) for name in requested]
+    )
+    if not pairs:
+        raise InvalidNodeError(f"return_nodes is empty for {context}: name at least one node")
+    resolved: dict[str, str] = {}
+    asked_by: dict[str, str] = {}
+    for query, key in pairs:
+        if not isinstance(query, str):
+            raise InvalidNodeError(f"return_nodes entries must be node names, got {query!r}")
+        matches = [n for n in available if n == query or n.startswith(query + ".")]
+        if not matches:
+            # Truncated names ("layer4") are valid too, so they are suggested too.
+            prefixes = {n.rsplit(".", i)[0] for n in available for i in range(n.count(".") + 1)}
+            suggestions = (
+                close_matches(query, sorted(prefixes)) or [n for n in available if query in n][:5]
+            )
+            hint = f"; close matches: {', '.join(suggestions)}" if suggestions else ""
+            raise InvalidNodeError(
+                f"unknown node {query!r} in return_nodes for {context}{hint} "
+                "(unifeat.get_node_names lists them all)"
+            )
+        node = query if query in available else matches[-1]
+        if node in resolved:
+            raise InvalidNodeError(
+                f"return_nodes entries {asked_by[node]!r} and {query!r} both name node "
+                f"{node!r} of {context}: ask for each node once"
+            )
+        resolved[node] = str(key)
+        asked_by[node] = query
+    keys = list(resolved.values())
+    duplicated = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicated:
+        raise InvalidNodeError(f"return_nodes keys {duplicated} repeat for {context}")
+    return resolved
+
+
+def relevel(
+    levels: Sequence[NodeLevel],
+    evaluation: Trace,
+    shapes: Mapping[fx.Node, Sequence[int]],
+    input_size: tuple[int, int],
+) -> list[NodeLevel]:
+    """The same level nodes in another build of the architecture (e.g. dilated)."""
+    by_name = {name: node for node, name in evaluation.names.items()}
+    result = []
+    for level in levels:
+        spatial = _spatial(shapes[by_name[level.node]], input_size)
+        reduction = spatial[1] if spatial else level.reduction
+        result.append(
+            NodeLevel(
+                level.node,
+                level.module,
+                level.num_chs,
+                reduction,
+                level.layout,
+                level.num_prefix_tokens,
+            )
+        )
+    return result
+
+
+def node_levels(
+    evaluation: Trace,
+    shapes: Mapping[fx.Node, Sequence[int]],
+    return_nodes: Sequence[str] | Mapping[str, str],
+    input_size: tuple[int, int],
+    *,
+    context: str,
+) -> list[NodeLevel]:
+    """Levels for explicit ``return_nodes``, in depth order, keyed by the user's keys."""
+    available = list(evaluation.names.values())
+    chosen = resolve_return_nodes(return_nodes, available, context=context)
+    levels = []
+    for node, name in evaluation.names.items():
+        if name not in chosen:
+            continue
+        shape = shapes.get(node)
+        if shape is None:
+            raise InvalidNodeError(
+                f"node {name!r} of {context} does not produce a tensor; choose a tensor node"
+            )
+        spatial = _spatial(shape, input_size)
+        channels = spatial[2] if spatial else (int(shape[-1]) if len(shape) > 1 else 1)
+        reduction = spatial[1] if spatial else 0
+        levels.append(NodeLevel(name, chosen[name], channels, reduction, "raw"))
+    return levels
+
+
+# -- the feature model -------------------------------------------------------------
+
+
+def _with_outputs(
+    root: nn.Module, graph: fx.Graph, names: Mapping[fx.Node, str], wanted: Sequence[str]
+) -> fx.Graph:
+    """A copy of ``graph`` returning the nodes named ``wanted``; dead code is dropped.
+
+    Everything that only fed later levels or the head goes: this is the pruning.
+    """
+    new = fx.Graph(owning_module=root)
+    env: dict[fx.Node, fx.Node] = {}
+    by_name: dict[str, fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        env[node] = new.node_copy(node, lambda n: env[n])
+        if node in names:
+            by_name[names[node]] = env[node]
+    new.output(tuple(by_name[name] for name in wanted))
+    new.eliminate_dead_code()
+    new.lint()
+    return new
+
+
+def _to_map(tensor: Tensor, level: NodeLevel, grid: tuple[int, int]) -> FeatureMap:
+    if level.layout == "NHWC":
+        return tensor.permute(0, 3, 1, 2)
+    if level.layout == "raw":
+        return tensor
+    if level.layout == "tokens":
+        prefix, patches = tensor[:, : level.num_prefix_tokens], tensor[:, level.num_prefix_tokens :]
+        spatial = patches.transpose(1, 2).reshape(tensor.shape[0], tensor.shape[2], *grid)
+        return spatial
+    return tensor
+
+
+class FxFeatureModel(FeatureModel):
+    """Feature model over traced train and eval graphs (torchvision's DualGraphModule).
+
+    The graphs return the level nodes up to the deepest requested level and
+    nothing more; submodules are shared with the source model, and state-dict
+    keys are the source's.
+    """
+
+    def __init__(
+        self,
+        source: nn.Module,
+        traces: tuple[Trace, Trace],
+        levels: Sequence[NodeLevel],
+        feature_info: FeatureInfo,
+        *,
+        backend: str,
+        output_type: str,
+        output_fmt: str,
+        return_prefix_tokens: bool,
+        context: str,
+        raw_outputs: bool = False,
+    ) -> None:
+        self._traces = traces
+        self._raw_outputs = raw_outputs
+        self._levels = tuple(levels)
+        source_keys = tuple(source.state_dict().keys())
+        inner = self._graph_module(source, max(feature_info.out_indices))
+        super().__init__(
+            inner,
+            feature_info=feature_info,
+            backend=backend,
+            output_type=output_type,
+            output_fmt=output_fmt,
+            return_prefix_tokens=return_prefix_tokens,
+            context=context,
+            source_keys=source_keys,
+        )
+        self._after_prune()
+
+    def _graph_module(self, root: nn.Module, last_level: int) -> nn.Module:
+        wanted = [level.node for level in self._levels[: last_level + 1]]
+        train, evaluation = self._traces
+        return DualGraphModule(
+            root,
+            _with_outputs(root, train.graph, train.names, wanted),
+            _with_outputs(root, evaluation.graph, evaluation.names, wanted),
+            class_name=type(root).__name__,
+        )
+
+    def _maps(self, x: Tensor, indices: Sequence[int]) -> list[FeatureMap]:
+        outputs = self.model(x)
+        grid_cache: dict[int, tuple[int, int]] = {}
+        maps: list[FeatureMap] = []
+        for index in indices:
+            level = self._levels[index]
+            reduction = level.reduction
+            grid = grid_cache.setdefault(
+                reduction, (x.shape[-2] // reduction, x.shape[-1] // reduction)
+            )
+            tensor = outputs[index]
+            spatial = _to_map(tensor, level, grid)
+            if self.return_prefix_tokens and level.layout == "tokens":
+                spatial = (spatial, tensor[:, : level.num_prefix_tokens])
+            maps.append(spatial)
+        return maps
+
+    def forward(self, x: Tensor) -> Features:
+        indices = self.feature_info.out_indices
+        return self.format_features(self._maps(x, indices), indices)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        intermediates_only: bool = False,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+    ) -> list[FeatureMap] | tuple[Tensor, list[FeatureMap]]:
+        """The maps of ``indices`` (over all levels; ``None`` = ``out_indices``).
+
+        A traced graph has no separate final norm, so ``norm=True`` is refused;
+        the "final features" are the deepest level the model still computes.
+        """
+        if norm:
+            from unifeat._errors import UnsupportedOptionError
+
+            raise UnsupportedOptionError(
+                f"norm=True is not available for {self._context}: FX feature models return "
+                "graph nodes as they are"
+            )
+        chosen = self.resolve_indices(indices)
+        maps = self._maps(x, (*chosen, self.last_level))
+        laid_out = self.format_features(maps[:-1], chosen, output_fmt, "list")
+        if intermediates_only:
+            return laid_out  # type: ignore[return-value]
+        final = maps[-1]
+        return (final[0] if isinstance(final, tuple) else final), laid_out  # type: ignore[return-value]
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int], prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Rebuild the graphs to end at the deepest of ``indices``; returns them normalized."""
+        chosen = self.resolve_indices(indices)
+        self.model = self._graph_module(self.model, max(chosen))
+        self.feature_info = self.feature_info.from_other(chosen)
+        self.last_level = max(chosen)
+        self._after_prune()
+        return list(chosen)
+
+
+def level_dicts(levels: Sequence[NodeLevel]) -> list[dict[str, Any]]:
+    """Levels as FeatureInfo dicts (the graph node is kept as metadata).
+
+    A ``reduction`` of 0 marks a requested node that is not a spatial map.
+    """
+    return [
+        dict(num_chs=lv.num_chs, reduction=lv.reduction, module=lv.module, node=lv.node)
+        for lv in levels
+    ]
