@@ -113,6 +113,9 @@ class FeatureModel(nn.Module):
         """``source_keys``: the source model's state-dict keys, where ``model`` is
         not the source itself (default: ``model``'s keys)."""
         super().__init__()
+        # Start in the source's mode, as torchvision's extractor does (flag only:
+        # submodules keep their own, e.g. frozen norm layers).
+        self.training = model.training
         self.model = model
         self.feature_info = feature_info
         self.backend = backend

@@ -29,7 +29,7 @@ import torch
 import torchvision
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torchvision.models.feature_extraction import DualGraphModule, NodePathTracer
+from torchvision.models.feature_extraction import NodePathTracer
 
 from unifeat._errors import InvalidNodeError, TracingError, close_matches
 from unifeat._feature_info import FeatureInfo
@@ -362,7 +362,7 @@ def _token_levels(
             by_container.setdefault(parent, []).append((module, node))
     if not by_container:
         return []
-    container, blocks = max(by_container.items(), key=lambda item: len(item[1]))
+    blocks = max(by_container.values(), key=len)
     if len(blocks) < 2:
         return []
     position = {n: i for i, n in enumerate(body)}
@@ -509,14 +509,12 @@ def node_levels(
 # -- the feature model -------------------------------------------------------------
 
 
-def _with_outputs(
-    root: nn.Module, graph: fx.Graph, names: Mapping[fx.Node, str], wanted: Sequence[str]
-) -> fx.Graph:
+def _with_outputs(graph: fx.Graph, names: Mapping[fx.Node, str], wanted: Sequence[str]) -> fx.Graph:
     """A copy of ``graph`` returning the nodes named ``wanted``; dead code is dropped.
 
     Everything that only fed later levels or the head goes: this is the pruning.
     """
-    new = fx.Graph(owning_module=root)
+    new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     by_name: dict[str, fx.Node] = {}
     for node in graph.nodes:
@@ -526,30 +524,59 @@ def _with_outputs(
         if node in names:
             by_name[names[node]] = env[node]
     new.output(tuple(by_name[name] for name in wanted))
-    new.eliminate_dead_code()
+    _drop_unused(new)
     new.lint()
     return new
 
 
-def _to_map(tensor: Tensor, level: NodeLevel, grid: tuple[int, int]) -> FeatureMap:
+# Calls kept even when nothing uses their result: they check inputs.
+_SIDE_EFFECTS = {torch._assert, getattr(torch, "_assert_async", torch._assert)}
+
+
+def _drop_unused(graph: fx.Graph) -> None:
+    """Dead-code elimination that needs no owning module (submodules may be gone)."""
+    for node in reversed(list(graph.nodes)):
+        if node.op in ("placeholder", "output") or node.users:
+            continue
+        if node.op == "call_function" and node.target in _SIDE_EFFECTS:
+            continue
+        graph.erase_node(node)
+
+
+def _to_map(tensor: Tensor, level: NodeLevel, grid: tuple[int, int]) -> Tensor:
     if level.layout == "NHWC":
         return tensor.permute(0, 3, 1, 2)
     if level.layout == "raw":
         return tensor
     if level.layout == "tokens":
-        prefix, patches = tensor[:, : level.num_prefix_tokens], tensor[:, level.num_prefix_tokens :]
-        spatial = patches.transpose(1, 2).reshape(tensor.shape[0], tensor.shape[2], *grid)
-        return spatial
+        patches = tensor[:, level.num_prefix_tokens :]
+        return patches.transpose(1, 2).reshape(tensor.shape[0], tensor.shape[2], *grid)
     return tensor
 
 
-class FxFeatureModel(FeatureModel):
-    """Feature model over traced train and eval graphs (torchvision's DualGraphModule).
+def _share_attribute(destination: nn.Module, source: nn.Module, target: str) -> None:
+    """Make ``destination.<target>`` the same object as ``source.<target>``."""
+    *path, field = target.split(".")
+    for part in path:
+        if not hasattr(destination, part):
+            destination.add_module(part, nn.Module())
+        destination, source = getattr(destination, part), getattr(source, part)
+    if not hasattr(destination, field):
+        setattr(destination, field, getattr(source, field))
 
-    The graphs return the level nodes up to the deepest requested level and
-    nothing more; submodules are shared with the source model, and state-dict
-    keys are the source's.
+
+class FxFeatureModel(FeatureModel):
+    """Feature model over traced graphs that end at the deepest requested level.
+
+    ``self.model`` is a ``GraphModule`` of the eval graph holding the source's
+    submodules under their own names (so state-dict keys are the source's).
+    Where the train graph differs (aux heads, mode-dependent code), a second
+    ``GraphModule`` over the same submodules runs in training mode; it is not
+    registered, so nothing is counted twice. Unlike torchvision's
+    ``DualGraphModule``, this survives ``copy.deepcopy`` with every mode flag.
     """
+
+    _train_runner: fx.GraphModule | None
 
     def __init__(
         self,
@@ -565,11 +592,13 @@ class FxFeatureModel(FeatureModel):
         context: str,
         raw_outputs: bool = False,
     ) -> None:
-        self._traces = traces
-        self._raw_outputs = raw_outputs
-        self._levels = tuple(levels)
+        train, evaluation = traces
+        same_graphs = list(train.names.values()) == list(evaluation.names.values())
+        levels = tuple(levels)
         source_keys = tuple(source.state_dict().keys())
-        inner = self._graph_module(source, max(feature_info.out_indices))
+        inner, train_runner = _graph_modules(
+            source, traces, levels, same_graphs, max(feature_info.out_indices)
+        )
         super().__init__(
             inner,
             feature_info=feature_info,
@@ -580,33 +609,35 @@ class FxFeatureModel(FeatureModel):
             context=context,
             source_keys=source_keys,
         )
+        self._traces = traces
+        self._same_graphs = same_graphs
+        self._levels = levels
+        self._raw_outputs = raw_outputs
+        self._set_train_runner(train_runner)
+        self.training = inner.training = source.training
         self._after_prune()
 
-    def _graph_module(self, root: nn.Module, last_level: int) -> nn.Module:
-        wanted = [level.node for level in self._levels[: last_level + 1]]
-        train, evaluation = self._traces
-        return DualGraphModule(
-            root,
-            _with_outputs(root, train.graph, train.names, wanted),
-            _with_outputs(root, evaluation.graph, evaluation.names, wanted),
-            class_name=type(root).__name__,
-        )
+    def _set_train_runner(self, runner: fx.GraphModule | None) -> None:
+        # Kept out of the module tree: its submodules are self.model's.
+        object.__setattr__(self, "_train_runner", runner)
 
     def _maps(self, x: Tensor, indices: Sequence[int]) -> list[FeatureMap]:
-        outputs = self.model(x)
-        grid_cache: dict[int, tuple[int, int]] = {}
+        runner: nn.Module = (
+            self._train_runner if self.training and self._train_runner else self.model
+        )
+        outputs = runner(x)
         maps: list[FeatureMap] = []
         for index in indices:
-            level = self._levels[index]
-            reduction = level.reduction
-            grid = grid_cache.setdefault(
-                reduction, (x.shape[-2] // reduction, x.shape[-1] // reduction)
-            )
-            tensor = outputs[index]
+            level, tensor = self._levels[index], outputs[index]
+            if level.layout != "tokens":
+                maps.append(_to_map(tensor, level, (0, 0)))
+                continue
+            grid = (x.shape[-2] // level.reduction, x.shape[-1] // level.reduction)
             spatial = _to_map(tensor, level, grid)
-            if self.return_prefix_tokens and level.layout == "tokens":
-                spatial = (spatial, tensor[:, : level.num_prefix_tokens])
-            maps.append(spatial)
+            if self.return_prefix_tokens:
+                maps.append((spatial, tensor[:, : level.num_prefix_tokens]))
+            else:
+                maps.append(spatial)
         return maps
 
     def forward(self, x: Tensor) -> Features:
@@ -646,11 +677,38 @@ class FxFeatureModel(FeatureModel):
     ) -> list[int]:
         """Rebuild the graphs to end at the deepest of ``indices``; returns them normalized."""
         chosen = self.resolve_indices(indices)
-        self.model = self._graph_module(self.model, max(chosen))
+        inner, runner = _graph_modules(
+            self.model, self._traces, self._levels, self._same_graphs, max(chosen)
+        )
+        inner.training = self.model.training
+        self.model = inner
+        self._set_train_runner(runner)
         self.feature_info = self.feature_info.from_other(chosen)
         self.last_level = max(chosen)
         self._after_prune()
         return list(chosen)
+
+
+def _graph_modules(
+    root: nn.Module,
+    traces: tuple[Trace, Trace],
+    levels: Sequence[NodeLevel],
+    same_graphs: bool,
+    last_level: int,
+) -> tuple[fx.GraphModule, fx.GraphModule | None]:
+    """The eval graph module (registered) and, where it differs, the train one."""
+    wanted = [level.node for level in levels[: last_level + 1]]
+    train, evaluation = traces
+    class_name = type(root).__name__
+    eval_graph = _with_outputs(evaluation.graph, evaluation.names, wanted)
+    inner = fx.GraphModule(root, eval_graph, class_name=class_name)
+    if same_graphs:
+        return inner, None
+    train_graph = _with_outputs(train.graph, train.names, wanted)
+    for node in train_graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            _share_attribute(inner, root, str(node.target))
+    return inner, fx.GraphModule(inner, train_graph, class_name=class_name)
 
 
 def level_dicts(levels: Sequence[NodeLevel]) -> list[dict[str, Any]]:

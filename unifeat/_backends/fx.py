@@ -2,13 +2,14 @@
 
 Metadata comes from one eval-mode trace and a shape propagation that computes
 nothing: on the meta device for models built by name, with fake tensors for a
-module passed in. The feature model runs torchvision's ``DualGraphModule``.
+module passed in. The feature model runs graph modules that end at the deepest
+requested level (``unifeat._fx.FxFeatureModel``).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import fx, nn
@@ -82,7 +83,7 @@ class FxAdapter(Adapter):
                 load_checkpoint(source, plan.checkpoint_path, context=plan.label)
         if layout is None:
             if plan.module is None:
-                source.backend = self.name
+                cast(Any, source).backend = self.name
             return source
         train = _fx.trace(source, train=True, context=plan.label)
         return _fx.FxFeatureModel(
@@ -90,7 +91,7 @@ class FxAdapter(Adapter):
             (train, layout.eval_trace),
             layout.levels,
             layout.info,
-            backend=self.name,
+            backend=plan.backend,
             output_type=plan.output_type or ("dict" if plan.return_nodes else "list"),
             output_fmt=plan.output_fmt,
             return_prefix_tokens=plan.return_prefix_tokens,

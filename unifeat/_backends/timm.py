@@ -104,14 +104,12 @@ class TimmAdapter(Adapter):
     def create(self, plan: BuildPlan) -> nn.Module:
         if plan.return_nodes is not None and plan.features_only:
             FxAdapter().describe(self._as_module_plan(plan, self.source_on_meta(plan)))
-            model = self.create(
+            source = self.create(
                 plan.model_copy(
                     update={"features_only": False, "return_nodes": None, "output_type": None}
                 )
             )
-            features = FxAdapter().create(self._as_module_plan(plan, model))
-            features.backend = self.name
-            return features
+            return FxAdapter().create(self._as_module_plan(plan, source))
 
         # Every check that depends on the model runs first, on the meta device,
         # so that a failing call builds nothing and touches nothing.
@@ -137,7 +135,7 @@ class TimmAdapter(Adapter):
                 load_checkpoint(model, plan.checkpoint_path, context=plan.label)
         if layout is None:
             if plan.module is None:
-                model.backend = self.name
+                cast(Any, model).backend = self.name
             return model
         return TimmFeatureModel(
             model,

@@ -1,8 +1,8 @@
 """The torchvision backend: FX graphs cut at automatically found levels.
 
 Levels come from a meta-device build, trace and shape propagation (see
-``unifeat._fx``); the feature model is torchvision's own ``DualGraphModule``
-over the real model, returning only the level nodes it needs.
+``unifeat._fx``); the feature model runs the real model's traced graphs,
+cut after the deepest requested level.
 """
 
 from __future__ import annotations
