@@ -31,7 +31,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models.feature_extraction import NodePathTracer
 
-from unifeat._errors import InvalidNodeError, TracingError, close_matches
+from unifeat._errors import InvalidNodeError, TracingError, UnsupportedOptionError, close_matches
 from unifeat._feature_info import FeatureInfo
 from unifeat._feature_model import FeatureMap, FeatureModel, Features
 
@@ -720,3 +720,95 @@ def level_dicts(levels: Sequence[NodeLevel]) -> list[dict[str, Any]]:
         dict(num_chs=lv.num_chs, reduction=lv.reduction, module=lv.module, node=lv.node)
         for lv in levels
     ]
+
+
+# -- output_stride by dilation ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DilationChange:
+    """New stride/dilation/padding for one module, by its qualified name."""
+
+    module: str
+    stride: int
+    dilation: int
+
+
+def plan_dilation(
+    trace_: Trace,
+    shapes: Mapping[fx.Node, Sequence[int]],
+    root: nn.Module,
+    input_size: tuple[int, int],
+    output_stride: int,
+    *,
+    context: str,
+) -> list[DilationChange]:
+    """What to change so that no map gets smaller than input / ``output_stride``.
+
+    Each strided conv or pool whose output would pass ``output_stride`` keeps
+    stride 1; it and every conv or pool after it dilate by the stride they no
+    longer apply (input reduction / ``output_stride``).
+    """
+    spatial_ops = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+    changes = []
+    for node in trace_.graph.nodes:
+        if node.op != "call_module" or not node.all_input_nodes:
+            continue
+        spatial = _spatial(shapes.get(node.all_input_nodes[0], ()), input_size)
+        if spatial is None:
+            continue
+        reduction_in = spatial[1]
+        target = str(node.target)
+        module = root.get_submodule(target)
+        # Leaf modules (torchvision.ops' Conv2dNormActivation, ...) hide their
+        # convs from the graph; they run them in registration order.
+        inner = (
+            [(target, module)]
+            if isinstance(module, spatial_ops)
+            else [
+                (f"{target}.{name}", m)
+                for name, m in module.named_modules()
+                if name and isinstance(m, spatial_ops)
+            ]
+        )
+        for name, op in inner:
+            stride = _pair(op.stride)[0] if op.stride is not None else 1
+            kernel = _pair(op.kernel_size)[0]
+            rate = max(1, reduction_in // output_stride)
+            passes = reduction_in * stride > output_stride
+            reduction_in *= stride
+            if (not passes and rate == 1) or (kernel == 1 and stride == 1):
+                continue  # above the target stride, or pointwise: unchanged
+            if isinstance(op, nn.AvgPool2d) or (isinstance(op, nn.MaxPool2d) and kernel % 2 == 0):
+                raise UnsupportedOptionError(
+                    f"output_stride={output_stride} would have to dilate the "
+                    f"{type(op).__name__}({kernel}) {name!r} of {context}, which cannot keep "
+                    "its output size dilated"
+                )
+            changes.append(DilationChange(name, 1 if passes else stride, rate))
+    return changes
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def apply_dilation(root: nn.Module, changes: Sequence[DilationChange]) -> None:
+    """Apply ``changes`` in place; convs and max pools keep their output sizes 'same'."""
+    for change in changes:
+        module = root.get_submodule(change.module)
+        if isinstance(module, nn.Conv2d):
+            base = _pair(module.dilation)[0]
+            module.stride = (change.stride, change.stride)
+            module.dilation = (base * change.dilation, base * change.dilation)
+            if change.stride == 1:
+                # "same" pads asymmetrically where it must (ConvNeXt's 2x2 downsampling).
+                module.padding = "same"
+            else:
+                kernel = _pair(module.kernel_size)[0]
+                module.padding = ((kernel - 1) * module.dilation[0] // 2,) * 2
+        elif isinstance(module, nn.MaxPool2d):
+            kernel = _pair(module.kernel_size)[0]
+            module.stride = change.stride
+            module.dilation = change.dilation
+            module.padding = (kernel - 1) * change.dilation // 2

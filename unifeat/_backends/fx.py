@@ -26,8 +26,10 @@ from unifeat._options import BuildPlan
 
 class _Layout(NamedTuple):
     eval_trace: _fx.Trace
+    shapes: dict[fx.Node, Any]
     levels: list[_fx.NodeLevel]
     info: FeatureInfo
+    dilation: list[_fx.DilationChange]
 
 
 class FxAdapter(Adapter):
@@ -68,20 +70,24 @@ class FxAdapter(Adapter):
         return self._layout(plan).info
 
     def create(self, plan: BuildPlan) -> nn.Module:
-        layout = self._layout(plan) if plan.features_only else None
+        # Everything that depends on the model is checked on a meta build first.
+        needs_layout = plan.features_only or plan.output_stride is not None
+        layout = self._layout(plan) if needs_layout else None
+        dilation = layout.dilation if layout is not None else []
         if plan.module is not None:
             source = plan.module
             if plan.checkpoint_path is not None:
                 # Loading writes into the tensors, which the caller's module owns.
                 source = copy.deepcopy(source)
                 load_checkpoint(source, plan.checkpoint_path, context=plan.label)
-            elif layout is not None:
+            elif plan.features_only or dilation:
                 source = share_parameters_copy(source)
         else:
             source = self.build(plan, meta=False)
             if plan.checkpoint_path is not None:
                 load_checkpoint(source, plan.checkpoint_path, context=plan.label)
-        if layout is None:
+        _fx.apply_dilation(source, dilation)
+        if layout is None or not plan.features_only:
             if plan.module is None:
                 cast(Any, source).backend = self.name
             return source
@@ -105,6 +111,13 @@ class FxAdapter(Adapter):
     # -- metadata -------------------------------------------------------------------
 
     def _layout(self, plan: BuildPlan) -> _Layout:
+        generic_stride = (
+            plan.output_stride is not None
+            and plan.return_nodes is None
+            and not self.stride_is_native(plan)
+        )
+        if generic_stride:
+            return self._dilated_layout(plan)
         source = self.source_on_meta(plan)
         evaluation = _fx.trace(source, train=False, context=plan.label)
         shapes = self._shapes(source, evaluation, plan)
@@ -138,9 +151,61 @@ class FxAdapter(Adapter):
                 f"return_prefix_tokens=True needs a token model with prefix tokens, but "
                 f"{plan.label} returns plain feature maps"
             )
+        return self._finish(plan, evaluation, shapes, levels, [])
+
+    def _finish(
+        self,
+        plan: BuildPlan,
+        evaluation: _fx.Trace,
+        shapes: dict[fx.Node, Any],
+        levels: list[_fx.NodeLevel],
+        dilation: list[_fx.DilationChange],
+    ) -> _Layout:
         indices = normalize_indices(plan.out_indices, len(levels), context=plan.label)
         info = FeatureInfo.from_dicts(_fx.level_dicts(levels), indices)
-        return _Layout(evaluation, levels, info)
+        return _Layout(evaluation, shapes, levels, info, dilation)
+
+    def _dilated_layout(self, plan: BuildPlan) -> _Layout:
+        """``output_stride`` without a native switch: dilate strided convs and pools."""
+        assert plan.output_stride is not None
+        native = self._layout(plan.model_copy(update={"output_stride": None}))
+        reached = max(level.reduction for level in native.levels)
+        if plan.output_stride == reached:
+            return native
+        if plan.output_stride > reached:
+            raise UnsupportedOptionError(
+                f"output_stride={plan.output_stride} is larger than the native stride "
+                f"{reached} of {plan.label}: supported values are at most {reached}"
+            )
+        if any(level.layout == "tokens" for level in native.levels):
+            raise UnsupportedOptionError(
+                f"output_stride={plan.output_stride} is not supported by {plan.label}, a "
+                f"token model: supported values are {reached} (its patch size)"
+            )
+        source = share_parameters_copy(self.source_on_meta(plan))
+        size = self.input_size(plan)
+        changes = _fx.plan_dilation(
+            native.eval_trace, native.shapes, source, size, plan.output_stride, context=plan.label
+        )
+        _fx.apply_dilation(source, changes)
+        evaluation = _fx.trace(source, train=False, context=plan.label)
+        try:
+            shapes = self._shapes(source, evaluation, plan)
+        except UnsupportedOptionError:
+            raise UnsupportedOptionError(
+                f"output_stride={plan.output_stride} is not supported by {plan.label}: once "
+                "dilated, its branches no longer produce maps of matching sizes (valid "
+                f"padding); supported values are {reached}"
+            ) from None
+        levels = _fx.relevel(native.levels, evaluation, shapes, size)
+        deepest = max(level.reduction for level in levels)
+        if deepest != plan.output_stride:
+            raise UnsupportedOptionError(
+                f"output_stride={plan.output_stride} is not supported by {plan.label}: it "
+                f"downsamples outside conv and pool modules (reached {deepest}); supported "
+                f"values are {reached}"
+            )
+        return self._finish(plan, evaluation, shapes, levels, changes)
 
     def _shapes(
         self, source: nn.Module, evaluation: _fx.Trace, plan: BuildPlan
