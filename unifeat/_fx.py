@@ -31,9 +31,11 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models.feature_extraction import NodePathTracer
 
+from unifeat._dilation import SPATIAL_OPS
 from unifeat._errors import InvalidNodeError, TracingError, UnsupportedOptionError, close_matches
 from unifeat._feature_info import FeatureInfo
 from unifeat._feature_model import FeatureMap, FeatureModel, Features
+from unifeat._maps import spatial as spatial_layout
 
 # Top-level modules that belong to a classifier head, never to a feature level:
 # pooling, the final norm and layout change of Swin-likes, logits.
@@ -59,29 +61,35 @@ HEAD_FUNCTIONS = frozenset({"adaptive_avg_pool2d", "adaptive_max_pool2d", "flatt
 
 
 def tracer_kwargs(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """torchvision's defaults: its ops as leaf modules, ``math`` auto-wrapped."""
+    """torchvision's tracer defaults, plus timm's "do not trace" registrations.
+
+    Same leaf modules and auto-wrapped modules as torchvision's own
+    ``get_graph_node_names``, so node names come out identical to its.
+    """
     from torchvision.models import feature_extraction
 
     result = dict(extra or {})
     result["autowrap_modules"] = tuple(
         set(result.get("autowrap_modules", ())) | {math, torchvision.ops}
     )
-    leaves = list(result.get("leaf_modules", ()))
-    leaves += feature_extraction._get_leaf_modules_for_ops()
-    timm_leaves = _timm_leaf_modules()
-    result["leaf_modules"] = list(dict.fromkeys(leaves + timm_leaves))
+    modules, functions = _timm_notrace()
+    leaves = [*result.get("leaf_modules", ()), *feature_extraction._get_leaf_modules_for_ops()]
+    result["leaf_modules"] = list(dict.fromkeys([*leaves, *modules]))
+    if functions:
+        wrapped = [*result.get("autowrap_functions", ()), *functions]
+        result["autowrap_functions"] = tuple(dict.fromkeys(wrapped))
     return result
 
 
-def _timm_leaf_modules() -> list[type]:
-    """timm's own "do not trace into" registrations, where timm is loaded."""
+def _timm_notrace() -> tuple[list[type], list[Any]]:
+    """The modules and functions timm registers as not traceable, where timm is loaded."""
     import sys
 
-    fx_features = sys.modules.get("timm.layers._fx") or sys.modules.get("timm.models._features_fx")
-    if fx_features is None:
-        return []
-    leaves = getattr(fx_features, "_leaf_modules", None) or set()
-    return [leaf for leaf in leaves if isinstance(leaf, type)]
+    registry = sys.modules.get("timm.layers._fx")
+    if registry is None:
+        return [], []
+    modules = [m for m in registry.get_notrace_modules() if isinstance(m, type)]
+    return modules, list(registry.get_notrace_functions())
 
 
 @dataclass
@@ -144,33 +152,6 @@ class NodeLevel:
 
 
 _MAX_PREFIX_TOKENS = 32
-
-
-def _reduction(size: int, extent: int) -> int:
-    """Exact where the map divides the input (patch 14 -> 14), else the nearest power
-    of two (valid-padding nets such as AlexNet: 224 / 55 -> 4)."""
-    if extent <= 0:
-        return 0
-    if size % extent == 0:
-        return size // extent
-    return int(2 ** max(0, round(math.log2(size / extent))))
-
-
-def _spatial(shape: Sequence[int], size: tuple[int, int]) -> tuple[str, int, int] | None:
-    """``(layout, reduction, channels)`` of a 4-D map, or None (not a map, or 1x1)."""
-    if len(shape) != 4:
-        return None
-    height, width = size
-    for layout, (h, w, c) in (
-        ("NCHW", (shape[2], shape[3], shape[1])),
-        ("NHWC", (shape[1], shape[2], shape[3])),
-    ):
-        if h <= 1 and w <= 1:
-            continue
-        r_h, r_w = _reduction(height, h), _reduction(width, w)
-        if r_h == r_w and r_h >= 1:
-            return layout, r_h, c
-    return None
 
 
 def module_path(node: fx.Node, names: Mapping[fx.Node, str]) -> str:
@@ -245,7 +226,7 @@ def derive_levels(
     info: dict[fx.Node, tuple[str, int, int]] = {}
     for node in body:
         shape = shapes.get(node)
-        spatial = _spatial(shape, input_size) if shape is not None else None
+        spatial = spatial_layout(shape, input_size) if shape is not None else None
         if spatial is not None:
             info[node] = spatial
     reductions = sorted({r for _, r, _ in info.values()})
@@ -336,7 +317,7 @@ def _token_levels(
         shape = shapes.get(node)
         if shape is None:
             continue
-        spatial = _spatial(shape, input_size)
+        spatial = spatial_layout(shape, input_size)
         if spatial is not None and spatial[0] == "NCHW":
             grid = (shape[2] * shape[3], spatial[1])
         elif len(shape) == 3 and grid is not None and _is_tokens(shape, grid[0]):
@@ -464,7 +445,7 @@ def relevel(
     by_name = {name: node for node, name in evaluation.names.items()}
     result = []
     for level in levels:
-        spatial = _spatial(shapes[by_name[level.node]], input_size)
+        spatial = spatial_layout(shapes[by_name[level.node]], input_size)
         reduction = spatial[1] if spatial else level.reduction
         result.append(
             NodeLevel(
@@ -499,7 +480,7 @@ def node_levels(
             raise InvalidNodeError(
                 f"node {name!r} of {context} does not produce a tensor; choose a tensor node"
             )
-        spatial = _spatial(shape, input_size)
+        spatial = spatial_layout(shape, input_size)
         channels = spatial[2] if spatial else (int(shape[-1]) if len(shape) > 1 else 1)
         reduction = spatial[1] if spatial else 0
         levels.append(NodeLevel(name, chosen[name], channels, reduction, "raw"))
@@ -590,7 +571,6 @@ class FxFeatureModel(FeatureModel):
         output_fmt: str,
         return_prefix_tokens: bool,
         context: str,
-        raw_outputs: bool = False,
     ) -> None:
         train, evaluation = traces
         same_graphs = list(train.names.values()) == list(evaluation.names.values())
@@ -612,7 +592,6 @@ class FxFeatureModel(FeatureModel):
         self._traces = traces
         self._same_graphs = same_graphs
         self._levels = levels
-        self._raw_outputs = raw_outputs
         self._set_train_runner(train_runner)
         self.training = inner.training = source.training
         self._after_prune()
@@ -658,8 +637,6 @@ class FxFeatureModel(FeatureModel):
         the "final features" are the deepest level the model still computes.
         """
         if norm:
-            from unifeat._errors import UnsupportedOptionError
-
             raise UnsupportedOptionError(
                 f"norm=True is not available for {self._context}: FX feature models return "
                 "graph nodes as they are"
@@ -722,93 +699,37 @@ def level_dicts(levels: Sequence[NodeLevel]) -> list[dict[str, Any]]:
     ]
 
 
-# -- output_stride by dilation ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DilationChange:
-    """New stride/dilation/padding for one module, by its qualified name."""
-
-    module: str
-    stride: int
-    dilation: int
-
-
-def plan_dilation(
+def spatial_ops(
     trace_: Trace,
     shapes: Mapping[fx.Node, Sequence[int]],
     root: nn.Module,
     input_size: tuple[int, int],
-    output_stride: int,
-    *,
-    context: str,
-) -> list[DilationChange]:
-    """What to change so that no map gets smaller than input / ``output_stride``.
-
-    Each strided conv or pool whose output would pass ``output_stride`` keeps
-    stride 1; it and every conv or pool after it dilate by the stride they no
-    longer apply (input reduction / ``output_stride``).
-    """
-    spatial_ops = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
-    changes = []
+) -> list[tuple[str, nn.Module, int]]:
+    """The convs and pools of the graph in execution order, with their input reductions
+    (what :func:`unifeat._dilation.plan_dilation` needs)."""
+    found: list[tuple[str, nn.Module, int]] = []
     for node in trace_.graph.nodes:
         if node.op != "call_module" or not node.all_input_nodes:
             continue
-        spatial = _spatial(shapes.get(node.all_input_nodes[0], ()), input_size)
-        if spatial is None:
+        layout = spatial_layout(shapes.get(node.all_input_nodes[0], ()), input_size)
+        if layout is None:
             continue
-        reduction_in = spatial[1]
+        reduction_in = layout[1]
         target = str(node.target)
         module = root.get_submodule(target)
         # Leaf modules (torchvision.ops' Conv2dNormActivation, ...) hide their
         # convs from the graph; they run them in registration order.
         inner = (
             [(target, module)]
-            if isinstance(module, spatial_ops)
+            if isinstance(module, SPATIAL_OPS)
             else [
                 (f"{target}.{name}", m)
                 for name, m in module.named_modules()
-                if name and isinstance(m, spatial_ops)
+                if name and isinstance(m, SPATIAL_OPS)
             ]
         )
         for name, op in inner:
-            stride = _pair(op.stride)[0] if op.stride is not None else 1
-            kernel = _pair(op.kernel_size)[0]
-            rate = max(1, reduction_in // output_stride)
-            passes = reduction_in * stride > output_stride
-            reduction_in *= stride
-            if (not passes and rate == 1) or (kernel == 1 and stride == 1):
-                continue  # above the target stride, or pointwise: unchanged
-            if isinstance(op, nn.AvgPool2d) or (isinstance(op, nn.MaxPool2d) and kernel % 2 == 0):
-                raise UnsupportedOptionError(
-                    f"output_stride={output_stride} would have to dilate the "
-                    f"{type(op).__name__}({kernel}) {name!r} of {context}, which cannot keep "
-                    "its output size dilated"
-                )
-            changes.append(DilationChange(name, 1 if passes else stride, rate))
-    return changes
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
-def apply_dilation(root: nn.Module, changes: Sequence[DilationChange]) -> None:
-    """Apply ``changes`` in place; convs and max pools keep their output sizes 'same'."""
-    for change in changes:
-        module = root.get_submodule(change.module)
-        if isinstance(module, nn.Conv2d):
-            base = _pair(module.dilation)[0]
-            module.stride = (change.stride, change.stride)
-            module.dilation = (base * change.dilation, base * change.dilation)
-            if change.stride == 1:
-                # "same" pads asymmetrically where it must (ConvNeXt's 2x2 downsampling).
-                module.padding = "same"
-            else:
-                kernel = _pair(module.kernel_size)[0]
-                module.padding = ((kernel - 1) * module.dilation[0] // 2,) * 2
-        elif isinstance(module, nn.MaxPool2d):
-            kernel = _pair(module.kernel_size)[0]
-            module.stride = change.stride
-            module.dilation = change.dilation
-            module.padding = (kernel - 1) * change.dilation // 2
+            found.append((name, op, reduction_in))
+            stride = op.stride if op.stride is not None else 1
+            reduction_in *= stride if isinstance(stride, int) else int(stride[0])
+    return found

@@ -17,6 +17,7 @@ from torch import fx, nn
 from unifeat import _fx
 from unifeat._backends._base import Adapter
 from unifeat._checkpoint import load_checkpoint
+from unifeat._dilation import DilationChange, apply_dilation, plan_dilation
 from unifeat._errors import UnsupportedOptionError, format_choices
 from unifeat._feature_info import FeatureInfo
 from unifeat._feature_model import share_parameters_copy
@@ -29,7 +30,7 @@ class _Layout(NamedTuple):
     shapes: dict[fx.Node, Any]
     levels: list[_fx.NodeLevel]
     info: FeatureInfo
-    dilation: list[_fx.DilationChange]
+    dilation: list[DilationChange]
 
 
 class FxAdapter(Adapter):
@@ -86,7 +87,7 @@ class FxAdapter(Adapter):
             source = self.build(plan, meta=False)
             if plan.checkpoint_path is not None:
                 load_checkpoint(source, plan.checkpoint_path, context=plan.label)
-        _fx.apply_dilation(source, dilation)
+        apply_dilation(source, dilation)
         if layout is None or not plan.features_only:
             if plan.module is None:
                 cast(Any, source).backend = self.name
@@ -101,7 +102,6 @@ class FxAdapter(Adapter):
             output_type=plan.output_type or ("dict" if plan.return_nodes else "list"),
             output_fmt=plan.output_fmt,
             return_prefix_tokens=plan.return_prefix_tokens,
-            raw_outputs=plan.return_nodes is not None,
             context=plan.label,
         )
 
@@ -159,7 +159,7 @@ class FxAdapter(Adapter):
         evaluation: _fx.Trace,
         shapes: dict[fx.Node, Any],
         levels: list[_fx.NodeLevel],
-        dilation: list[_fx.DilationChange],
+        dilation: list[DilationChange],
     ) -> _Layout:
         indices = normalize_indices(plan.out_indices, len(levels), context=plan.label)
         info = FeatureInfo.from_dicts(_fx.level_dicts(levels), indices)
@@ -184,10 +184,9 @@ class FxAdapter(Adapter):
             )
         source = share_parameters_copy(self.source_on_meta(plan))
         size = self.input_size(plan)
-        changes = _fx.plan_dilation(
-            native.eval_trace, native.shapes, source, size, plan.output_stride, context=plan.label
-        )
-        _fx.apply_dilation(source, changes)
+        ops = _fx.spatial_ops(native.eval_trace, native.shapes, source, size)
+        changes = plan_dilation(ops, plan.output_stride, context=plan.label)
+        apply_dilation(source, changes)
         evaluation = _fx.trace(source, train=False, context=plan.label)
         try:
             shapes = self._shapes(source, evaluation, plan)

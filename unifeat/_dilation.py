@@ -1,0 +1,85 @@
+"""``output_stride`` without a native switch: strided convs and pools become dilated.
+
+Backend-neutral: a backend lists the model's convolutions and pools in
+execution order with their input shapes (from an FX graph, or from hooks on a
+shape pass), and gets back the changes to apply to the modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from unifeat._errors import UnsupportedOptionError
+
+SPATIAL_OPS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+
+
+@dataclass(frozen=True)
+class DilationChange:
+    """New stride/dilation/padding for one module, by its qualified name."""
+
+    module: str
+    stride: int
+    dilation: int
+
+
+def plan_dilation(
+    ops: Iterable[tuple[str, nn.Module, int]],
+    output_stride: int,
+    *,
+    context: str,
+) -> list[DilationChange]:
+    """What to change so that no map gets smaller than input / ``output_stride``.
+
+    ``ops`` are ``(qualified name, module, reduction of its input)`` of the
+    model's convs and pools, in the order they run. Each strided one whose output would pass
+    ``output_stride`` keeps stride 1; it and every conv or pool after it
+    dilate by the stride they no longer apply (input reduction / ``output_stride``).
+    """
+    changes = []
+    for name, op, reduction_in in ops:
+        if not isinstance(op, SPATIAL_OPS):
+            continue
+        stride = _pair(op.stride)[0] if op.stride is not None else 1
+        kernel = _pair(op.kernel_size)[0]
+        rate = max(1, reduction_in // output_stride)
+        passes = reduction_in * stride > output_stride
+        if (not passes and rate == 1) or (kernel == 1 and stride == 1):
+            continue  # above the target stride, or pointwise: unchanged
+        if isinstance(op, nn.AvgPool2d) or (isinstance(op, nn.MaxPool2d) and kernel % 2 == 0):
+            raise UnsupportedOptionError(
+                f"output_stride={output_stride} would have to dilate the "
+                f"{type(op).__name__}({kernel}) {name!r} of {context}, which cannot keep "
+                "its output size dilated"
+            )
+        changes.append(DilationChange(name, 1 if passes else stride, rate))
+    return changes
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def apply_dilation(root: nn.Module, changes: Sequence[DilationChange]) -> None:
+    """Apply ``changes`` in place; convs and max pools keep their output sizes 'same'."""
+    for change in changes:
+        module = root.get_submodule(change.module)
+        if isinstance(module, nn.Conv2d):
+            base = _pair(module.dilation)[0]
+            module.stride = (change.stride, change.stride)
+            module.dilation = (base * change.dilation, base * change.dilation)
+            if change.stride == 1:
+                # "same" pads asymmetrically where it must (ConvNeXt's 2x2 downsampling).
+                module.padding = "same"
+            else:
+                kernel = _pair(module.kernel_size)[0]
+                module.padding = ((kernel - 1) * module.dilation[0] // 2,) * 2
+        elif isinstance(module, nn.MaxPool2d):
+            kernel = _pair(module.kernel_size)[0]
+            module.stride = change.stride
+            module.dilation = change.dilation
+            module.padding = (kernel - 1) * change.dilation // 2
