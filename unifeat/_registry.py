@@ -75,6 +75,16 @@ register_backend(
         claims_package="torchvision",
     )
 )
+register_backend(
+    BackendEntry(
+        name="hf",
+        adapter="unifeat._backends.hf:HfAdapter",
+        requires="transformers",
+        extra="hf",
+        aliases=("transformers", "huggingface"),
+        claims_package="transformers",
+    )
+)
 # Any other module: traced with FX. It claims no names, only module instances.
 register_backend(
     BackendEntry(
