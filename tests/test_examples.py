@@ -18,6 +18,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
         ("resnet18", {}, 64),
         ("timm:convnext_atto", {}, 64),
         ("timm:vit_tiny_patch16_224", {"img_size": 64}, 64),
+        ("hf:convnext", {"hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]}, 64),
     ],
 )
 def test_fpn_head_wires_any_backbone(model, kwargs, size):

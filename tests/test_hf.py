@@ -430,7 +430,7 @@ def test_errors_name_the_bad_value() -> None:
         unifeat.create_model("hf:dinov3", features_only=True)
     with pytest.raises(unifeat.UnsupportedOptionError, match="hub id or a local directory"):
         unifeat.create_model("hf:vit", pretrained=True, features_only=True)
-    with pytest.raises(unifeat.UnsupportedOptionError, match="return_nodes"):
+    with pytest.raises(unifeat.UnsupportedOptionError, match=r"return_nodes.*out_indices"):
         unifeat.create_model("hf:vit", features_only=True, return_nodes=["layers.1"])
     with pytest.raises(unifeat.UnsupportedOptionError, match="'convnext' config"):
         unifeat.feature_info("hf:vit", config=AutoConfig.for_model("convnext"))
@@ -440,3 +440,36 @@ def test_errors_name_the_bad_value() -> None:
         unifeat.create_model("hf:vit", features_only=True, out_indices=(4,), **_TOKENS)
     with pytest.raises(unifeat.UnsupportedOptionError, match="no base model"):
         unifeat.feature_info("hf:vision-encoder-decoder")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["dinov2", "resnet"])
+def test_torch_compile_gives_the_eager_maps(model_type: str) -> None:
+    model = unifeat.create_model(
+        f"hf:{model_type}", features_only=True, **ALL_MODELS[model_type]
+    ).eval()
+    x = _input(model.model, size=64 if model_type == "resnet" else None)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model)(x)
+    for ours, theirs in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_node_names_and_return_nodes_point_to_out_indices() -> None:
+    with pytest.raises(unifeat.TracingError, match="out_indices"):
+        unifeat.get_node_names("hf:vit", **_TOKENS)
+
+
+def test_dtype_and_channels_last_inputs() -> None:
+    model = unifeat.create_model("hf:dinov2", features_only=True, **_TOKENS).eval()
+    with torch.no_grad():
+        maps = model.to(torch.bfloat16)(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
+    assert [m.dtype for m in maps] == [torch.bfloat16] * 3
+    resnet = unifeat.create_model("hf:resnet", features_only=True, **MAP_MODELS["resnet"]).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = resnet(x)
+        got = resnet(x.to(memory_format=torch.channels_last))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

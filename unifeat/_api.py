@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from unifeat import _registry
-from unifeat._errors import UnknownBackendError
+from unifeat._errors import TracingError, UnknownBackendError
 from unifeat._feature_info import FeatureInfo
 from unifeat._options import BuildPlan, make_plan
 
@@ -58,7 +58,10 @@ def create_model(
     Args:
         model_name: ``"resnet50"`` (the first backend that knows it, in the
             order timm, torchvision, transformers), ``"timm:convnext_tiny"``
-            (timm's ``hf-hub:`` names pass through), or an ``nn.Module``. A
+            (timm's ``hf-hub:`` names pass through), ``"tv:resnet50"``,
+            ``"hf:dinov2"`` (a transformers model type, random init from its
+            config), ``"hf:org/repo"`` or ``"hf:/local/dir"`` (transformers
+            ``from_pretrained``), or an ``nn.Module``. A
             module passed in is never mutated: the feature model shares its
             parameters and buffers.
         pretrained: load the backend's own pretrained weights.
@@ -213,5 +216,7 @@ def get_node_names(
     from unifeat import _fx
 
     plan = _plan(model_name, backend=backend, features_only=True, model_kwargs=model_kwargs)
-    source = _registry.get_adapter(plan.backend).source_on_meta(plan)
-    return _fx.node_names(source, context=plan.label)
+    adapter = _registry.get_adapter(plan.backend)
+    if adapter.untraceable is not None:
+        raise TracingError(f"no node names for {plan.label}: {adapter.untraceable}")
+    return _fx.node_names(adapter.source_on_meta(plan), context=plan.label)

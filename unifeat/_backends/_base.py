@@ -14,6 +14,8 @@ class Adapter(ABC):
     """Turns a validated :class:`BuildPlan` into a model or its metadata."""
 
     name: str
+    untraceable: str | None = None
+    """Why this backend's models have no FX node names, where they have none."""
 
     @abstractmethod
     def has_model(self, name: str) -> bool:

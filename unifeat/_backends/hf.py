@@ -456,6 +456,10 @@ class HfAdapter(Adapter):
     """transformers vision models by model type, hub id or local directory."""
 
     name = "hf"
+    untraceable = (
+        "transformers models do not trace with torchvision's FX tracer; pick levels with "
+        "out_indices (unifeat.feature_info lists them)"
+    )
 
     def has_model(self, name: str) -> bool:
         return _is_location(name) or name in CONFIG_MAPPING
@@ -506,8 +510,7 @@ class HfAdapter(Adapter):
     def _plan_levels(self, plan: BuildPlan) -> tuple[_Layout, FeatureInfo]:
         if plan.return_nodes is not None:
             raise UnsupportedOptionError(
-                f"return_nodes needs an FX-traceable model, and transformers models do not "
-                f"trace with torchvision's tracer ({plan.label}): use out_indices to pick levels"
+                f"return_nodes is not available for {plan.label}: {self.untraceable}"
             )
         source = self.source_on_meta(plan)
         if not isinstance(source, PreTrainedModel):
