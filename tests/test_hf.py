@@ -57,6 +57,7 @@ MAP_MODELS: dict[str, dict[str, Any]] = {
     "convnextv2": dict(image_size=64, **_STAGES),
     "swin": dict(window_size=2, **_SWIN),
     "swinv2": dict(window_size=2, **_SWIN),
+    "vitdet": dict(_TOKENS, image_size=64, pretrain_image_size=64, patch_size=16, mlp_ratio=2),
 }
 ALL_MODELS = {**{k: v[0] for k, v in TOKEN_MODELS.items()}, **MAP_MODELS}
 
@@ -214,6 +215,19 @@ def test_stage_maps_equal_the_models_backbone(model_type: str, saved: dict[str, 
     assert len(maps) == len(expected) == 4
     for stage, (ours, theirs) in enumerate(zip(maps, expected, strict=True)):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6, msg=f"stage {stage}")
+
+
+def test_vitdet_blocks_equal_its_hidden_states(saved: dict[str, Path]) -> None:
+    """ViTDet is a plain ViT whose blocks return maps: one level per block."""
+    native = AutoModel.from_pretrained(saved["vitdet"]).eval()
+    model = unifeat.create_model(f"hf:{saved['vitdet']}", pretrained=True, features_only=True)
+    assert model.feature_info.out_indices == (1, 2, 3)
+    x = _input(native)
+    with torch.no_grad():
+        hidden = native(pixel_values=x, output_hidden_states=True).hidden_states
+        maps = model.eval()(x)
+    for ours, theirs in zip(maps, hidden[2:], strict=True):
+        assert torch.equal(ours, theirs)
 
 
 def test_regnet_stages_equal_its_hidden_states(saved: dict[str, Path]) -> None:

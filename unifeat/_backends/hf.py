@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING, MODEL_MAPPING
 
 from unifeat._backends._base import Adapter
 from unifeat._checkpoint import load_checkpoint
@@ -74,6 +74,7 @@ TESTED_MODEL_TYPES = (
     "swinv2",
     "vit",
     "vit_msn",
+    "vitdet",
 )
 # Composite (image-text) types whose vision tower is used.
 _VISION_TOWERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
@@ -85,9 +86,17 @@ _VISION_TOWERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
 _BLOCK_KWARGS: dict[str, dict[str, Any]] = {
     "swin": {"output_hidden_states_before_downsampling": True},
 }
-_BLOCK_OUTPUT: dict[str, tuple[int, int | None]] = {"swin": (1, None), "swinv2": (1, 2)}
+_BLOCK_OUTPUT: dict[str, tuple[int, int | None]] = {
+    "swin": (1, None),
+    "swinv2": (1, 2),
+    "donut-swin": (1, 2),
+}
 # Block attributes to drop on the deepest kept block: work after its level.
-_BLOCK_TAIL: dict[str, tuple[str, ...]] = {"swin": ("downsample",), "swinv2": ("downsample",)}
+_BLOCK_TAIL: dict[str, tuple[str, ...]] = {
+    "swin": ("downsample",),
+    "swinv2": ("downsample",),
+    "donut-swin": ("downsample",),
+}
 
 
 def _vision_types() -> list[str]:
@@ -109,14 +118,16 @@ def _vision_config(config: PretrainedConfig) -> PretrainedConfig:
 
 
 def _model_class(config: PretrainedConfig, label: str) -> type[PreTrainedModel]:
-    try:
-        return cast(type[PreTrainedModel], MODEL_MAPPING[type(config)])
-    except KeyError:
-        raise UnsupportedOptionError(
-            f"{label}: transformers has no base model for config {type(config).__name__} "
-            f"(model type {config.model_type!r}); vision model types include "
-            f"{format_choices(_vision_types())}"
-        ) from None
+    """The base model of ``config``; its ``*Backbone`` where it has only that (RT-DETR's
+    ResNet, ViTPose's ViT)."""
+    for mapping in (MODEL_MAPPING, MODEL_FOR_BACKBONE_MAPPING):
+        if type(config) in mapping:
+            return cast(type[PreTrainedModel], mapping[type(config)])
+    raise UnsupportedOptionError(
+        f"{label}: transformers has no base model or backbone for config "
+        f"{type(config).__name__} (model type {config.model_type!r}); vision model types "
+        f"include {format_choices(_vision_types())}"
+    )
 
 
 def _config_for(plan: BuildPlan) -> tuple[PretrainedConfig, dict[str, Any]]:
@@ -379,6 +390,15 @@ def _levels_from_records(
             f"the blocks of {label} return {len(first_shape)}-D tensors; feature levels need "
             "maps [N, C, H, W] or tokens [N, L, C]"
         )
+    block_maps = [spatial(shape, layout.input_size) for _path, shape in block_outputs]
+    if len(block_maps) > 1 and len(set(block_maps)) == 1 and block_maps[0] is not None:
+        # Every block keeps one map size (ViTDet: a plain ViT laid out as maps):
+        # one level per block, as for token models.
+        _layout_name, reduction_, channels = block_maps[0]
+        return [
+            _Level(module=path, num_chs=channels, reduction=reduction_, tokens=False, block=i)
+            for i, (path, _shape) in enumerate(block_outputs)
+        ]
     first_block = outputs.index(block_outputs[0])
     before = [
         (path, shape)
@@ -536,7 +556,9 @@ class HfAdapter(Adapter):
             )
         if plan.output_stride is not None:
             self._apply_stride(plan, runner, layout, config)
-        default = 3 if tokens else None
+        # Plain ViT-likes (one map size throughout) default to their last 3 blocks, as timm.
+        plain = len({level.reduction for level in layout.levels}) == 1 and len(layout.levels) > 3
+        default = 3 if plain else None
         indices = normalize_indices(
             plan.out_indices, len(layout.levels), default, context=plan.label
         )
