@@ -17,11 +17,11 @@ import copy
 import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
-from unifeat._errors import InvalidIndicesError
+from unifeat._errors import InvalidIndicesError, UnsupportedOptionError
 from unifeat._feature_info import FeatureInfo
 from unifeat._indices import normalize_indices
 
@@ -200,3 +200,49 @@ class FeatureModel(nn.Module):
         self, indices: int | Sequence[int], prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class MapsFeatureModel(FeatureModel):
+    """A feature model whose backend computes the maps of given levels, in one pass.
+
+    Subclasses implement ``_maps(x, indices)`` (maps in NCHW, depth order) and
+    say in ``_no_norm`` why ``norm=True`` is refused; ``forward`` and
+    ``forward_intermediates`` are the same for all of them.
+    """
+
+    _no_norm = "its backend has no separate final norm"
+
+    def _maps(self, x: Tensor, indices: Sequence[int]) -> list[FeatureMap]:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Features:
+        indices = self.feature_info.out_indices
+        return self.format_features(self._maps(x, indices), indices)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        intermediates_only: bool = False,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+    ) -> list[FeatureMap] | tuple[Tensor, list[FeatureMap]]:
+        """The maps of ``indices`` (over all levels; ``None`` = ``out_indices``).
+
+        Returns the list of maps, or ``(final_features, maps)`` unless
+        ``intermediates_only``, where the final features are the deepest level
+        the model still computes. ``norm=True`` is refused (see ``_no_norm``).
+        """
+        if norm:
+            raise UnsupportedOptionError(
+                f"norm=True is not available for {self._context}: {self._no_norm}"
+            )
+        chosen = self.resolve_indices(indices)
+        wanted = chosen if intermediates_only else tuple(sorted({*chosen, self.last_level}))
+        by_index = dict(zip(wanted, self._maps(x, wanted), strict=True))
+        picked = [by_index[i] for i in chosen]
+        laid_out = cast(list[FeatureMap], self.format_features(picked, chosen, output_fmt, "list"))
+        if intermediates_only:
+            return laid_out
+        final = by_index[self.last_level]
+        return (final[0] if isinstance(final, tuple) else final), laid_out

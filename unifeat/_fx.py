@@ -32,9 +32,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models.feature_extraction import NodePathTracer
 
 from unifeat._dilation import SPATIAL_OPS
-from unifeat._errors import InvalidNodeError, TracingError, UnsupportedOptionError, close_matches
+from unifeat._errors import InvalidNodeError, TracingError, close_matches
 from unifeat._feature_info import FeatureInfo
-from unifeat._feature_model import FeatureMap, FeatureModel, Features
+from unifeat._feature_model import FeatureMap, MapsFeatureModel
 from unifeat._maps import spatial as spatial_layout
 
 # Top-level modules that belong to a classifier head, never to a feature level:
@@ -546,7 +546,7 @@ def _share_attribute(destination: nn.Module, source: nn.Module, target: str) -> 
         setattr(destination, field, getattr(source, field))
 
 
-class FxFeatureModel(FeatureModel):
+class FxFeatureModel(MapsFeatureModel):
     """Feature model over traced graphs that end at the deepest requested level.
 
     ``self.model`` is a ``GraphModule`` of the eval graph holding the source's
@@ -558,6 +558,7 @@ class FxFeatureModel(FeatureModel):
     """
 
     _train_runner: fx.GraphModule | None
+    _no_norm = "FX feature models return graph nodes as they are"
 
     def __init__(
         self,
@@ -618,36 +619,6 @@ class FxFeatureModel(FeatureModel):
             else:
                 maps.append(spatial)
         return maps
-
-    def forward(self, x: Tensor) -> Features:
-        indices = self.feature_info.out_indices
-        return self.format_features(self._maps(x, indices), indices)
-
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | Sequence[int] | None = None,
-        intermediates_only: bool = False,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-    ) -> list[FeatureMap] | tuple[Tensor, list[FeatureMap]]:
-        """The maps of ``indices`` (over all levels; ``None`` = ``out_indices``).
-
-        A traced graph has no separate final norm, so ``norm=True`` is refused;
-        the "final features" are the deepest level the model still computes.
-        """
-        if norm:
-            raise UnsupportedOptionError(
-                f"norm=True is not available for {self._context}: FX feature models return "
-                "graph nodes as they are"
-            )
-        chosen = self.resolve_indices(indices)
-        maps = self._maps(x, (*chosen, self.last_level))
-        laid_out = self.format_features(maps[:-1], chosen, output_fmt, "list")
-        if intermediates_only:
-            return laid_out  # type: ignore[return-value]
-        final = maps[-1]
-        return (final[0] if isinstance(final, tuple) else final), laid_out  # type: ignore[return-value]
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int], prune_norm: bool = False, prune_head: bool = True

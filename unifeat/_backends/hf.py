@@ -47,7 +47,7 @@ from unifeat._checkpoint import load_checkpoint
 from unifeat._dilation import SPATIAL_OPS, DilationChange, apply_dilation, plan_dilation
 from unifeat._errors import UnsupportedOptionError, format_choices
 from unifeat._feature_info import FeatureInfo
-from unifeat._feature_model import FeatureMap, FeatureModel, Features, share_parameters_copy
+from unifeat._feature_model import FeatureMap, MapsFeatureModel, share_parameters_copy
 from unifeat._indices import normalize_indices
 from unifeat._maps import spatial
 from unifeat._options import BuildPlan
@@ -659,8 +659,10 @@ def _record(
         owner._captured[level] = _level_tensor(output, where)
 
 
-class HfFeatureModel(FeatureModel):
+class HfFeatureModel(MapsFeatureModel):
     """Feature model over a transformers model (see the module docstring)."""
+
+    _no_norm = "its final norm follows the last block and is not part of the feature model"
 
     def __init__(
         self,
@@ -776,41 +778,6 @@ class HfFeatureModel(FeatureModel):
         if self.return_prefix_tokens:
             return feature_map, tokens[:, :prefix]
         return feature_map
-
-    def forward(self, x: Tensor) -> Features:
-        indices = self.feature_info.out_indices
-        return self.format_features(self._maps(x, indices), indices)
-
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | Sequence[int] | None = None,
-        intermediates_only: bool = False,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-    ) -> list[FeatureMap] | tuple[Tensor, list[FeatureMap]]:
-        """The maps of ``indices`` (over all levels; ``None`` = ``out_indices``).
-
-        Returns the list of maps, or ``(final_features, maps)`` unless
-        ``intermediates_only``, where the final features are the deepest level
-        the model still computes. ``norm=True`` is refused: the final norm is
-        not part of a feature model.
-        """
-        if norm:
-            raise UnsupportedOptionError(
-                f"norm=True is not available for {self._context}: its final norm follows "
-                "the last block and is not part of the feature model"
-            )
-        chosen = self.resolve_indices(indices)
-        wanted = chosen if intermediates_only else tuple(sorted({*chosen, self.last_level}))
-        maps = self._maps(x, wanted)
-        by_index = dict(zip(wanted, maps, strict=True))
-        picked = [by_index[i] for i in chosen]
-        laid_out = cast(list[FeatureMap], self.format_features(picked, chosen, output_fmt, "list"))
-        if intermediates_only:
-            return laid_out
-        final = by_index[self.last_level]
-        return (final[0] if isinstance(final, tuple) else final), laid_out
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int], prune_norm: bool = False, prune_head: bool = True
