@@ -487,3 +487,23 @@ def test_dtype_and_channels_last_inputs() -> None:
         got = resnet(x.to(memory_format=torch.channels_last))
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("timm:resnet50", "tv:resnet50", "hf:resnet"),
+        ("timm:convnext_tiny", "tv:convnext_tiny", "hf:convnext"),
+        ("timm:swin_tiny_patch4_window7_224", "tv:swin_t", "hf:swin"),
+        ("timm:vit_base_patch16_224", "tv:vit_b_16", "hf:vit"),
+    ],
+)
+def test_the_same_architecture_has_the_same_levels_in_every_backend(names: tuple[str, ...]) -> None:
+    """SPEC §2, on metadata: the defaults of transformers' configs are these architectures."""
+    level_lists = []
+    for name in names:
+        info = unifeat.feature_info(name)
+        indices = _all(info)
+        pairs = zip(info.channels(indices), info.reduction(indices), strict=True)
+        level_lists.append(list(pairs))
+    assert level_lists[0] == level_lists[1] == level_lists[2]
