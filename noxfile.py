@@ -1,4 +1,5 @@
-"""Contributor sessions: tests, slow, lint, typecheck, docs (`nox -s NAME`).
+"""Contributor sessions: tests, consistency, backend, slow, lint, typecheck, docs
+(`nox -s NAME`; `nox -l` lists them).
 
 Environments are created with uv and reused between runs, so the multi-GB
 torch install happens once per session environment, and uv's cache makes
@@ -25,6 +26,32 @@ def tests(session: nox.Session) -> None:
     """The fast default suite, doctests included (what CI runs)."""
     _install(session, "test")
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def consistency(session: nox.Session) -> None:
+    """Cross-backend consistency: the same architecture, levels and numbers in every
+    backend, checked against the recorded table docs/consistency.json."""
+    _install(session, "test")
+    session.run("pytest", "-m", "consistency", *session.posargs)
+
+
+# The contract suite's subclasses and each backend's own tests.
+_BACKEND_TESTS = {
+    "timm": ("tests/test_timm_parity.py", "Timm"),
+    "torchvision": ("tests/test_torchvision.py", "Torchvision or Fx"),
+    "hf": ("tests/test_hf.py", "Hf"),
+}
+
+
+@nox.session
+@nox.parametrize("backend", list(_BACKEND_TESTS))
+def backend(session: nox.Session, backend: str) -> None:
+    """One backend's tests: its own file and its run of the adapter contract."""
+    _install(session, "test")
+    own, contract = _BACKEND_TESTS[backend]
+    session.run("pytest", own, *session.posargs)
+    session.run("pytest", "tests/test_contract.py", "-k", contract, *session.posargs)
 
 
 @nox.session

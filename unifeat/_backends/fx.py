@@ -46,7 +46,9 @@ class FxAdapter(Adapter):
     def model_names(self) -> list[str]:
         return []
 
-    def head_modules(self, plan: BuildPlan) -> tuple[str, ...]:
+    def head_modules(self, source: nn.Module) -> tuple[str, ...]:
+        """Modules of ``source`` that belong to its head although the level rule
+        would take them (per-family overrides)."""
         return ()
 
     def input_size(self, plan: BuildPlan) -> tuple[int, int]:
@@ -138,7 +140,7 @@ class FxAdapter(Adapter):
                 evaluation.names,
                 shapes,
                 self.input_size(plan),
-                head_modules=self.head_modules(plan),
+                head_modules=self.head_modules(source),
             )
             if not levels:
                 raise UnsupportedOptionError(

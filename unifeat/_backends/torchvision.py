@@ -19,13 +19,14 @@ from unifeat._errors import UnsupportedOptionError, format_choices
 from unifeat._options import BuildPlan
 
 # Where torchvision's automatic level list differs from the canonical one of
-# the same architecture in timm, these modules are part of the head, not a level:
-# the 1x1 conv before pooling that timm does not count (SPEC §2).
-HEAD_OVERRIDES: dict[str, tuple[str, ...]] = {
-    "efficientnet_b?": ("features.8",),
-    "efficientnet_v2_?": ("features.7",),
-    "mobilenet_v2": ("features.18",),
-    "mnasnet*": ("layers.14", "layers.15", "layers.16"),
+# the same architecture in timm, the last modules of a container are part of
+# the head, not a level: the 1x1 conv before pooling that timm does not count
+# (SPEC §2). By class, so that a model built by name and one passed in agree:
+# class name -> (container, how many of its last children).
+HEAD_OVERRIDES: dict[str, tuple[str, int]] = {
+    "EfficientNet": ("features", 1),  # efficientnet_b0..b7 features.8, v2_s/m/l features.7
+    "MobileNetV2": ("features", 1),  # features.18
+    "MNASNet": ("layers", 3),  # layers.14-16: conv, norm, activation
 }
 
 # Native dilation switches: output_stride -> constructor kwargs.
@@ -58,8 +59,13 @@ class TorchvisionAdapter(FxAdapter):
     def model_names(self) -> list[str]:
         return sorted(torchvision.models.list_models(module=torchvision.models))
 
-    def head_modules(self, plan: BuildPlan) -> tuple[str, ...]:
-        return _matching(HEAD_OVERRIDES, plan.model_name or "") or ()
+    def head_modules(self, source: nn.Module) -> tuple[str, ...]:
+        override = HEAD_OVERRIDES.get(type(source).__name__)
+        if override is None or not type(source).__module__.startswith("torchvision."):
+            return ()
+        container, count = override
+        children = [name for name, _ in source.get_submodule(container).named_children()]
+        return tuple(f"{container}.{name}" for name in children[-count:])
 
     def input_size(self, plan: BuildPlan) -> tuple[int, int]:
         size = plan.model_kwargs.get("image_size") or _INPUT_SIZES.get(plan.model_name or "", 224)

@@ -1,0 +1,68 @@
+"""Cross-backend consistency (``nox -s consistency``; also part of the default run).
+
+Each case builds one architecture in every backend that has it, with timm's
+weights mapped to the others' names, and checks every pair of backends against
+the recorded table ``docs/consistency.json``: a pair recorded equal must stay
+equal (same level list, maps within the case's tolerance).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.consistency import cases
+from tests.consistency import weights as w
+
+pytestmark = pytest.mark.consistency
+
+RECORDED = {row["arch"]: row for row in json.loads(cases.TABLE_JSON.read_text())}
+
+
+def test_every_case_is_recorded() -> None:
+    assert {case.arch for case in cases.CASES} == set(RECORDED)
+
+
+@pytest.mark.parametrize("case", cases.CASES, ids=lambda case: case.arch)
+def test_no_cell_regresses(case: cases.Case) -> None:
+    result = cases.run(case)
+    recorded = RECORDED[case.arch]
+    assert result["levels"] == recorded["levels"], "a backend's level list changed"
+    for pair, cell in recorded["pairs"].items():
+        now = result["pairs"][pair]
+        if cell["levels_equal"]:
+            assert now["levels_equal"], f"{pair}: level lists no longer agree"
+        if cell["equal"]:
+            assert now["equal"], f"{pair}: maps differ by {now['max_rel_diff']}"
+
+
+def test_the_comparison_sees_a_wrong_weight() -> None:
+    """The same run with one torchvision weight changed is caught."""
+    case = next(c for c in cases.CASES if c.arch == "resnet18")
+    models = cases.build(case)
+    with torch.no_grad():
+        models["torchvision"].layer3[0].conv2.weight[0] += 0.5
+    x = torch.randn(1, 3, 64, 64)
+    import unifeat
+
+    first, second = (
+        unifeat.create_model(models[b], features_only=True).eval() for b in ("timm", "torchvision")
+    )
+    with torch.no_grad():
+        diff = cases._relative_diff(list(first(x)), list(second(x)))
+    assert diff is not None and diff > case.tolerance
+    with torch.no_grad():
+        unchanged = cases._relative_diff(list(first(x))[:3], list(second(x))[:3])
+    assert unchanged == 0.0  # levels before layer3 still agree
+
+
+def test_a_mapping_that_misses_a_key_fails_loudly() -> None:
+    import timm
+    import torchvision
+
+    source = timm.create_model("resnet18").state_dict()
+    partial = w.Mapping_(rules=((r"layer\d\..*", r"\g<0>"),))  # drops the stem
+    with pytest.raises(KeyError, match="not mapped"):
+        w.load_mapped(torchvision.models.resnet18(), source, partial)
