@@ -370,10 +370,15 @@ def propagate_shapes(
     module, whose weights are then stood in for by fake tensors, not copied.
     """
     if fake:
-        from torch._subclasses.fake_tensor import FakeTensorMode
+        try:
+            _propagate_with_meta_stand_ins(graph_module, example)
+        except Exception:
+            # Tensors the forward makes on the CPU (Swin V2's position grids)
+            # do not mix with meta ones; fake tensors take them in.
+            from torch._subclasses.fake_tensor import FakeTensorMode
 
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        ShapeProp(graph_module, fake_mode=mode).propagate(mode.from_tensor(example))
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            ShapeProp(graph_module, fake_mode=mode).propagate(mode.from_tensor(example))
     else:
         ShapeProp(graph_module).propagate(example)
     shapes: dict[fx.Node, Sequence[int]] = {}
@@ -382,6 +387,21 @@ def propagate_shapes(
         if meta is not None and hasattr(meta, "shape"):
             shapes[node] = tuple(meta.shape)
     return shapes
+
+
+def _propagate_with_meta_stand_ins(graph_module: fx.GraphModule, example: Tensor) -> None:
+    """Shape propagation over a real module with meta tensors swapped in for its
+    weights for the duration: nothing is computed or copied (a fake-tensor copy of
+    ResNet-50's weights cost 3x the whole rest of the build)."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    named = [
+        *graph_module.named_parameters(remove_duplicate=False),
+        *graph_module.named_buffers(remove_duplicate=False),
+    ]
+    stand_ins = {name: torch.empty_like(tensor, device="meta") for name, tensor in named}
+    with _reparametrize_module(graph_module, stand_ins), torch.no_grad():
+        ShapeProp(graph_module).propagate(example.to("meta"))
 
 
 # -- return_nodes ------------------------------------------------------------------
