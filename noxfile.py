@@ -1,4 +1,4 @@
-"""Contributor sessions: tests, consistency, backend, slow, lint, typecheck, docs
+"""Contributor sessions: tests, consistency, backend, slow, bench, lint, typecheck, docs
 (`nox -s NAME`; `nox -l` lists them).
 
 Environments are created with uv and reused between runs, so the multi-GB
@@ -62,11 +62,19 @@ def slow(session: nox.Session) -> None:
 
 
 @nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against the native paths; writes benchmarks/results.json and
+    docs/benchmarks.md (`nox -s bench -- --quick` for a short run)."""
+    _install(session, "test")
+    session.run("python", "benchmarks/bench.py", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff lint and format check."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "unifeat", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "unifeat", "tests", "noxfile.py")
+    session.run("ruff", "check", "unifeat", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "unifeat", "tests", "benchmarks", "noxfile.py")
 
 
 @nox.session
