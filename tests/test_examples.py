@@ -37,3 +37,87 @@ def test_fpn_head_script_runs(capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["layer2", "layer3", "layer4"]
     assert lines[-1].endswith("(1, 256, 2, 2)")
+
+
+_HF_CONVNEXT = {"hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]}
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs"),
+    [("timm:resnet18", {}), ("tv:resnet18", {}), ("hf:convnext", _HF_CONVNEXT)],
+)
+def test_mask_rcnn_head_runs_on_every_backend(model, kwargs):
+    module = runpy.run_path(str(EXAMPLES / "mask_rcnn.py"))
+    net = module["mask_rcnn"](model, **kwargs)
+    images = [torch.rand(3, 96, 96)]
+    targets = [
+        {
+            "boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]),
+            "labels": torch.tensor([1]),
+            "masks": torch.zeros(1, 96, 96, dtype=torch.uint8),
+        }
+    ]
+    losses = net.train()(images, targets)
+    assert {"loss_classifier", "loss_box_reg", "loss_mask"} <= set(losses)
+    sum(losses.values()).backward()
+    assert next(net.backbone.body.parameters()).grad is not None
+    with torch.no_grad():
+        (detections,) = net.eval()(images)
+    assert detections["masks"].shape[1:] == (1, 96, 96)
+
+
+def test_retrieval_finds_the_near_duplicate(tmp_path):
+    from PIL import Image
+
+    retrieval = runpy.run_path(str(EXAMPLES / "retrieval.py"))
+    generator = torch.Generator().manual_seed(0)
+    base = (torch.rand(64, 64, 3, generator=generator) * 255).to(torch.uint8)
+    Image.fromarray(base.numpy()).save(tmp_path / "a.png")
+    Image.fromarray((base.int() + 3).clamp(0, 255).to(torch.uint8).numpy()).save(
+        tmp_path / "a2.png"
+    )
+    for i in range(3):
+        other = (torch.rand(64, 64, 3, generator=generator) * 255).to(torch.uint8)
+        Image.fromarray(other.numpy()).save(tmp_path / f"other{i}.png")
+    hits = retrieval["nearest"](
+        tmp_path, tmp_path / "d.safetensors", "tv:resnet18", k=1, input_size=(64, 64)
+    )
+    assert hits[str(tmp_path / "a.png")][0][0] == str(tmp_path / "a2.png")
+
+
+def test_show_feature_maps_script(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (48, 48), "navy").save(tmp_path / "in.png")
+    argv = [
+        "show_feature_maps.py",
+        str(tmp_path / "in.png"),
+        "--model",
+        "tv:resnet18",
+        "--output",
+        str(tmp_path / "out.png"),
+        "--channels",
+        "3",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(EXAMPLES / "show_feature_maps.py"), run_name="__main__")
+    assert (tmp_path / "out.png").exists()
+    assert "384x" in capsys.readouterr().out
+
+
+def test_the_docs_build_strictly(tmp_path):
+    """Every page, and the API reference from docstrings, without a warning."""
+    import os
+    import subprocess
+
+    pytest.importorskip("mkdocs", reason="the docs extra is part of the dev install CI uses")
+    root = EXAMPLES.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "extraction" / "index.html").exists()

@@ -22,14 +22,17 @@ from unifeat._errors import (
     UnknownModelError,
     UnsupportedOptionError,
 )
+from unifeat._extract import ExtractResult, extract, load_features
 from unifeat._feature_info import FeatureInfo, FeatureLevel
 from unifeat._feature_model import FeatureModel
+from unifeat._show import plot_feature_maps
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "CheckpointError",
+    "ExtractResult",
     "FeatureInfo",
     "FeatureLevel",
     "FeatureModel",
@@ -42,7 +45,10 @@ __all__ = [
     "UnsupportedOptionError",
     "__version__",
     "create_model",
+    "extract",
     "feature_info",
     "get_node_names",
     "list_models",
+    "load_features",
+    "plot_feature_maps",
 ]

@@ -13,13 +13,16 @@ from typing import Any
 import torch
 
 import unifeat
-from unifeat._errors import UnifeatError
+from unifeat._errors import UnifeatError, UnsupportedOptionError
 
 _EPILOG = """examples:
   unifeat info resnet50
   unifeat info timm:vit_small_patch16_224 --out-indices -1 -4 --json
   unifeat info convnext_tiny --output-stride 16 --input-size 512
   unifeat list 'convnext*' --backend timm
+  unifeat nodes tv:resnet18 --filter 'layer4*'
+  unifeat extract resnet50 photos/ --output feats.safetensors --pool avg
+  unifeat show convnext_tiny cat.jpg --output grid.png --channels 8
 """
 
 
@@ -67,6 +70,57 @@ def _parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'resnet*'")
     listing.add_argument("--backend", help="only this backend (names are then bare)")
+
+    nodes = commands.add_parser(
+        "nodes",
+        help="print a model's FX node names (for return_nodes=)",
+        description="Print the FX node names of a model in torchvision's naming, as "
+        "return_nodes= takes them. Train and eval names are printed once where equal.",
+    )
+    nodes.add_argument("model", help='model name: "tv:resnet50", "timm:resnet18", ...')
+    nodes.add_argument("--filter", metavar="PATTERN", help="only names matching a shell pattern")
+    nodes.add_argument("--mode", choices=("eval", "train"), default="eval", help="which graph")
+    nodes.add_argument("--backend", help="force a backend")
+
+    extract = commands.add_parser(
+        "extract",
+        help="write pooled features of image files to safetensors",
+        description="Extract features of image files (folders are searched recursively) "
+        "with the model's own preprocessing, in batches, to safetensors shards plus an "
+        "index (OUTPUT with .index.json). A rerun with the same --output skips images "
+        "already written; unreadable images are reported and skipped.",
+    )
+    extract.add_argument("model", help="model name")
+    extract.add_argument("images", nargs="+", help="image files or folders")
+    extract.add_argument(
+        "--output", "-o", required=True, help="output file, e.g. feats.safetensors"
+    )
+    extract.add_argument("--out-indices", type=int, nargs="+", metavar="I", help="levels")
+    extract.add_argument(
+        "--pool", choices=("avg", "max", "cls", "none"), default="avg", help="pooling per level"
+    )
+    extract.add_argument("--batch-size", type=int, default=32, metavar="N")
+    extract.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    extract.add_argument("--num-workers", type=int, default=0, metavar="N")
+    extract.add_argument("--input-size", type=int, nargs="+", metavar="S", help="H [W]")
+    extract.add_argument("--pretrained", action="store_true", help="load pretrained weights")
+    extract.add_argument("--checkpoint", metavar="FILE", help="a local state dict to load")
+    extract.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    show = commands.add_parser(
+        "show",
+        help="save a PNG grid of feature maps for one image",
+        description="Save a PNG with one row per level: the input image, then the "
+        "channels with the largest mean activation.",
+    )
+    show.add_argument("model", help="model name")
+    show.add_argument("image", help="an image file")
+    show.add_argument("--output", "-o", required=True, help="PNG file to write")
+    show.add_argument("--level", type=int, nargs="+", metavar="I", help="levels to show")
+    show.add_argument("--channels", type=int, default=8, metavar="K", help="maps per level")
+    show.add_argument("--input-size", type=int, nargs="+", metavar="S", help="H [W]")
+    show.add_argument("--pretrained", action="store_true", help="load pretrained weights")
+    show.add_argument("--checkpoint", metavar="FILE", help="a local state dict to load")
     return parser
 
 
@@ -164,6 +218,72 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nodes(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    kwargs = {"backend": args.backend} if args.backend else {}
+    train, evaluation = unifeat.get_node_names(args.model, **kwargs)
+    names = train if args.mode == "train" else evaluation
+    for name in names:
+        if args.filter is None or fnmatch.fnmatch(name, args.filter):
+            print(name)
+    return 0
+
+
+def _size(values: Sequence[int] | None) -> tuple[int, int] | None:
+    if not values:
+        return None
+    if len(values) > 2 or min(values) < 1:
+        raise UnsupportedOptionError(f"--input-size takes H [W] > 0, not {list(values)}")
+    return (values[0], values[-1])
+
+
+def _build_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {"pretrained": args.pretrained}
+    if getattr(args, "out_indices", None) is not None:
+        options["out_indices"] = tuple(args.out_indices)
+    if args.checkpoint is not None:
+        options["checkpoint_path"] = args.checkpoint
+    return options
+
+
+def _extract(args: argparse.Namespace) -> int:
+    options = _build_options(args)
+    if args.pool == "cls":
+        options["return_prefix_tokens"] = True
+    model = unifeat.create_model(args.model, features_only=True, **options)
+    result = unifeat.extract(
+        model,
+        args.images,
+        args.output,
+        pool=args.pool,
+        batch_size=args.batch_size,
+        device=args.device,
+        num_workers=args.num_workers,
+        input_size=_size(args.input_size),
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {result.written} images ({result.skipped} already there, "
+        f"{len(result.failed)} unreadable) to {result.index_path}"
+    )
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    model = unifeat.create_model(args.model, features_only=True, **_build_options(args))
+    picture = unifeat.plot_feature_maps(
+        model,
+        args.image,
+        args.output,
+        levels=args.level,
+        channels=args.channels,
+        input_size=_size(args.input_size),
+    )
+    print(f"wrote {args.output} ({picture.size[0]}x{picture.size[1]})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``unifeat`` command; returns the exit code.
 
@@ -172,10 +292,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     args = parser.parse_args(argv)
-    run = {"info": _info, "list": _list}[args.command]
+    run = {
+        "info": _info,
+        "list": _list,
+        "nodes": _nodes,
+        "extract": _extract,
+        "show": _show,
+    }[args.command]
     try:
         return run(args)
-    except UnifeatError as exc:
+    except (UnifeatError, FileNotFoundError) as exc:
         if args.debug:
             traceback.print_exc()
         print(f"unifeat {args.command}: error: {exc}", file=sys.stderr)

@@ -173,6 +173,21 @@ def _build_source(plan: BuildPlan, *, meta: bool) -> PreTrainedModel:
     return model_class(config)
 
 
+def _image_processor(plan: BuildPlan) -> Any:
+    """The image processor saved with a local model (or a hub model loaded with
+    weights), where there is one."""
+    name = plan.model_name or ""
+    local = os.path.isfile(os.path.join(name, "preprocessor_config.json"))
+    if not (local or (plan.pretrained and _is_location(name))):
+        return None
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(name)
+    except Exception:
+        return None
+
+
 # -- where the levels are -----------------------------------------------------------
 
 
@@ -516,7 +531,7 @@ class HfAdapter(Adapter):
             if plan.module is None:
                 cast(Any, source).backend = self.name
             return source
-        return HfFeatureModel(
+        features = HfFeatureModel(
             source,
             runner_path=runner_path,
             layout=layout,
@@ -526,6 +541,11 @@ class HfAdapter(Adapter):
             return_prefix_tokens=plan.return_prefix_tokens,
             context=plan.label,
         )
+        processor = _image_processor(plan)
+        if processor is not None:
+            # Kept for unifeat.extract / plot_feature_maps: the model's own preprocessing.
+            object.__setattr__(features, "_unifeat_image_processor", processor)
+        return features
 
     def _plan_levels(self, plan: BuildPlan) -> tuple[_Layout, FeatureInfo]:
         if plan.return_nodes is not None:

@@ -87,6 +87,14 @@ class TorchvisionAdapter(FxAdapter):
     def supported_strides(self, plan: BuildPlan, native: int) -> list[int]:
         return sorted({native, *(_matching(_NATIVE_DILATION, plan.model_name or "") or {})})
 
+    def create(self, plan: BuildPlan) -> nn.Module:
+        model = super().create(plan)
+        if plan.pretrained and plan.model_name is not None:
+            # Kept for unifeat.extract / plot_feature_maps: the weights' own transforms.
+            weights = torchvision.models.get_model_weights(plan.model_name).DEFAULT
+            object.__setattr__(model, "_unifeat_weights", weights)
+        return model
+
     def build(self, plan: BuildPlan, *, meta: bool) -> nn.Module:
         assert plan.model_name is not None
         kwargs = self.constructor_kwargs(plan)
