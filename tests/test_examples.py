@@ -117,7 +117,7 @@ def test_the_docs_build_strictly(tmp_path):
         cwd=root,
         capture_output=True,
         text=True,
-        env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "extraction" / "index.html").exists()
