@@ -313,7 +313,15 @@ def load_features(index_path: str | Path) -> dict[str, Any]:
     shards concatenated in order.
 
     Example:
-        See :func:`extract`.
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> Image.new("RGB", (32, 32), "tan").save(folder / "a.png")
+        >>> result = extract("tv:resnet18", [folder], folder / "f.safetensors",
+        ...                  out_indices=(1, 2), input_size=(32, 32), progress=False)
+        >>> features = load_features(result.index_path)
+        >>> sorted(features), features["level_2"].shape
+        (['level_1', 'level_2', 'paths'], torch.Size([1, 128]))
     """
     from safetensors.torch import load_file
 

@@ -101,7 +101,13 @@ class FeatureInfo(BaseModel):
         return cls(levels=parsed, out_indices=chosen)
 
     def from_other(self, out_indices: Sequence[int]) -> FeatureInfo:
-        """The same levels with another selection (normalized, as everywhere)."""
+        """The same levels with another selection (normalized, as everywhere).
+
+        >>> info = FeatureInfo.from_dicts([dict(num_chs=c, reduction=r, module=m) for c, r, m in
+        ...     [(64, 2, "act1"), (256, 4, "layer1"), (512, 8, "layer2")]], out_indices=(1, 2))
+        >>> info.from_other((-1,)).out_indices
+        (2,)
+        """
         chosen = normalize_indices(tuple(out_indices), len(self.levels))
         return FeatureInfo(levels=self.levels, out_indices=chosen)
 
@@ -119,7 +125,13 @@ class FeatureInfo(BaseModel):
     @overload
     def get(self, key: str, idx: Sequence[int]) -> list[Any]: ...
     def get(self, key: str, idx: int | Sequence[int] | None = None) -> Any:
-        """Field ``key`` of the returned levels, or of level(s) ``idx``."""
+        """Field ``key`` of the returned levels, or of level(s) ``idx``.
+
+        >>> info = FeatureInfo.from_dicts([dict(num_chs=c, reduction=r, module=m) for c, r, m in
+        ...     [(64, 2, "act1"), (256, 4, "layer1"), (512, 8, "layer2")]], out_indices=(1, 2))
+        >>> info.get("module"), info.get("num_chs", 0)
+        (['layer1', 'layer2'], 64)
+        """
         chosen = self._selected(idx)
         if isinstance(chosen, FeatureLevel):
             return chosen[key]
@@ -128,7 +140,13 @@ class FeatureInfo(BaseModel):
     def get_dicts(
         self, keys: Sequence[str] | None = None, idx: int | Sequence[int] | None = None
     ) -> list[dict[str, Any]] | dict[str, Any]:
-        """Levels as plain dicts, optionally only the fields ``keys``."""
+        """Levels as plain dicts, optionally only the fields ``keys``.
+
+        >>> info = FeatureInfo.from_dicts([dict(num_chs=c, reduction=r, module=m) for c, r, m in
+        ...     [(64, 2, "act1"), (256, 4, "layer1"), (512, 8, "layer2")]], out_indices=(1, 2))
+        >>> info.get_dicts(keys=("num_chs", "reduction"))
+        [{'num_chs': 256, 'reduction': 4}, {'num_chs': 512, 'reduction': 8}]
+        """
         chosen = self._selected(idx)
 
         def as_dict(level: FeatureLevel) -> dict[str, Any]:
@@ -140,15 +158,33 @@ class FeatureInfo(BaseModel):
         return [as_dict(level) for level in chosen]
 
     def channels(self, idx: int | Sequence[int] | None = None) -> Any:
-        """Channel counts: ``[256, 512, 1024, 2048]`` for resnet50's last four levels."""
+        """Channel counts: ``[256, 512, 1024, 2048]`` for resnet50's last four levels.
+
+        >>> info = FeatureInfo.from_dicts([dict(num_chs=c, reduction=r, module=m) for c, r, m in
+        ...     [(64, 2, "act1"), (256, 4, "layer1"), (512, 8, "layer2")]], out_indices=(1, 2))
+        >>> info.channels(), info.channels([0, 2])
+        ([256, 512], [64, 512])
+        """
         return self.get("num_chs", idx)
 
     def reduction(self, idx: int | Sequence[int] | None = None) -> Any:
-        """Input-to-map stride of each level: ``[4, 8, 16, 32]``."""
+        """Input-to-map stride of each level: ``[4, 8, 16, 32]``.
+
+        >>> info = FeatureInfo.from_dicts([dict(num_chs=c, reduction=r, module=m) for c, r, m in
+        ...     [(64, 2, "act1"), (256, 4, "layer1"), (512, 8, "layer2")]], out_indices=(1, 2))
+        >>> info.reduction(), info.reduction(0)
+        ([4, 8], 2)
+        """
         return self.get("reduction", idx)
 
     def module_name(self, idx: int | Sequence[int] | None = None) -> Any:
-        """Name of the module whose output each level is (``"layer1"``, ``"blocks.9"``)."""
+        """Name of the module whose output each level is (``"layer1"``, ``"blocks.9"``).
+
+        >>> info = FeatureInfo.from_dicts([dict(num_chs=c, reduction=r, module=m) for c, r, m in
+        ...     [(64, 2, "act1"), (256, 4, "layer1"), (512, 8, "layer2")]], out_indices=(1, 2))
+        >>> info.module_name()
+        ['layer1', 'layer2']
+        """
         return self.get("module", idx)
 
     def __len__(self) -> int:
