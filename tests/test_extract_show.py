@@ -179,8 +179,8 @@ def test_nodes_cli_prints_torchvisions_names(capsys: pytest.CaptureFixture[str])
     "args,code,message",
     [
         (["extract", "tv:resnet18", "/no/such/dir", "-o", "x.safetensors"], 2, "no such image"),
-        (["extract", "tv:resnet5O", "x", "-o", "x.safetensors"], 2, "resnet50"),
-        (["show", "tv:resnet18", "/no/such.png", "-o", "x.png"], 2, "No such file"),
+        (["extract", "tv:resnet5O", "IMAGES", "-o", "OUT"], 2, "resnet50"),
+        (["show", "tv:resnet18", "/no/such.png", "-o", "x.png"], 2, "no such image"),
         (["extract", "tv:resnet18", "IMAGES", "-o", "OUT", "--device", "nope"], 1, "--debug"),
     ],
 )

@@ -230,6 +230,18 @@ def _nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+class _BadArgument(Exception):
+    """A command-line argument that names nothing usable (exit code 2)."""
+
+
+def _existing(paths: Sequence[str]) -> None:
+    from pathlib import Path
+
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise _BadArgument(f"no such image file or folder: {missing[0]!r}")
+
+
 def _size(values: Sequence[int] | None) -> tuple[int, int] | None:
     if not values:
         return None
@@ -248,6 +260,7 @@ def _build_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    _existing(args.images)
     options = _build_options(args)
     if args.pool == "cls":
         options["return_prefix_tokens"] = True
@@ -271,6 +284,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    _existing([args.image])
     model = unifeat.create_model(args.model, features_only=True, **_build_options(args))
     picture = unifeat.plot_feature_maps(
         model,
@@ -301,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }[args.command]
     try:
         return run(args)
-    except (UnifeatError, FileNotFoundError) as exc:
+    except (UnifeatError, _BadArgument) as exc:
         if args.debug:
             traceback.print_exc()
         print(f"unifeat {args.command}: error: {exc}", file=sys.stderr)
