@@ -194,7 +194,7 @@ def extract(
         ``failed``; images already written by an earlier run with the same
         ``output`` are skipped (resumable).
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> from PIL import Image
         >>> folder = pathlib.Path(tempfile.mkdtemp())
@@ -312,7 +312,7 @@ def load_features(index_path: str | Path) -> dict[str, Any]:
     """Read what :func:`extract` wrote: ``{"paths": [...], "level_<i>": Tensor, ...}``,
     shards concatenated in order.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> from PIL import Image
         >>> folder = pathlib.Path(tempfile.mkdtemp())

@@ -197,12 +197,13 @@ class FeatureModel(nn.Module):
         """The maps of ``indices`` (over all levels; ``None`` = ``out_indices``), as a list,
         or ``(final_features, maps)`` unless ``intermediates_only`` (SPEC §4).
 
-        >>> import torch, unifeat
-        >>> model = unifeat.create_model("tv:resnet18", features_only=True).eval()
-        >>> maps = model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=(1, -1),
-        ...                                    intermediates_only=True)
-        >>> [tuple(m.shape) for m in maps]
-        [(1, 64, 16, 16), (1, 512, 2, 2)]
+        Examples:
+            >>> import torch, unifeat
+            >>> model = unifeat.create_model("tv:resnet18", features_only=True).eval()
+            >>> maps = model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=(1, -1),
+            ...                                    intermediates_only=True)
+            >>> [tuple(m.shape) for m in maps]
+            [(1, 64, 16, 16), (1, 512, 2, 2)]
         """
         raise NotImplementedError
 
@@ -212,12 +213,13 @@ class FeatureModel(nn.Module):
         """Drop what the levels ``indices`` do not need; returns them normalized, and
         ``forward`` then returns exactly these levels.
 
-        >>> import torch, unifeat
-        >>> model = unifeat.create_model("tv:resnet18", features_only=True).eval()
-        >>> model.prune_intermediate_layers((-4, 2))
-        [1, 2]
-        >>> [tuple(m.shape) for m in model(torch.randn(1, 3, 64, 64))]
-        [(1, 64, 16, 16), (1, 128, 8, 8)]
+        Examples:
+            >>> import torch, unifeat
+            >>> model = unifeat.create_model("tv:resnet18", features_only=True).eval()
+            >>> model.prune_intermediate_layers((-4, 2))
+            [1, 2]
+            >>> [tuple(m.shape) for m in model(torch.randn(1, 3, 64, 64))]
+            [(1, 64, 16, 16), (1, 128, 8, 8)]
         """
         raise NotImplementedError
 

@@ -44,7 +44,7 @@ def plot_feature_maps(
     Returns:
         The picture, a ``PIL.Image``.
 
-    Example:
+    Examples:
         >>> from PIL import Image
         >>> picture = plot_feature_maps("tv:resnet18", Image.new("RGB", (64, 64), "teal"),
         ...                             levels=(1, 4), channels=4, input_size=(64, 64))
