@@ -102,10 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--batch-size", type=int, default=32, metavar="N")
     extract.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     extract.add_argument("--num-workers", type=int, default=0, metavar="N")
-    extract.add_argument("--input-size", type=int, nargs="+", metavar="S", help="H [W]")
-    extract.add_argument("--pretrained", action="store_true", help="load pretrained weights")
-    extract.add_argument("--checkpoint", metavar="FILE", help="a local state dict to load")
     extract.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_weight_options(extract)
 
     show = commands.add_parser(
         "show",
@@ -118,10 +116,15 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--output", "-o", required=True, help="PNG file to write")
     show.add_argument("--level", type=int, nargs="+", metavar="I", help="levels to show")
     show.add_argument("--channels", type=int, default=8, metavar="K", help="maps per level")
-    show.add_argument("--input-size", type=int, nargs="+", metavar="S", help="H [W]")
-    show.add_argument("--pretrained", action="store_true", help="load pretrained weights")
-    show.add_argument("--checkpoint", metavar="FILE", help="a local state dict to load")
+    _add_weight_options(show)
     return parser
+
+
+def _add_weight_options(command: argparse.ArgumentParser) -> None:
+    """Options of the commands that run a model on images."""
+    command.add_argument("--input-size", type=int, nargs="+", metavar="S", help="H [W]")
+    command.add_argument("--pretrained", action="store_true", help="load pretrained weights")
+    command.add_argument("--checkpoint", metavar="FILE", help="a local state dict to load")
 
 
 def _output_shapes(
