@@ -58,6 +58,7 @@ MAP_MODELS: dict[str, dict[str, Any]] = {
     "swin": dict(window_size=2, **_SWIN),
     "swinv2": dict(window_size=2, **_SWIN),
     "vitdet": dict(_TOKENS, image_size=64, pretrain_image_size=64, patch_size=16, mlp_ratio=2),
+    "pvt_v2": dict(_STAGES, num_attention_heads=[1, 1, 2, 2], image_size=64),
 }
 ALL_MODELS = {**{k: v[0] for k, v in TOKEN_MODELS.items()}, **MAP_MODELS}
 
@@ -71,6 +72,7 @@ def _native(model_type: str) -> nn.Module:
 def _input(model: nn.Module, batch: int = 2, size: int | None = None) -> Tensor:
     config = model.config
     side = size or getattr(config, "image_size", None) or 64
+    side = side if isinstance(side, int) else side[0]
     return torch.randn(batch, getattr(config, "num_channels", 3), side, side)
 
 
@@ -230,15 +232,17 @@ def test_vitdet_blocks_equal_its_hidden_states(saved: dict[str, Path]) -> None:
         assert torch.equal(ours, theirs)
 
 
-def test_regnet_stages_equal_its_hidden_states(saved: dict[str, Path]) -> None:
-    """RegNet has no ``*Backbone``: its hidden states are embedder + stage outputs."""
-    native = AutoModel.from_pretrained(saved["regnet"]).eval()
-    model = unifeat.create_model(f"hf:{saved['regnet']}", pretrained=True, features_only=True)
+@pytest.mark.parametrize("model_type", ["regnet", "pvt_v2"])
+def test_stages_equal_the_models_hidden_states(model_type: str, saved: dict[str, Path]) -> None:
+    """RegNet and PVT v2 have no ``*Backbone``: their hidden states are the stage maps
+    (RegNet's also the stem's)."""
+    native = AutoModel.from_pretrained(saved[model_type]).eval()
+    model = unifeat.create_model(f"hf:{saved[model_type]}", pretrained=True, features_only=True)
     x = _input(native, size=64)
     with torch.no_grad():
         hidden = native(pixel_values=x, output_hidden_states=True).hidden_states
         maps = model.eval()(x)
-    assert len(maps) == len(hidden) == 5
+    assert len(maps) == len(hidden) >= 4
     for ours, theirs in zip(maps, hidden, strict=True):
         assert torch.equal(ours, theirs)
 
@@ -496,6 +500,7 @@ def test_dtype_and_channels_last_inputs() -> None:
         ("timm:convnext_tiny", "tv:convnext_tiny", "hf:convnext"),
         ("timm:swin_tiny_patch4_window7_224", "tv:swin_t", "hf:swin"),
         ("timm:vit_base_patch16_224", "tv:vit_b_16", "hf:vit"),
+        ("timm:pvt_v2_b0", "timm:pvt_v2_b0", "hf:pvt_v2"),  # torchvision has no PVT
     ],
 )
 def test_the_same_architecture_has_the_same_levels_in_every_backend(names: tuple[str, ...]) -> None:

@@ -67,6 +67,7 @@ TESTED_MODEL_TYPES = (
     "dinov2_with_registers",
     "dinov3_vit",
     "ijepa",
+    "pvt_v2",
     "regnet",
     "resnet",
     "siglip_vision_model",
@@ -81,15 +82,19 @@ _VISION_TOWERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
 
 # Stages that end by downsampling (Swin) also return their map before it, which
 # is timm's stage output and the level. Per model type: keyword arguments forced
-# on each block call, and where the level is in a block's tuple output:
-# (index of the tensor, index of its (height, width) where it is tokens).
+# on each block call, and where the level is in a block's tuple output: the
+# index path to the tensor, and where it is tokens, where its height and width
+# are (one index: a (height, width, ...) tuple there; two: height and width).
+_Where = tuple[tuple[int, ...], tuple[int, ...] | None]
+_FIRST: _Where = ((0,), None)
 _BLOCK_KWARGS: dict[str, dict[str, Any]] = {
     "swin": {"output_hidden_states_before_downsampling": True},
 }
-_BLOCK_OUTPUT: dict[str, tuple[int, int | None]] = {
-    "swin": (1, None),
-    "swinv2": (1, 2),
-    "donut-swin": (1, 2),
+_BLOCK_OUTPUT: dict[str, _Where] = {
+    "swin": ((1,), None),
+    "swinv2": ((1,), (2,)),  # (tokens, before downsampling, (h, w, ...))
+    "donut-swin": ((1,), (2,)),
+    "pvt_v2": ((0, 0), (1, 2)),  # ((tokens,), h, w)
 }
 # Block attributes to drop on the deepest kept block: work after its level.
 _BLOCK_TAIL: dict[str, tuple[str, ...]] = {
@@ -252,7 +257,7 @@ class _Layout:
     patch_size: int | None
     input_size: tuple[int, int]
     block_kwargs: dict[str, Any] = field(default_factory=dict)
-    block_output: tuple[int, int | None] = (0, None)
+    block_output: _Where = _FIRST
     block_tail: tuple[str, ...] = ()
     dilation: list[DilationChange] = field(default_factory=list)
 
@@ -266,14 +271,24 @@ def _first_tensor(output: Any, index: int = 0) -> Tensor | None:
     return None
 
 
-def _level_tensor(output: Any, where: tuple[int, int | None]) -> Tensor | None:
+def _level_tensor(output: Any, where: _Where) -> Tensor | None:
     """The level in a module's output: a map, or tokens laid out as a map with the
-    (height, width) the module returns beside them."""
-    tensor = _first_tensor(output, where[0])
-    dims_at = where[1]
-    if tensor is None or dims_at is None or tensor.dim() != 3:
+    height and width the module returns beside them."""
+    path, dims = where
+    item = output
+    for position in path:
+        if isinstance(item, Tensor) or not isinstance(item, (tuple, list)):
+            break
+        if len(item) <= position:
+            return None
+        item = item[position]
+    tensor = item if isinstance(item, Tensor) else _first_tensor(item)
+    if tensor is None or dims is None or tensor.dim() != 3:
         return tensor
-    height, width = (int(d) for d in output[dims_at][:2])
+    if len(dims) == 1:
+        height, width = (int(d) for d in output[dims[0]][:2])
+    else:
+        height, width = int(output[dims[0]]), int(output[dims[1]])
     return tensor.reshape(tensor.shape[0], height, width, tensor.shape[2]).permute(0, 3, 1, 2)
 
 
@@ -326,7 +341,7 @@ def _shape_pass(
 
     def after(path: str, module: nn.Module, args: Any, output: Any) -> None:
         is_block = id(module) in blocks
-        tensor = _level_tensor(output, layout.block_output if is_block else (0, None))
+        tensor = _level_tensor(output, layout.block_output if is_block else _FIRST)
         records.append((path, module, tuple(tensor.shape) if tensor is not None else None))
 
     def before(path: str, module: nn.Module, args: Any) -> None:
@@ -380,7 +395,7 @@ def _find_levels(
         patch_size=_patch_size(config),
         input_size=_image_size(config),
         block_kwargs=_BLOCK_KWARGS.get(model_type, {}),
-        block_output=_BLOCK_OUTPUT.get(model_type, (0, None)),
+        block_output=_BLOCK_OUTPUT.get(model_type, _FIRST),
         block_tail=_BLOCK_TAIL.get(model_type, ()),
     )
     channels = int(getattr(config, "num_channels", 3) or 3)
@@ -670,7 +685,7 @@ class _Skipped(nn.Module):
 def _record(
     owner: HfFeatureModel,
     level: int,
-    where: tuple[int, int | None],
+    where: _Where,
     module: nn.Module,
     args: Any,
     output: Any,
@@ -758,7 +773,7 @@ class HfFeatureModel(MapsFeatureModel):
                 )
         for index, level in enumerate(levels[: last_level + 1]):
             module = runner.get_submodule(level.module)
-            where = self._layout.block_output if level.block >= 0 else (0, None)
+            where = self._layout.block_output if level.block >= 0 else _FIRST
             self._hooks.append(
                 module.register_forward_hook(functools.partial(_record, self, index, where))
             )
