@@ -241,6 +241,25 @@ def test_train_and_eval_graphs_differ_where_the_model_does():
     assert source.training  # the caller's module keeps its own mode
 
 
+def test_a_model_built_in_eval_mode_traces_its_train_graph_when_trained():
+    """One trace for inference; the train graph comes with the first .train(),
+    also after a deepcopy, a pickle round trip or pruning."""
+    source = ModeDependent().eval()
+    x = torch.randn(1, 3, 32, 32)
+    stem = source.stem(x)
+    for model in (
+        unifeat.create_model(source, features_only=True),
+        copy.deepcopy(unifeat.create_model(source, features_only=True)),
+        pickle.loads(pickle.dumps(unifeat.create_model(source, features_only=True))),
+    ):
+        assert not model.training and model._traces[0] is None
+        torch.testing.assert_close(model(x)[1], source.body(stem))
+        model.prune_intermediate_layers((0, 1))
+        torch.testing.assert_close(model.train()(x)[1], source.body(stem * 2))
+        torch.testing.assert_close(model.eval()(x)[1], source.body(stem))
+    assert not source.training
+
+
 def test_return_nodes_full_truncated_and_keyed():
     source = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 64, 64)

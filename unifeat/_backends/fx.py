@@ -94,10 +94,14 @@ class FxAdapter(Adapter):
             if plan.module is None:
                 cast(Any, source).backend = self.name
             return source
-        train = _fx.trace(source, train=True, context=plan.label)
+        evaluation = layout.eval_trace
+        if _fx.lacks_graph_attributes(evaluation, source):
+            # The layout's trace ran on the meta build, and the tracer stored the
+            # tensor constants it met (MaxViT's) on that model: trace the real one.
+            evaluation = _fx.trace(source, train=False, context=plan.label)
         return _fx.FxFeatureModel(
             source,
-            (train, layout.eval_trace),
+            (None, evaluation),
             layout.levels,
             layout.info,
             backend=plan.backend,
