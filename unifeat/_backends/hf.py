@@ -251,7 +251,6 @@ class _Level:
 class _Layout:
     """What a model type gives: its levels, and how to run it to get them."""
 
-    model_type: str
     container: str
     levels: list[_Level]
     patch_size: int | None
@@ -357,7 +356,7 @@ def _shape_pass(
     pixels = torch.empty(1, channels, *input_size, device="meta")
     try:
         with torch.no_grad(), _block_kwargs_forced(list(container), layout.block_kwargs):
-            runner(pixel_values=pixels, **_size_kwargs(runner, input_size, input_size))
+            runner(pixel_values=pixels)
     except Exception as exc:
         raise UnsupportedOptionError(
             f"could not run {label} on a 1x{channels}x{input_size[0]}x{input_size[1]} input "
@@ -370,26 +369,28 @@ def _shape_pass(
     return records
 
 
+def _takes_interpolation(runner: nn.Module) -> bool:
+    """Whether the forward interpolates position embeddings on request (ViT-likes)."""
+    try:
+        return "interpolate_pos_encoding" in inspect.signature(runner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _size_kwargs(
-    runner: nn.Module, size: tuple[int, int], native: tuple[int, int]
+    interpolates: bool, size: tuple[int, int], native: tuple[int, int]
 ) -> dict[str, Any]:
     """Position embeddings are interpolated for inputs of another size than trained."""
-    if size == native:
-        return {}
-    forward = getattr(runner, "forward", None)
-    try:
-        accepts = "interpolate_pos_encoding" in inspect.signature(forward).parameters  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        accepts = False
-    return {"interpolate_pos_encoding": True} if accepts else {}
+    return {"interpolate_pos_encoding": True} if interpolates and size != native else {}
 
 
 def _find_levels(
     runner: nn.Module, config: PretrainedConfig, model_type: str, label: str
-) -> _Layout:
+) -> tuple[_Layout, list[tuple[str, nn.Module, int]]]:
+    """The levels, and the convs and pools in execution order with their input
+    reductions (what output_stride's dilation planning needs), from one shape pass."""
     container = _block_container(runner, label)
     layout = _Layout(
-        model_type=model_type,
         container=container,
         levels=[],
         patch_size=_patch_size(config),
@@ -401,7 +402,18 @@ def _find_levels(
     channels = int(getattr(config, "num_channels", 3) or 3)
     records = _shape_pass(runner, layout, layout.input_size, channels, label)
     layout.levels = _levels_from_records(records, layout, label)
-    return layout
+    return layout, _spatial_ops(records, layout.input_size)
+
+
+def _spatial_ops(
+    records: list[tuple[str, Any, Any]], size: tuple[int, int]
+) -> list[tuple[str, nn.Module, int]]:
+    """What :func:`unifeat._dilation.plan_dilation` needs, from the shape pass's records."""
+    ops = []
+    for path, module, shape in records:
+        if _is_input_record(shape) and (found := spatial(shape[1], size)) is not None:
+            ops.append((path, module, found[1]))
+    return ops
 
 
 def _levels_from_records(
@@ -580,7 +592,7 @@ class HfAdapter(Adapter):
             # A module passed in: find its levels on a weightless copy.
             with torch.device("meta"):
                 runner = type(runner)(config)
-        layout = _find_levels(runner, config, model_type, plan.label)
+        layout, spatial_ops = _find_levels(runner, config, model_type, plan.label)
         if not layout.levels:
             raise UnsupportedOptionError(f"no feature levels found in {plan.label}")
         tokens = layout.levels[0].tokens
@@ -590,7 +602,7 @@ class HfAdapter(Adapter):
                 f"{plan.label} returns plain feature maps"
             )
         if plan.output_stride is not None:
-            self._apply_stride(plan, runner, layout, config)
+            self._apply_stride(plan, runner, layout, config, spatial_ops)
         # Plain ViT-likes (one map size throughout) default to their last 3 blocks, as timm.
         plain = len({level.reduction for level in layout.levels}) == 1 and len(layout.levels) > 3
         default = 3 if plain else None
@@ -609,7 +621,12 @@ class HfAdapter(Adapter):
         return layout, FeatureInfo.from_dicts(dicts, indices)
 
     def _apply_stride(
-        self, plan: BuildPlan, runner: nn.Module, layout: _Layout, config: PretrainedConfig
+        self,
+        plan: BuildPlan,
+        runner: nn.Module,
+        layout: _Layout,
+        config: PretrainedConfig,
+        spatial_ops: list[tuple[str, nn.Module, int]],
     ) -> None:
         """Generic dilation of map models; token models only at their patch size."""
         wanted = plan.output_stride
@@ -624,15 +641,8 @@ class HfAdapter(Adapter):
                 f"supported values are {self._supported(native, layout)}"
             )
         channels = int(getattr(config, "num_channels", 3) or 3)
-        records = _shape_pass(runner, layout, layout.input_size, channels, plan.label)
         size = layout.input_size
-        ops = []
-        for path, module, shape in records:
-            if _is_input_record(shape):
-                found = spatial(shape[1], size)
-                if found is not None:
-                    ops.append((path, module, found[1]))
-        changes = plan_dilation(ops, wanted, context=plan.label)
+        changes = plan_dilation(spatial_ops, wanted, context=plan.label)
         dilated = share_parameters_copy(runner)
         apply_dilation(dilated, changes)
         try:
@@ -730,6 +740,7 @@ class HfFeatureModel(MapsFeatureModel):
         runner = self._runner()
         config = getattr(runner, "config", None)
         self._native_size = _image_size(config) if config is not None else layout.input_size
+        self._interpolates = _takes_interpolation(runner)
         # Everything outside the vision trunk (task heads, a text tower) is unused.
         for name in [name for name, _ in source.named_children()]:
             if runner_path and name != runner_path.split(".")[0]:
@@ -790,7 +801,7 @@ class HfFeatureModel(MapsFeatureModel):
         self._wanted = frozenset(indices)
         self._captured = {}
         try:
-            runner(pixel_values=x, **_size_kwargs(runner, size, self._native_size))
+            runner(pixel_values=x, **_size_kwargs(self._interpolates, size, self._native_size))
             captured = self._captured
         finally:
             self._captured = {}
