@@ -14,13 +14,13 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 from unifeat._errors import UnsupportedOptionError, format_choices
-from unifeat._feature_model import FeatureModel
+from unifeat._feature_model import FeatureModel, image_transform
 
 Pool = Literal["avg", "max", "cls", "none"]
 POOLS = ("avg", "max", "cls", "none")
@@ -67,7 +67,8 @@ def preprocessing_for(
     torchvision models built with pretrained weights: those weights'
     ``transforms()``. transformers models loaded from a directory or hub id with
     an image processor: that processor. Otherwise (random init, a plain
-    module): resize the shorter side to ``size / 0.875``, center-crop ``size``
+    module), or where ``input_size`` overrides a torchvision or transformers
+    recipe: resize the shorter side to ``size / 0.875``, center-crop ``size``
     (the model's input size, else 224), scale to [0, 1] and normalize with the
     ImageNet mean and std.
     """
@@ -81,12 +82,9 @@ def preprocessing_for(
         if input_size is not None:
             config["input_size"] = (3, *input_size)
         return create_transform(**config)
-    weights = getattr(model, "_unifeat_weights", None)
-    if weights is not None and input_size is None:
-        return weights.transforms()
-    processor = getattr(model, "_unifeat_image_processor", None)
-    if processor is not None:
-        return lambda image: processor(images=image, return_tensors="pt")["pixel_values"][0]
+    own = image_transform(model)
+    if own is not None and input_size is None:
+        return cast(Callable[[Any], Tensor], own)
     return _default_transform(size)
 
 

@@ -42,6 +42,19 @@ def share_parameters_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo=shared)
 
 
+def attach_image_transform(model: nn.Module, transform: Any) -> None:
+    """Record the source library's own preprocessing (a callable PIL image -> CHW
+    tensor) on ``model``, for :func:`unifeat.extract` and
+    :func:`unifeat.plot_feature_maps`. Not registered as a submodule: it is no
+    part of the model's state."""
+    object.__setattr__(model, "_image_transform", transform)
+
+
+def image_transform(model: nn.Module) -> Any:
+    """The preprocessing :func:`attach_image_transform` recorded, or None."""
+    return model.__dict__.get("_image_transform")
+
+
 def to_format(tensor: Tensor, output_fmt: str) -> Tensor:
     """NCHW -> NHWC when asked; adapters hand maps over in NCHW."""
     return tensor.permute(0, 2, 3, 1) if output_fmt == "NHWC" else tensor

@@ -47,7 +47,12 @@ from unifeat._checkpoint import load_checkpoint
 from unifeat._dilation import SPATIAL_OPS, DilationChange, apply_dilation, plan_dilation
 from unifeat._errors import UnsupportedOptionError, format_choices
 from unifeat._feature_info import FeatureInfo
-from unifeat._feature_model import FeatureMap, MapsFeatureModel, share_parameters_copy
+from unifeat._feature_model import (
+    FeatureMap,
+    MapsFeatureModel,
+    attach_image_transform,
+    share_parameters_copy,
+)
 from unifeat._indices import normalize_indices
 from unifeat._maps import spatial
 from unifeat._options import BuildPlan
@@ -176,6 +181,16 @@ def _build_source(plan: BuildPlan, *, meta: bool) -> PreTrainedModel:
         with torch.device("meta"):
             return model_class(config)
     return model_class(config)
+
+
+class _ProcessorTransform:
+    """An image processor as a PIL image -> CHW tensor transform (picklable)."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, image: Any) -> Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
 def _image_processor(plan: BuildPlan) -> Any:
@@ -570,8 +585,7 @@ class HfAdapter(Adapter):
         )
         processor = _image_processor(plan)
         if processor is not None:
-            # Kept for unifeat.extract / plot_feature_maps: the model's own preprocessing.
-            object.__setattr__(features, "_unifeat_image_processor", processor)
+            attach_image_transform(features, _ProcessorTransform(processor))
         return features
 
     def _plan_levels(self, plan: BuildPlan) -> tuple[_Layout, FeatureInfo]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from unifeat._backends.fx import FxAdapter
 from unifeat._errors import UnsupportedOptionError, format_choices
+from unifeat._feature_model import attach_image_transform
 from unifeat._options import BuildPlan
 
 # Where torchvision's automatic level list differs from the canonical one of
@@ -90,9 +91,8 @@ class TorchvisionAdapter(FxAdapter):
     def create(self, plan: BuildPlan) -> nn.Module:
         model = super().create(plan)
         if plan.pretrained and plan.model_name is not None:
-            # Kept for unifeat.extract / plot_feature_maps: the weights' own transforms.
             weights = torchvision.models.get_model_weights(plan.model_name).DEFAULT
-            object.__setattr__(model, "_unifeat_weights", weights)
+            attach_image_transform(model, weights.transforms())
         return model
 
     def build(self, plan: BuildPlan, *, meta: bool) -> nn.Module:
