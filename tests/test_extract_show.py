@@ -61,7 +61,12 @@ def test_cli_extract_writes_one_row_per_readable_image_and_resumes(
 def test_extract_equals_a_hand_written_loop_whatever_the_batch_size(
     images: Path, tmp_path: Path
 ) -> None:
-    model = unifeat.create_model("timm:resnet18", features_only=True, out_indices=(-1,)).eval()
+    """Against timm's own transform and model, not unifeat's: the loop a user writes."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    native = timm.create_model("resnet18").eval()
+    model = unifeat.create_model(native, features_only=True, out_indices=(-1,))
     results = []
     for batch_size in (1, 4):
         out = tmp_path / f"b{batch_size}.safetensors"
@@ -69,11 +74,13 @@ def test_extract_equals_a_hand_written_loop_whatever_the_batch_size(
         results.append(unifeat.load_features(tmp_path / f"b{batch_size}.index.json"))
     assert results[0]["paths"] == results[1]["paths"]
     torch.testing.assert_close(results[0]["level_4"], results[1]["level_4"], rtol=1e-5, atol=1e-5)
-    transform = preprocessing_for(model)
+    transform = create_transform(**resolve_data_config({}, model=native))
     with torch.no_grad():
         by_hand = torch.cat(
             [
-                model(transform(Image.open(path).convert("RGB"))[None])[0].mean(dim=(2, 3))
+                native.forward_features(transform(Image.open(path).convert("RGB"))[None]).mean(
+                    dim=(2, 3)
+                )
                 for path in results[0]["paths"]
             ]
         )
