@@ -215,6 +215,10 @@ class TestHfContract(AdapterContract):
 
 class TestHfTokenContract(AdapterContract):
     name = "hf:dinov2"
-    kwargs = _HF_TOKENS
+    # DINOv2's config sizes its MLP by mlp_ratio (it takes no intermediate_size).
+    kwargs: ClassVar[dict[str, Any]] = {
+        **{k: v for k, v in _HF_TOKENS.items() if k != "intermediate_size"},
+        "mlp_ratio": 2,
+    }
     backend = "hf"
     tokens = True
