@@ -222,3 +222,21 @@ class TestHfTokenContract(AdapterContract):
     }
     backend = "hf"
     tokens = True
+
+
+_OC_VIT = dict(layers=4, width=64, head_width=32, image_size=64, patch_size=16)
+
+
+class TestOpenClipTokenContract(AdapterContract):
+    name = "oc:ViT-B-32"
+    kwargs = _OC_VIT
+    backend = "open_clip"
+    tokens = True
+
+
+class TestOpenClipResNetContract(AdapterContract):
+    name = "oc:RN50"
+    kwargs: ClassVar[dict[str, Any]] = dict(
+        layers=(1, 1, 1, 1), width=16, head_width=16, image_size=64
+    )
+    backend = "open_clip"

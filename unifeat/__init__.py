@@ -25,6 +25,7 @@ from unifeat._errors import (
 from unifeat._extract import ExtractResult, extract, load_features
 from unifeat._feature_info import FeatureInfo, FeatureLevel
 from unifeat._feature_model import FeatureModel
+from unifeat._registry import register_backend
 from unifeat._show import plot_feature_maps
 
 __version__ = "0.1.0"
@@ -51,4 +52,5 @@ __all__ = [
     "list_models",
     "load_features",
     "plot_feature_maps",
+    "register_backend",
 ]

@@ -299,6 +299,7 @@ class Adapter:
             finder=None,
             native_switch=switch,
             native_strides=self.native_strides(plan),
+            tokens=native.tokens,
         )
         self._check_prefix_tokens(plan, native.tokens)
         info = _levels.feature_info(

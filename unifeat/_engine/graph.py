@@ -39,6 +39,7 @@ from torchvision.models.feature_extraction import NodePathTracer
 
 from unifeat._engine.dilation import SPATIAL_OPS
 from unifeat._engine.levels import FeatureMap, Level, spatial, to_map, token_grid
+from unifeat._engine.meta import weightless
 from unifeat._engine.model import Runner
 from unifeat._errors import InvalidNodeError, TracingError, UnsupportedOptionError, close_matches
 
@@ -243,17 +244,8 @@ class _MetaShapeProp(ShapeProp):
 
 
 def _propagate_with_meta_stand_ins(graph_module: fx.GraphModule, example: Tensor) -> None:
-    """Shape propagation over a real module with meta tensors swapped in for its
-    weights for the duration: nothing is computed or copied (a fake-tensor copy of
-    ResNet-50's weights cost 3x the whole rest of the build)."""
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    named = [
-        *graph_module.named_parameters(remove_duplicate=False),
-        *graph_module.named_buffers(remove_duplicate=False),
-    ]
-    stand_ins = {name: torch.empty_like(tensor, device="meta") for name, tensor in named}
-    with _reparametrize_module(graph_module, stand_ins), torch.no_grad():
+    """Shape propagation over a real module with meta stand-ins for its weights."""
+    with weightless(graph_module), torch.no_grad():
         _MetaShapeProp(graph_module).propagate(example.to("meta"))
 
 

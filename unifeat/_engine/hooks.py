@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from unifeat._engine.dilation import SPATIAL_OPS
 from unifeat._engine.graph import is_norm, resolve_return_nodes
 from unifeat._engine.levels import FeatureMap, Level, spatial, to_map, token_grid
+from unifeat._engine.meta import weightless
 from unifeat._engine.model import Runner
 from unifeat._errors import UnsupportedOptionError, format_choices
 
@@ -186,8 +187,6 @@ class HookFinder:
     def _shape_pass(
         self, trunk: nn.Module, container: str | None
     ) -> tuple[list[_Record], list[tuple[str, nn.Module, int]]]:
-        from torch.nn.utils.stateless import _reparametrize_module
-
         blocks = (
             set(map(id, cast(nn.Module, trunk.get_submodule(container)).children()))
             if container is not None
@@ -227,21 +226,13 @@ class HookFinder:
                         with_kwargs=True,
                     )
                 )
-        stand_ins = {
-            name: torch.empty_like(t, device="meta")
-            for name, t in [
-                *trunk.named_parameters(remove_duplicate=False),
-                *trunk.named_buffers(remove_duplicate=False),
-            ]
-            if not t.is_meta
-        }
         channels, height, width = self.input_size
         pixels = torch.empty(2, channels, height, width, device="meta")
         args, kwargs = self.convention.inputs(pixels, resized=False)
         modes = [(m, m.training) for m in trunk.modules()]
         trunk.eval()  # two samples in eval mode: norms after a global pool work
         try:
-            with _hooked(handles), torch.no_grad(), _reparametrize_module(trunk, stand_ins):
+            with _hooked(handles), torch.no_grad(), weightless(trunk):
                 trunk(*args, **kwargs)
         except Exception as exc:
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

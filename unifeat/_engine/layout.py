@@ -89,6 +89,7 @@ def apply_output_stride(
     finder: Finder | None,
     native_switch: Callable[[int], Sequence[Level] | None],
     native_strides: Sequence[int] = (),
+    tokens: bool = False,
 ) -> tuple[list[Level], list[DilationChange]]:
     """The levels at ``output_stride``, and the dilation that gives them.
 
@@ -109,6 +110,11 @@ def apply_output_stride(
                 f"reached {reached}; {supported_message([native, *native_strides])}"
             )
         return list(switched), []
+    if tokens or any(level.layout == "tokens" for level in levels):
+        raise UnsupportedOptionError(
+            f"output_stride={output_stride} is not supported by {context}, a token model: "
+            f"supported values are {native} (its patch size)"
+        )
     if finder is None:
         raise UnsupportedOptionError(
             f"output_stride={output_stride} is not supported by {context}: "

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from unifeat._engine.levels import FeatureMap, Level
+from unifeat._engine.meta import weightless
 from unifeat._errors import InvalidIndicesError, UnsupportedOptionError
 from unifeat._feature_info import FeatureInfo
 from unifeat._indices import normalize_indices
@@ -395,20 +396,13 @@ def _unused_by_forward(model: FeatureModel) -> tuple[str, ...]:
     Found on the meta device with stand-ins for every tensor: nothing is
     computed, nothing of the model changes.
     """
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    named = dict(model.named_parameters(remove_duplicate=False))
-    trainable = {name: p for name, p in named.items() if p.requires_grad}
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         return ()
-    stand_ins: dict[str, Tensor] = {
-        name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
-        for name, t in [*named.items(), *model.named_buffers(remove_duplicate=False)]
-    }
     channels, height, width = model.input_size
     x = torch.empty(2, channels, height, width, device="meta")
     try:
-        with _reparametrize_module(model, stand_ins):
+        with weightless(model, trainable=True) as stand_ins:
             outputs = model(x)
             leaves = list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
             tensors = [t for item in leaves for t in (item if isinstance(item, tuple) else (item,))]

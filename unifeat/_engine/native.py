@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from unifeat._engine.levels import FeatureMap, Level, spatial
+from unifeat._engine.meta import weightless
 from unifeat._engine.model import Runner
 
 Intermediates = Callable[[nn.Module, Tensor, list[int], bool, bool], list[FeatureMap]]
@@ -96,7 +97,7 @@ def measure_levels(
     channels, height, width = input_size
     x = torch.empty(2, channels, height, width, device="meta")
     indices = list(range(len(modules)))
-    with torch.no_grad():
+    with torch.no_grad(), weightless(model):
         maps: list[Any] = spec.intermediates(model, x, indices, tokens, False)
     levels = []
     for name, item in zip(modules, maps, strict=True):
