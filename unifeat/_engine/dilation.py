@@ -103,15 +103,10 @@ def generic_dilation(
     dilated build (``remeasure`` applies the changes to a weightless copy and reads
     the levels' new reductions), and check that the target was reached.
 
-    The one dilation loop of every backend; a token model or a target above the
-    native stride is refused, naming the values that work.
+    The one dilation loop of every backend; a target above the native stride is
+    refused, naming the values that work (token models are refused before).
     """
     native = max(level.reduction for level in levels)
-    if any(level.layout == "tokens" for level in levels):
-        raise UnsupportedOptionError(
-            f"output_stride={output_stride} is not supported by {context}, a token model: "
-            f"supported values are {native} (its patch size)"
-        )
     if output_stride > native:
         raise UnsupportedOptionError(
             f"output_stride={output_stride} is larger than the native stride {native} of "

@@ -112,8 +112,8 @@ def apply_output_stride(
         return list(switched), []
     if tokens or any(level.layout == "tokens" for level in levels):
         raise UnsupportedOptionError(
-            f"output_stride={output_stride} is not supported by {context}, a token model: "
-            f"supported values are {native} (its patch size)"
+            f"output_stride={output_stride} is not supported by {context}: supported values "
+            f"are {native} (a token model: its patch size)"
         )
     if finder is None:
         raise UnsupportedOptionError(
