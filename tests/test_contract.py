@@ -150,6 +150,97 @@ class AdapterContract:
             maps = model(self.input().double())
         assert all(m.dtype == torch.float64 for m in maps)
 
+    # -- one policy and one meaning in every backend ---------------------------------------
+
+    def test_default_indices_follow_the_one_policy(self) -> None:
+        """Every level of a hierarchical net, the last 3 blocks of a plain token model."""
+        info = self.info()
+        n = len(info)
+        plain = len(set(info.reduction(list(range(n))))) == 1 and n > 3
+        assert info.out_indices == (tuple(range(n - 3, n)) if plain else tuple(range(n)))
+
+    def test_final_output_of_forward_intermediates(self) -> None:
+        """The unpooled output of the deepest computed block, in the model's layout:
+        tokens for token models (prefix tokens included), a map of the last level's
+        grid otherwise; once pruned, the deepest kept level's."""
+        model = self.build(out_indices=self.every())
+        x = self.input()
+        with torch.no_grad():
+            final, maps = model.forward_intermediates(x)
+            assert isinstance(final, Tensor) and final.shape[0] == 2
+            if self.tokens:
+                grid = maps[-1].shape[-2] * maps[-1].shape[-1]
+                assert final.dim() == 3 and final.shape[1] >= grid
+                assert final.shape[2] == maps[-1].shape[1]
+            else:
+                assert final.dim() == 4 and maps[-1].shape[-2:] in (
+                    final.shape[-2:],
+                    final.shape[1:3],
+                )
+            model.prune_intermediate_layers((0, 1))
+            final, maps = model.forward_intermediates(x, indices=(1,))
+        if self.tokens:
+            assert final.dim() == 3 and final.shape[2] == maps[-1].shape[1]
+        else:
+            nchw = final if final.shape[1] == maps[-1].shape[1] else final.permute(0, 3, 1, 2)
+            torch.testing.assert_close(nchw, maps[-1], rtol=0, atol=0)
+
+    def _options(self, tmp_path: Any) -> list[dict[str, Any]]:
+        """One plan per create_model option (values this model takes)."""
+        info = self.info()
+        source = self.model_arg() if callable(self.name) else None
+        checkpoint = tmp_path / "weights.pth"
+        whole = source if source is not None else unifeat.create_model(self.name, **self.kwargs)
+        torch.save(whole.state_dict(), checkpoint)
+        options: list[dict[str, Any]] = [
+            {},
+            {"out_indices": (0, -1)},
+            {"out_indices": 2},
+            {"output_type": "dict", "output_fmt": "NHWC"},
+            {"pretrained": False, "features_only": True},
+            {"output_stride": max(info.reduction(self.every()))},
+            {"input_size": (self.size, self.size)},
+            {"checkpoint_path": checkpoint},
+            {"return_prefix_tokens": self.tokens},
+        ]
+        names = unifeat.get_node_names(self.model_arg(), **self.kwargs)[1]
+        picks = [names[len(names) // 3], names[2 * len(names) // 3]]
+        options.append({"return_nodes": picks})
+        return options
+
+    def test_feature_info_takes_every_create_model_option(self, tmp_path: Any) -> None:
+        """feature_info and create_model read the same options through the same plan,
+        and describe the same model."""
+        for options in self._options(tmp_path):
+            described = self.info(**options)
+            built = self.build(**{"features_only": True, **options}).feature_info
+            assert described == built, options
+
+    def test_return_nodes_take_the_names_get_node_names_gives(self) -> None:
+        """FX node names where the model traces, module paths where it does not:
+        either way a {name: key} dict returns those nodes, keyed, in depth order."""
+        names = unifeat.get_node_names(self.model_arg(), **self.kwargs)[1]
+        first, second = names[len(names) // 3], names[2 * len(names) // 3]
+        model = self.build(return_nodes={second: "later", first: "earlier"})
+        with torch.no_grad():
+            out = model(self.input())
+        assert list(out) == ["earlier", "later"]
+        assert model.feature_info.module_name() == ["earlier", "later"]
+        assert [level.node for level in model.feature_info] == [first, second]
+
+    def test_threads_each_get_their_own_features(self) -> None:
+        """A model server calls one feature model from several threads at once."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        model = self.build(out_indices=(0, -1))
+        inputs = [torch.randn(1, 3, self.size, self.size) for _ in range(8)]
+        with torch.no_grad():
+            expected = [model(x) for x in inputs]
+            with ThreadPoolExecutor(4) as pool:
+                got = list(pool.map(model, inputs))
+        for mine, reference in zip(got, expected, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(mine, reference, strict=True))
+
 
 class _TwoStageNet(nn.Module):
     def __init__(self) -> None:

@@ -424,7 +424,7 @@ def test_generic_dilation_gives_exact_map_sizes(name, stride, reductions):
 @pytest.mark.parametrize(
     ("name", "stride", "message"),
     [
-        ("vit_b_16", 8, r"supported values are 16 \(a token model"),
+        ("vit_b_16", 8, r"supported values are 16 \(its patch size: a token model"),
         ("swin_t", 16, r"downsamples outside conv and pool modules"),
         ("densenet121", 16, r"AvgPool2d\(2\) 'features.transition3.pool'"),
         ("vgg11", 16, r"MaxPool2d\(2\) 'features.20'"),

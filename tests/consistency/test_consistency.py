@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+import unifeat
 from tests.consistency import cases
 from tests.consistency import weights as w
 
@@ -66,3 +67,27 @@ def test_a_mapping_that_misses_a_key_fails_loudly() -> None:
     partial = w.Mapping_(rules=((r"layer\d\..*", r"\g<0>"),))  # drops the stem
     with pytest.raises(KeyError, match="not mapped"):
         w.load_mapped(torchvision.models.resnet18(), source, partial)
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "convnext_tiny", "vit_b_16", "swin_t"])
+def test_the_final_output_means_the_same_in_every_backend(arch: str) -> None:
+    """forward_intermediates(intermediates_only=False)'s final output, with the same
+    weights: what timm's forward_features gives (the unpooled output of the last
+    block after the final norm), in every backend, each in its library's layout
+    (transformers' Swin keeps tokens where timm and torchvision keep NHWC)."""
+    case = next(c for c in cases.CASES if c.arch == arch)
+    models = cases.build(case)
+    size = case.input_size
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = models["timm"].forward_features(x)
+    for backend, model in models.items():
+        features = unifeat.create_model(model, features_only=True).eval()
+        with torch.no_grad():
+            final, _ = features.forward_intermediates(x)
+        if backend == "timm":
+            torch.testing.assert_close(final, expected, rtol=0, atol=0)
+        laid_out = final.reshape(expected.shape) if final.dim() != expected.dim() else final
+        assert laid_out.shape == expected.shape, backend
+        worst = float((laid_out - expected).abs().max()) / float(expected.abs().max())
+        assert worst <= case.tolerance, f"{backend}: {worst}"

@@ -12,6 +12,9 @@ module paths.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -24,9 +27,11 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING, MODEL_MAPPING
 
-from unifeat._backends._base import Adapter, unknown_keyword
+from unifeat._backends._base import Adapter, NativeLevels, unknown_keyword
 from unifeat._engine.hooks import CallingConvention, Where
+from unifeat._engine.native import at
 from unifeat._errors import (
+    BackendUnavailableError,
     CheckpointError,
     UnknownModelError,
     UnsupportedOptionError,
@@ -48,13 +53,26 @@ TESTED_MODEL_TYPES = (
     "dinov2",
     "dinov2_with_registers",
     "dinov3_vit",
+    "efficientnet",
+    "focalnet",
+    "hiera",
     "ijepa",
+    "levit",
+    "lw_detr_vit",
+    "maskformer-swin",
+    "metaclip_2",
+    "poolformer",
+    "pp_lcnet",
+    "pvt",
     "pvt_v2",
     "regnet",
     "resnet",
+    "rf_detr_dinov2",
+    "siglip2",
     "siglip_vision_model",
     "swin",
     "swinv2",
+    "timm_wrapper",
     "vit",
     "vit_msn",
     "vitdet",
@@ -73,13 +91,67 @@ _BLOCK_OUTPUT: dict[str, Where] = {
     "swinv2": ((1,), (2,)),  # (tokens, before downsampling, (h, w, ...))
     "donut-swin": ((1,), (2,)),
     "pvt_v2": ((0, 0), (1, 2)),  # ((tokens,), h, w)
+    "focalnet": ((1,), None),  # (tokens, before downsampling, dims after it)
 }
 # Block attributes to drop on the deepest kept block: work after its level.
 _BLOCK_TAIL: dict[str, tuple[str, ...]] = {
     "swin": ("downsample",),
     "swinv2": ("downsample",),
     "donut-swin": ("downsample",),
+    "focalnet": ("downsample",),
 }
+
+
+def _hiera_map(trunk: nn.Module, tokens: Tensor, stage: int, size: tuple[int, int]) -> Tensor:
+    """Hiera keeps its tokens in unrolled mask-unit order; its own ``reroll`` puts
+    them back in spatial order ([N, H, W, C] at the configured image size)."""
+    encoder: Any = trunk.get_submodule("encoder")
+    return encoder.reroll(tokens, stage_idx=stage).permute(0, 3, 1, 2)
+
+
+def _rf_detr_map(trunk: nn.Module, tokens: Tensor, block: int, size: tuple[int, int]) -> Tensor:
+    """RF-DETR's DINOv2 runs on windows, a class token each: the model's own
+    ``window_unpartition`` and grid layout, as its backbone makes its maps."""
+    model: Any = trunk
+    rows, cols = (side // int(model.config.patch_size) for side in size)
+    windows = model.window_unpartition(tokens[:, 1:], *size)
+    return windows.reshape(windows.shape[0], rows, cols, -1).permute(0, 3, 1, 2)
+
+
+def _lw_detr_map(trunk: nn.Module, tokens: Tensor, block: int, size: tuple[int, int]) -> Tensor:
+    """LW-DETR's ViT runs on ``n x n`` windows without class tokens; the layout its
+    backbone undoes to make its maps."""
+    config: Any = getattr(trunk, "config", None)
+    side = int(config.num_windows_side)
+    rows, cols = (length // int(config.patch_size) for length in size)
+    batch = tokens.shape[0] // side**2
+    grid = tokens.reshape(batch, side, side, rows // side, cols // side, tokens.shape[-1])
+    return grid.permute(0, 5, 1, 3, 2, 4).reshape(batch, tokens.shape[-1], rows, cols)
+
+
+def _siglip2_inputs(x: Tensor, patch: int) -> dict[str, Any]:
+    """SigLIP 2 (NaFlex) takes patches, not pixels: an image's patches in row-major
+    order, all valid, with the grid's shape."""
+    batch, channels, height, width = x.shape
+    rows, cols = height // patch, width // patch
+    patches = x.reshape(batch, channels, rows, patch, cols, patch).permute(0, 2, 4, 3, 5, 1)
+    # Every patch is valid, which no mask says best (a mask of ones is read back as
+    # Python values, impossible on the meta device); the shapes are read back too.
+    return {
+        "pixel_values": patches.reshape(batch, rows * cols, patch * patch * channels),
+        "pixel_attention_mask": None,
+        "spatial_shapes": torch.tensor([[rows, cols]] * batch),
+    }
+
+
+_RESHAPE: dict[str, Any] = {
+    "hiera": _hiera_map,
+    "rf_detr_dinov2": _rf_detr_map,
+    "lw_detr_vit": _lw_detr_map,
+}
+_PREPARE: dict[str, Any] = {"siglip2_vision_model": _siglip2_inputs}
+# transformers models that wrap a timm model: its own forward_intermediates serve.
+_TIMM_INSIDE = {"timm_wrapper": "timm_model", "timm_backbone": "_backbone"}
 # Keyword arguments every config takes besides its own fields.
 _COMMON_CONFIG_KWARGS = ("num_labels", "attn_implementation", "output_attentions")
 
@@ -113,6 +185,14 @@ def _model_class(config: PretrainedConfig, label: str) -> type[PreTrainedModel]:
     for mapping in (MODEL_MAPPING, MODEL_FOR_BACKBONE_MAPPING):
         if type(config) in mapping:
             return cast(type[PreTrainedModel], mapping[type(config)])
+    # A vision config without an auto mapping of its own (MetaCLIP 2's): its model
+    # class is named after it.
+    import transformers
+
+    name = type(config).__name__
+    named = getattr(transformers, name.replace("Config", "Model"), None)
+    if name.endswith("VisionConfig") and isinstance(named, type):
+        return cast(type[PreTrainedModel], named)
     raise UnsupportedOptionError(
         f"{label}: transformers has no base model or backbone for config "
         f"{type(config).__name__} (model type {config.model_type!r}); vision model types "
@@ -153,9 +233,8 @@ def _load_config(name: str, kwargs: Mapping[str, Any], plan: BuildPlan) -> Pretr
     try:
         return AutoConfig.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"transformers could not load the config of {plan.label}: {first}"
+            f"transformers could not load the config of {plan.label}: {_first_line(exc)}"
         ) from None
 
 
@@ -223,6 +302,15 @@ def _config_of(source: nn.Module, trunk: str) -> PretrainedConfig:
     return cast(PretrainedConfig, getattr(runner, "config", getattr(source, "config", None)))
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix else path
+
+
 def _patch_size(config: PretrainedConfig) -> int | None:
     patch = getattr(config, "patch_size", None)
     if isinstance(patch, (list, tuple)):
@@ -253,12 +341,19 @@ class HfAdapter(Adapter):
                 f"pretrained=True needs weights, but {plan.label} is a model type: pass a hub "
                 "id or a local directory (hf:<org>/<repo>, hf:/path/to/dir), or checkpoint_path="
             )
-        if plan.pretrained and not meta:
-            return model_class.from_pretrained(name, config=config, **load_kwargs)
-        if meta:
-            with torch.device("meta"):
+        try:
+            if plan.pretrained and not meta:
+                return model_class.from_pretrained(name, config=config, **load_kwargs)
+            with torch.device("meta") if meta else contextlib.nullcontext():
                 return model_class(config)
-        return model_class(config)
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"transformers cannot build {plan.label} here: {_first_line(exc)}"
+            ) from None
+        except (ValueError, TypeError) as exc:
+            raise UnsupportedOptionError(
+                f"transformers could not build {plan.label} from its config: {_first_line(exc)}"
+            ) from None
 
     def source_on_meta(self, plan: BuildPlan) -> nn.Module:
         source = super().source_on_meta(plan)
@@ -279,8 +374,12 @@ class HfAdapter(Adapter):
         config = _config_of(source, trunk)
         model_type = str(config.model_type)
         runner = source.get_submodule(trunk)
+        patch = _patch_size(config)
+        prepare = _PREPARE.get(model_type)
         return trunk, CallingConvention(
             input_keyword="pixel_values",
+            prepare=functools.partial(prepare, patch=patch) if prepare and patch else None,
+            reshape=_RESHAPE.get(model_type),
             resize_keyword=(
                 "interpolate_pos_encoding" if _takes(runner, "interpolate_pos_encoding") else None
             ),
@@ -288,8 +387,29 @@ class HfAdapter(Adapter):
             block_output=_BLOCK_OUTPUT.get(model_type, ((0,), None)),
             block_tail=_BLOCK_TAIL.get(model_type, ()),
             containers=(nn.ModuleList,),
-            patch_size=_patch_size(config),
+            patch_size=patch,
         )
+
+    def native(self, plan: BuildPlan, extra_kwargs: Mapping[str, Any]) -> NativeLevels | None:
+        """A transformers model that wraps a timm model runs timm's own intermediates."""
+        name = plan.model_name or ""
+        if plan.module is None and not _is_location(name) and name not in _TIMM_INSIDE:
+            return None
+        source = self.source_on_meta(plan)
+        config = _config_of(source, _trunk_path(source))
+        inner = _TIMM_INSIDE.get(str(config.model_type))
+        if inner is None:
+            return None
+        from unifeat._backends import timm as timm_backend
+
+        path = _join(_trunk_path(source), inner)
+        model = source.get_submodule(path)
+        levels = [
+            dataclasses.replace(level, module=_join(path, level.module))
+            for level in timm_backend.as_levels(timm_backend.levels_of(model))
+        ]
+        size = self.native_input_size(plan, source)
+        return NativeLevels(at(timm_backend.TIMM, path), levels, False, size)
 
     def image_transform(self, plan: BuildPlan, source: nn.Module) -> Any:
         """The image processor saved with a local model (or a hub model loaded with

@@ -129,7 +129,7 @@ def takes_prefix_tokens(model: nn.Module) -> bool:
     return method is not None and "return_prefix_tokens" in inspect.signature(method).parameters
 
 
-def _as_levels(levels: list[dict[str, Any]]) -> list[Level]:
+def as_levels(levels: list[dict[str, Any]]) -> list[Level]:
     return [
         Level(
             str(level["module"]),
@@ -195,7 +195,7 @@ class TimmAdapter(Adapter):
         size = self.native_input_size(plan, runner)
         return NativeLevels(
             TIMM,
-            _as_levels(levels),
+            as_levels(levels),
             tokens,
             size,
             default=tuple(features.feature_info.out_indices),
@@ -222,7 +222,7 @@ class TimmAdapter(Adapter):
         native = _has_native_intermediates(module)
         return NativeLevels(
             TIMM if native else _LEGACY,
-            _as_levels(levels),
+            as_levels(levels),
             native and takes_prefix_tokens(module),
             self.native_input_size(plan, module),
             default=self._default_for_instance(module, len(levels)),

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -44,6 +44,7 @@ Where = tuple[tuple[int, ...], tuple[int, ...] | None]
 tokens returned with their height and width, where those are (one index: a
 ``(height, width, ...)`` tuple there; two: height and width)."""
 FIRST: Where = ((0,), None)
+_MAX_STAGE_PREFIX = 4
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,20 @@ class CallingConvention:
     containers: tuple[type[nn.Module], ...] = (nn.ModuleList, nn.Sequential)
     patch_size: int | None = None
     """The patch size of token models, where the config says it."""
+    prepare: Callable[[Tensor], dict[str, Any]] | None = None
+    """Turns pixels into the keyword arguments a model takes instead (SigLIP 2's
+    patches, mask and shapes)."""
+    reshape: Callable[[nn.Module, Tensor, int, tuple[int, int]], Tensor] | None = None
+    """``(trunk, level tensor, block index, input (H, W)) -> NCHW map`` where a model
+    keeps its tokens in an order of its own (Hiera's unrolled mask units, the
+    windows of RF-DETR's and LW-DETR's ViTs)."""
 
     def inputs(self, x: Tensor, resized: bool) -> tuple[tuple[Any, ...], dict[str, Any]]:
         kwargs: dict[str, Any] = {}
         if self.resize_keyword is not None and resized:
             kwargs[self.resize_keyword] = True
+        if self.prepare is not None:
+            return (), {**kwargs, **self.prepare(x)}
         if self.input_keyword is None:
             return (x,), kwargs
         kwargs[self.input_keyword] = x
@@ -180,6 +190,7 @@ class HookFinder:
         self.size = (input_size[1], input_size[2])
         self.context = context
         self.container = _container(self.trunk, convention.containers)
+        self.block_inputs: dict[str, tuple[int, ...]] = {}
         self.records, self.ops = self._shape_pass(self.trunk, self.container)
 
     # -- the shape pass ------------------------------------------------------------------
@@ -188,16 +199,24 @@ class HookFinder:
         self, trunk: nn.Module, container: str | None
     ) -> tuple[list[_Record], list[tuple[str, nn.Module, int]]]:
         blocks = (
-            set(map(id, cast(nn.Module, trunk.get_submodule(container)).children()))
+            {
+                id(child): index
+                for index, child in enumerate(
+                    cast(nn.Module, trunk.get_submodule(container)).children()
+                )
+            }
             if container is not None
-            else set()
+            else {}
         )
         records: list[_Record] = []
         ops: list[tuple[str, nn.Module, int]] = []
+        reshape = self.convention.reshape
 
         def after(path: str, module: nn.Module, args: Any, output: Any) -> None:
             where = self.convention.block_output if id(module) in blocks else FIRST
             tensor = level_tensor(output, where)
+            if reshape is not None and tensor is not None and id(module) in blocks:
+                tensor = reshape(trunk, tensor, blocks[id(module)], self.size)
             primary = first_tensor(output)
             records.append(
                 _Record(
@@ -210,14 +229,16 @@ class HookFinder:
 
         def before(path: str, module: nn.Module, args: Any) -> None:
             tensor = first_tensor(args)
+            if id(module) in blocks and tensor is not None:
+                self.block_inputs[path] = tuple(tensor.shape)
             found = spatial(tuple(tensor.shape), self.size) if tensor is not None else None
-            if found is not None:
+            if found is not None and isinstance(module, SPATIAL_OPS):
                 ops.append((path, module, found[1]))
 
         handles = []
         for path, module in trunk.named_modules():
             handles.append(module.register_forward_hook(functools.partial(after, path)))
-            if isinstance(module, SPATIAL_OPS):
+            if isinstance(module, SPATIAL_OPS) or id(module) in blocks:
                 handles.append(module.register_forward_pre_hook(functools.partial(before, path)))
             if id(module) in blocks and self.convention.block_kwargs:
                 handles.append(
@@ -258,16 +279,70 @@ class HookFinder:
 
     # -- levels --------------------------------------------------------------------------
 
-    def _block_records(self) -> list[_Record]:
+    def _block_records(self) -> list[tuple[int, _Record]]:
+        """``(block index, record)`` of each block of the container, in order.
+
+        Where the container's children are never called themselves (stages held
+        as lists of blocks the forward iterates: PVT, PoolFormer), a stage's
+        output is the output of the last module that ran inside it.
+        """
         if self.container is None:
             return []
         prefix = f"{self.container}." if self.container else ""
-        seen: dict[str, _Record] = {}
+        direct: dict[int, _Record] = {}
+        inner: dict[int, _Record] = {}
         for record in self.records:
             rest = record.path[len(prefix) :] if record.path.startswith(prefix) else None
-            if rest is not None and rest.isdigit():
-                seen[record.path] = record
-        return sorted(seen.values(), key=lambda r: int(r.path.rpartition(".")[2]))
+            if rest is None:
+                continue
+            head, _, tail = rest.partition(".")
+            if not head.isdigit():
+                continue
+            if not tail:
+                direct[int(head)] = record
+            elif tail.split(".")[0].isdigit() and tail.count(".") == 0:
+                inner[int(head)] = record  # the last block of the stage that ran
+        if direct:
+            return [(i, self._before_downsampling(record)) for i, record in sorted(direct.items())]
+        return [(i, self._stage_end(record)) for i, record in sorted(inner.items())]
+
+    def _stage_end(self, last_block: _Record) -> _Record:
+        """A stage held as a list of blocks ends where the next one starts: what runs
+        after its last block at the same size (PVT's stage norm) belongs to it."""
+        end = last_block
+        for record in self.records[self.records.index(last_block) + 1 :]:
+            if record.path.startswith(f"{self.container}."):
+                break  # the next stage's blocks
+            if record.primary != last_block.primary or record.path.count(".") < 1:
+                if record.primary != last_block.primary:
+                    break
+                continue
+            end = record
+        return end
+
+    def _before_downsampling(self, stage: _Record) -> _Record:
+        """A token stage that ends by downsampling (LeViT's, MaskFormer-Swin's) has its
+        level before that: the output of its last sub-block that still holds the
+        stage's input tokens."""
+        given = self.block_inputs.get(stage.path)
+        out = stage.output  # the level as the convention reads it (Swin's: before)
+        if not given or not out or len(given) != 3 or len(out) != 3 or out[1] >= given[1]:
+            return stage
+        depth = stage.path.count(".") + 2
+        inside = [
+            r
+            for r in self.records
+            if r.path.startswith(f"{stage.path}.") and r.path.count(".") == depth
+        ]
+        kept = None
+        for record in inside:
+            shape = record.primary
+            if not shape or len(shape) != 3:
+                continue
+            if shape[1] != given[1]:
+                break
+            kept = record
+        return kept or stage
 
     def levels(self) -> list[Level]:
         """The automatic levels (see the module docstring)."""
@@ -277,38 +352,52 @@ class HookFinder:
                 f"{self.context} has no list of blocks (nn.ModuleList or nn.Sequential) that "
                 "runs on the input, to take feature levels from"
             )
-        if blocks[0].output is None:
+        if blocks[0][1].output is None:
             raise UnsupportedOptionError(
                 f"the blocks of {self.context} return no tensors to take levels from"
             )
-        order = {record.path: i for i, record in enumerate(blocks)}
-        first = blocks[0].output
+        first = blocks[0][1].output
         if len(first) == 3:
-            return self._token_levels(blocks, order)
+            plain = self._plain_token_levels(blocks)
+            return plain if plain is not None else self._map_levels(blocks, tokens=True)
         if len(first) != 4:
             raise UnsupportedOptionError(
                 f"the blocks of {self.context} return {len(first)}-D tensors; feature levels "
                 "need maps [N, C, H, W] or tokens [N, L, C]"
             )
-        return self._map_levels(blocks, order)
+        return self._map_levels(blocks, tokens=False)
 
     def _level(
-        self, path: str, channels: int, reduction: int, layout: Any, block: int, prefix: int = 0
+        self,
+        record: _Record,
+        channels: int,
+        reduction: int,
+        layout: Any,
+        block: int,
+        prefix: int = 0,
+        grid: Any = "exact",
     ) -> Level:
-        name = _join(self.trunk_path, path)
+        name = _join(self.trunk_path, record.path)
         return Level(
-            name, channels, reduction, layout, where=path, block=block, num_prefix_tokens=prefix
+            name,
+            channels,
+            reduction,
+            layout,
+            where=record.path,
+            block=block,
+            num_prefix_tokens=prefix,
+            grid=grid,
         )
 
-    def _token_levels(self, blocks: list[_Record], order: dict[str, int]) -> list[Level]:
-        lengths = {record.output[1] for record in blocks if record.output is not None}
+    def _plain_token_levels(self, blocks: list[tuple[int, _Record]]) -> list[Level] | None:
+        """One level per block where every block keeps one number of tokens over a
+        patch grid (plus a few prefix tokens); None for hierarchical token models."""
+        lengths = {record.output[1] for _, record in blocks if record.output is not None}
+        if len(lengths) != 1:
+            return None
         patch = self.convention.patch_size or self._patch_from_embedding(blocks)
-        if len(lengths) != 1 or patch is None:
-            raise UnsupportedOptionError(
-                f"{self.context} is a token model whose blocks change the number of tokens "
-                "without returning their height and width; unifeat reads levels off plain "
-                "token models (ViT-like) and maps"
-            )
+        if patch is None:
+            return None
         height, width = self.size
         cells = (height // patch) * (width // patch)
         prefix = token_grid((0, next(iter(lengths)), 0), cells)
@@ -319,15 +408,15 @@ class HookFinder:
                 "few prefix tokens)"
             )
         return [
-            self._level(r.path, int(r.output[2]), patch, "tokens", order[r.path], prefix)
-            for r in blocks
+            self._level(record, int(record.output[2]), patch, "tokens", index, prefix)
+            for index, record in blocks
         ]
 
-    def _patch_from_embedding(self, blocks: list[_Record]) -> int | None:
+    def _patch_from_embedding(self, blocks: list[tuple[int, _Record]]) -> int | None:
         """The reduction of the last map before the first block whose cells the
         blocks' tokens hold (a patch embedding's output)."""
-        first = self.records.index(blocks[0])
-        length = blocks[0].output[1]
+        first = self.records.index(blocks[0][1])
+        length = blocks[0][1].output[1]
         for record in reversed(self.records[:first]):
             shape = record.primary
             found = spatial(shape, self.size) if isinstance(shape, tuple) else None
@@ -335,19 +424,60 @@ class HookFinder:
                 return found[1]
         return None
 
-    def _map_levels(self, blocks: list[_Record], order: dict[str, int]) -> list[Level]:
-        maps = [spatial(r.output, self.size) if r.output else None for r in blocks]
-        if len(maps) > 1 and len(set(maps)) == 1 and maps[0] is not None:
+    def _token_map(self, shape: tuple[int, ...]) -> tuple[str, int, int] | None:
+        """A hierarchical token level read as a map: ``L`` tokens that fill a
+        ``ceil(H / r) x ceil(W / r)`` grid for one power of two ``r``, after at most a
+        few prefix tokens (PVT's last stage has a class token)."""
+        height, width = self.size
+        for power in range(1, 8):
+            r = 2**power
+            if 0 <= shape[1] - -(-height // r) * -(-width // r) <= _MAX_STAGE_PREFIX:
+                return "tokens", r, int(shape[2])
+        return None
+
+    def _map_levels(self, blocks: list[tuple[int, _Record]], *, tokens: bool) -> list[Level]:
+        def read(shape: Any) -> tuple[str, int, int] | None:
+            if not isinstance(shape, tuple):
+                return None
+            if len(shape) == 3:
+                return self._token_map(shape) if tokens else None
+            found = spatial(shape, self.size)
+            # The input itself (a normalization or padding before the stem) is no level.
+            usable = found is not None and found[0] == "NCHW" and found[1] >= 2
+            return found if usable else None
+
+        maps = [read(record.output) for _, record in blocks]
+        skewed = [
+            record.path
+            for _, record in blocks
+            if isinstance(record.output, tuple)
+            and len(record.output) == 4
+            and spatial(record.output, self.size) is None
+            and min(record.output[2:]) > 1
+        ]
+        if skewed and not tokens:
+            raise UnsupportedOptionError(
+                f"the blocks of {self.context} reduce height and width by different factors "
+                f"({skewed[0]!r} returns {blocks[-1][1].output} for a {self.size[0]}x"
+                f"{self.size[1]} input): a feature level has one reduction"
+            )
+        if tokens and any(found is None for found in maps):
+            raise UnsupportedOptionError(
+                f"{self.context} is a token model whose blocks change the number of tokens "
+                "without returning their height and width, in a way that is no grid; unifeat "
+                "reads levels off plain token models (ViT-like), token grids and maps"
+            )
+        if len(maps) > 1 and len(set(maps)) == 1 and maps[0] is not None and not tokens:
             # Every block keeps one map size (ViTDet: a plain ViT laid out as maps):
             # one level per block, as for token models.
             _layout, reduction_, channels = maps[0]
             return [
-                self._level(r.path, channels, reduction_, "NCHW", i) for i, r in enumerate(blocks)
+                self._level(record, channels, reduction_, "NCHW", index) for index, record in blocks
             ]
-        first = self.records.index(blocks[0])
+        first = self.records.index(blocks[0][1])
         container = f"{self.container}." if self.container else ""
         before = [
-            r
+            (-1, r)
             for r in self.records[:first]
             if r.path and not r.path.startswith(container) and r.path != self.container
         ]
@@ -355,16 +485,20 @@ class HookFinder:
         # (BiT's stem pads before pooling) only where no exact one exists.
         last_at: dict[int, tuple[bool, Level]] = {}
         height = self.size[0]
-        for record in [*before, *blocks]:
-            found = spatial(record.output, self.size) if record.output else None
-            if found is None or found[0] != "NCHW":
+        for index, record in [*([] if tokens else before), *blocks]:
+            found = read(record.output)
+            if found is None:
                 continue
-            exact = height % int(record.output[2]) == 0
-            if exact or not last_at.get(found[1], (False,))[0]:
-                level = self._level(
-                    record.path, found[2], found[1], "NCHW", order.get(record.path, -1)
-                )
-                last_at[found[1]] = (exact, level)
+            layout, reduction_, channels = found
+            exact = (
+                height % reduction_ == 0
+                if layout == "tokens"
+                else height % int(record.output[2]) == 0
+            )
+            if exact or not last_at.get(reduction_, (False,))[0]:
+                grid = "ceil" if layout == "tokens" else "exact"
+                level = self._level(record, channels, reduction_, layout, index, grid=grid)
+                last_at[reduction_] = (exact, level)
         return [level for _exact, level in sorted(last_at.values(), key=lambda c: c[1].reduction)]
 
     def node_levels(self, return_nodes: Sequence[str] | Mapping[str, str]) -> list[Level]:
@@ -404,14 +538,14 @@ class HookFinder:
             if head.isdigit():
                 return int(head)
         blocks = self._block_records()
-        first = self.records.index(blocks[0]) if blocks else 0
+        first = self.records.index(blocks[0][1]) if blocks else 0
         position = next(i for i, r in enumerate(self.records) if r.path == path)
         return -1 if position < first else -2
 
     def final_modules(self) -> tuple[str, ...]:
         """Norm layers after the last block that keep its output's shape: the final
         norm (transformers' ``layernorm`` before ``last_hidden_state``)."""
-        blocks = self._block_records()
+        blocks = [record for _, record in self._block_records()]
         if not blocks:
             return ()
         last = self.records.index(blocks[-1])
@@ -429,6 +563,21 @@ class HookFinder:
             chain.append(record.path)
         return tuple(chain)
 
+    def after_blocks(self) -> tuple[str, ...]:
+        """The modules that run after the last block, outermost ones (a final norm, a
+        pooler, EfficientNet's head conv): what a cut model must not run."""
+        blocks = [record for _, record in self._block_records()]
+        if not blocks:
+            return ()
+        parts = (self.container or "").split(".")
+        ancestors = {".".join(parts[:i]) for i in range(len(parts) + 1)}
+        found: list[str] = []
+        for record in self.records[self.records.index(blocks[-1]) + 1 :]:
+            parent = record.path.rpartition(".")[0] if "." in record.path else ""
+            if record.path not in ancestors and parent in ancestors and record.path not in found:
+                found.append(record.path)
+        return tuple(found)
+
     def remeasure(self, changes_applied: nn.Module) -> list[_Record]:
         """The records of a dilated weightless copy of the trunk."""
         records, _ops = self._shape_pass(changes_applied, self.container)
@@ -442,6 +591,7 @@ class HookFinder:
             convention=self.convention,
             levels=tuple(levels),
             final_modules=self.final_modules() if auto else (),
+            after_blocks=self.after_blocks() if auto else (),
             native_size=self.size,
         )
 
@@ -479,6 +629,7 @@ class HookPlan:
     convention: CallingConvention
     levels: tuple[Level, ...]
     final_modules: tuple[str, ...]
+    after_blocks: tuple[str, ...]
     native_size: tuple[int, int]
 
 
@@ -509,21 +660,38 @@ class HookRunner(Runner):
         """Prepare ``source`` (a copy that shares the caller's parameters): skip what
         no level needs, keep the blocks up to the deepest level, hook the levels."""
         plan = self._plan
-        trunk = source.get_submodule(plan.trunk)
         if plan.trunk:
             # Everything outside the trunk (task heads, a text tower) is unused.
             top = plan.trunk.split(".")[0]
             for name in [name for name, _ in source.named_children() if name != top]:
                 setattr(source, name, _Skipped())
-        if plan.container is not None and not self._raw:
-            top = plan.container.split(".")[0]
-            names = [name for name, _ in trunk.named_children()]
-            keep = {m.split(".")[0] for m in plan.final_modules} if self._norm_applies() else set()
-            for name in names[names.index(top) + 1 :] if top in names else []:
-                if name not in keep:
-                    setattr(trunk, name, _Skipped())
+        if not self._runs_everything():
+            self._skip_after_blocks(source)
         self._cut(source, self.last_level)
         return source
+
+    def _runs_everything(self) -> bool:
+        """A model that keeps its last level runs its trunk to the end: the trunk's own
+        output is then the final output (after its norm, pooler ignored)."""
+        return self._raw or (self._keep_final and self.last_level == len(self.levels) - 1)
+
+    def _skip_after_blocks(self, root: nn.Module) -> None:
+        """What runs after the last block is cut out (it may not fit a cut model),
+        but for a final norm that still applies, and for parameter-free modules (a
+        pool whose output the trunk's own code reshapes)."""
+        trunk = root.get_submodule(self._plan.trunk)
+        keep = set(self._plan.final_modules) if self._norm_applies() else set()
+        for path in self._plan.after_blocks:
+            module = trunk.get_submodule(path)
+            if path in keep or next(iter(module.parameters()), None) is None:
+                continue
+            parent, _, name = path.rpartition(".")
+            setattr(trunk.get_submodule(parent), name, _Skipped())
+
+    def _is_block(self, level: Level) -> bool:
+        """A container child's own output (not a module inside a stage)."""
+        container = self._plan.container
+        return container is not None and level.where == _join(container, str(level.block))
 
     def _norm_applies(self) -> bool:
         """Whether the final norm still shapes the final output: always while the
@@ -610,7 +778,7 @@ class HookRunner(Runner):
         token = _CAPTURED.set(store)
         try:
             args, kwargs = plan.convention.inputs(x, resized=size != plan.native_size)
-            root.get_submodule(plan.trunk)(*args, **kwargs)
+            returned = root.get_submodule(plan.trunk)(*args, **kwargs)
         finally:
             _CAPTURED.reset(token)
         maps: list[FeatureMap] = []
@@ -625,11 +793,19 @@ class HookRunner(Runner):
                 maps.append(captured[2])
                 continue
             tensor = captured[0]
+            if plan.convention.reshape is not None and self._is_block(level):
+                tensor = plan.convention.reshape(
+                    root.get_submodule(plan.trunk), tensor, level.block, size
+                )
             if norm and level.layout == "tokens" and level.num_chs == self.levels[-1].num_chs:
                 tensor = self._normed(root, tensor)
             maps.append(to_map(tensor, level, size, prefix_tokens=prefix_tokens, context=context))
         if not final:
             return maps, None
+        if self._runs_everything():
+            whole = first_tensor(returned)
+            if whole is not None:
+                return maps, whole
         deepest = store[self.last_level]
         output = deepest[1] if deepest[1] is not None else deepest[0]
         if self._norm_applies():
@@ -647,11 +823,8 @@ class HookRunner(Runner):
         if drop_final:
             self._keep_final = False
             self.final_norm = "its final norm was pruned"
-        if not self._norm_applies():
-            trunk = root.get_submodule(self._plan.trunk)
-            for path in self._plan.final_modules:
-                parent, _, name = path.rpartition(".")
-                setattr(trunk.get_submodule(parent), name, _Skipped())
+        if not self._runs_everything():
+            self._skip_after_blocks(root)
         self._cut(root, last_level)
         return root
 

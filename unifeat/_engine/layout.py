@@ -113,7 +113,7 @@ def apply_output_stride(
     if tokens or any(level.layout == "tokens" for level in levels):
         raise UnsupportedOptionError(
             f"output_stride={output_stride} is not supported by {context}: supported values "
-            f"are {native} (a token model: its patch size)"
+            f"are {native} (its patch size: a token model)"
         )
     if finder is None:
         raise UnsupportedOptionError(

@@ -8,6 +8,7 @@ indices" page; this module is where they are implemented, once.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ class Level:
     """Hook runner: the index in the block container (-1: a module before it)."""
     num_prefix_tokens: int = 0
     """Measured at the build size; at run time the rule of :func:`to_map` decides."""
+    grid: Literal["exact", "ceil"] = "exact"
+    """Tokens: the grid is ``H / r`` (a patch grid: other sizes are refused) or
+    ``ceil(H / r)`` (the stages of hierarchical token models)."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     """More metadata for ``FeatureInfo`` (``node`` for FX levels)."""
 
@@ -57,16 +61,7 @@ class Level:
         )
 
     def with_reduction(self, reduction: int) -> Level:
-        return Level(
-            self.module,
-            self.num_chs,
-            reduction,
-            self.layout,
-            self.where,
-            self.block,
-            self.num_prefix_tokens,
-            self.extra,
-        )
+        return dataclasses.replace(self, reduction=reduction)
 
 
 def is_plain(levels: Sequence[Level]) -> bool:
@@ -182,7 +177,10 @@ def to_map(
     if level.layout == "NHWC":
         feature_map = tensor.permute(0, 3, 1, 2)
     elif level.layout == "tokens":
-        rows, cols = grid_size(level, *input_hw, context=context)
+        if level.grid == "ceil":
+            rows, cols = (-(-input_hw[0] // level.reduction), -(-input_hw[1] // level.reduction))
+        else:
+            rows, cols = grid_size(level, *input_hw, context=context)
         prefix = tensor.shape[1] - rows * cols
         if prefix < 0:
             raise UnsupportedOptionError(

@@ -8,6 +8,7 @@ own index rules, output layout and bookkeeping, like any other runner.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,21 @@ class NativeSpec:
     """``(model, last_level) -> root``, where the library runs a wrapper, not the model."""
     norm: str | None = None
     """Why ``norm=True`` is refused, or None where the library supports it."""
+
+
+def _on(path: str, function: Any, model: nn.Module, *args: Any) -> Any:
+    return function(model.get_submodule(path), *args)
+
+
+def at(spec: NativeSpec, path: str) -> NativeSpec:
+    """``spec`` applied to the submodule at ``path`` (a library model wrapped in
+    another: transformers' ``TimmWrapperModel.timm_model``)."""
+    return NativeSpec(
+        intermediates=functools.partial(_on, path, spec.intermediates),
+        final=functools.partial(_on, path, spec.final),
+        prune=functools.partial(_on, path, spec.prune),
+        norm=spec.norm,
+    )
 
 
 class NativeRunner(Runner):
