@@ -2,7 +2,8 @@
 against each backend by a small subclass that supplies a tiny model.
 
 What a backend does differently (how it finds levels, how it truncates) is
-tested in its own file; here only what SPEC §2-4, §7 and §8 promise for all.
+tested in its own file; here only what docs/levels.md, feature-info.md, api.md
+and errors.md promise for all.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class AdapterContract:
     def every(self) -> list[int]:
         return list(range(len(self.info())))
 
-    # -- levels and indices (SPEC §2, §3) -----------------------------------------------
+    # -- levels and indices (docs/levels.md, docs/feature-info.md) -----------------------
 
     def test_levels_match_the_maps(self) -> None:
         info = self.info()
@@ -107,7 +108,7 @@ class AdapterContract:
         assert prefix.dim() == 3 and prefix.shape[0] == 2
         assert prefix.shape[-1] == feature_map.shape[1]
 
-    # -- SPEC §4 ------------------------------------------------------------------------
+    # -- docs/api.md -------------------------------------------------------------
 
     def test_forward_intermediates_and_prune(self) -> None:
         model = self.build(out_indices=self.every())
@@ -122,7 +123,7 @@ class AdapterContract:
         with pytest.raises(unifeat.InvalidIndicesError, match="pruned"):
             model.forward_intermediates(x, indices=(-1,))
 
-    # -- SPEC §8 ------------------------------------------------------------------------
+    # -- docs/api.md -------------------------------------------------------------
 
     def test_state_dict_deepcopy_and_pickle(self) -> None:
         model = self.build(out_indices=(0, -1))
@@ -239,7 +240,10 @@ class AdapterContract:
             with ThreadPoolExecutor(4) as pool:
                 got = list(pool.map(model, inputs))
         for mine, reference in zip(got, expected, strict=True):
-            assert all(torch.equal(a, b) for a, b in zip(mine, reference, strict=True))
+            # Features of another call would differ by O(1); the fast attention path of
+            # open_clip's eval mode may round differently on another thread (2e-7 seen).
+            for a, b in zip(mine, reference, strict=True):
+                torch.testing.assert_close(a, b)
 
 
 class _TwoStageNet(nn.Module):

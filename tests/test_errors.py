@@ -1,6 +1,6 @@
-"""Every row of SPEC §7 that applies to the timm backend, messages included.
+"""Every row of docs/errors.md that applies to the timm backend, messages included.
 
-InvalidNodeError and TracingError belong to the FX node-name API (SPEC §5),
+InvalidNodeError and TracingError belong to the FX node-name API (docs/node-names.md),
 which the timm backend does not use; they are covered where FX is.
 """
 

@@ -1,4 +1,4 @@
-"""FeatureInfo: timm-compatible accessors, validation, JSON round trip (SPEC §3)."""
+"""FeatureInfo: timm-compatible accessors, validation, JSON round trip (docs/feature-info.md)."""
 
 from __future__ import annotations
 

@@ -126,7 +126,7 @@ def test_token_models_have_one_level_per_block_and_timm_default(model_type: str)
 
 
 def test_resnet50_levels_are_the_common_ones() -> None:
-    """SPEC §2: transformers' ResNet-50 has the same levels as timm's and torchvision's."""
+    """docs/levels.md: transformers' ResNet-50 has the same levels as timm's and torchvision's."""
     info = unifeat.feature_info("hf:resnet")
     pairs = list(zip(info.channels(_all(info)), info.reduction(_all(info)), strict=True))
     assert pairs == [(64, 2), (256, 4), (512, 8), (1024, 16), (2048, 32)]
@@ -529,7 +529,7 @@ def test_dtype_and_channels_last_inputs() -> None:
     ],
 )
 def test_the_same_architecture_has_the_same_levels_in_every_backend(names: tuple[str, ...]) -> None:
-    """SPEC §2, on metadata: the defaults of transformers' configs are these architectures."""
+    """docs/levels.md, on metadata: transformers' default configs are these architectures."""
     level_lists = []
     for name in names:
         info = unifeat.feature_info(name)

@@ -1,4 +1,4 @@
-"""Index normalization against an independent reference rule (SPEC §2)."""
+"""Index normalization against an independent reference rule (docs/levels.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from unifeat._indices import check_index_spec, normalize_indices
 
 
 def reference_rule(spec, num_levels, default=None):
-    """SPEC §2 written the plain way: returns the indices, or None where it must fail."""
+    """docs/levels.md written the plain way: returns the indices, or None where it must fail."""
     if spec is None:
         spec = default
         if spec is None:

@@ -1,4 +1,4 @@
-"""A feature model is an ordinary nn.Module (SPEC §8), with timm's methods (SPEC §4)."""
+"""A feature model is an ordinary nn.Module (docs/api.md), with timm's methods."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The exception hierarchy (SPEC §7).
+"""The exception hierarchy (docs/errors.md).
 
 Every error derives from :class:`UnifeatError` and also from the builtin a user
 would already catch for that kind of mistake, so ``except ValueError`` around a

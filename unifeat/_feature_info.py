@@ -1,4 +1,4 @@
-"""Feature-level metadata as data (SPEC §3).
+"""Feature-level metadata as data (docs/feature-info.md).
 
 :class:`FeatureInfo` answers the questions a head needs answered (channels,
 reductions, module names) with timm's accessor names, so code written against

@@ -1,4 +1,4 @@
-"""The one place where level indices are checked and normalized (SPEC §2).
+"""The one place where level indices are checked and normalized (docs/levels.md).
 
 Two steps, because the number of levels is only known once a backend has
 looked at the model: :func:`check_index_spec` validates the *form* of what the

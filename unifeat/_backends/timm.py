@@ -180,6 +180,11 @@ class TimmAdapter(Adapter):
 
     def native_input_size(self, plan: BuildPlan, source: nn.Module) -> tuple[int, int, int]:
         size = (getattr(source, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+        # pretrained_cfg keeps the pretrained size when img_size= built another one;
+        # a fixed-size patch embedding knows the size the model was built for.
+        built = getattr(getattr(source, "patch_embed", None), "img_size", None)
+        if isinstance(built, (tuple, list)) and len(built) == 2:
+            return int(size[0]), int(built[0]), int(built[1])
         return int(size[0]), int(size[1]), int(size[2])
 
     # -- timm's metadata -------------------------------------------------------------
