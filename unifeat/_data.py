@@ -295,14 +295,22 @@ def from_open_clip(preprocess: Any) -> DataConfig:
     sizes = resize.size if isinstance(resize.size, (list, tuple)) else [resize.size]
     crop_sizes = list(crop.size) if crop is not None else list(sizes)
     target = (int(crop_sizes[0]), int(crop_sizes[-1]))
+    mean = normalize.mean.tolist() if isinstance(normalize.mean, Tensor) else normalize.mean
+    std = normalize.std.tolist() if isinstance(normalize.std, Tensor) else normalize.std
     if longest is not None:
+        fill = getattr(crop, "fill", 0)
+        mean_fill = [round(255 * m) for m in mean]
+        if longest == 1.0 and list(np.broadcast_to(fill, (3,))) != mean_fill:
+            # The border mode pads with the mean colour, as timm does.
+            raise UnsupportedOptionError(
+                f"open_clip preprocess pads with fill {fill!r}, not the mean colour "
+                f"{mean_fill}: not representable as a DataConfig"
+            )
         mode, pct = ("border", 1.0) if longest == 1.0 else ("center", 1.0)
     elif len(sizes) == 2:
         mode, pct = "squash", target[0] / int(sizes[0])
     else:
         mode, pct = "center", min(target) / int(sizes[0])
-    mean = normalize.mean.tolist() if isinstance(normalize.mean, Tensor) else normalize.mean
-    std = normalize.std.tolist() if isinstance(normalize.std, Tensor) else normalize.std
     return DataConfig(
         input_size=(3, *target),
         mean=tuple(float(v) for v in mean),
