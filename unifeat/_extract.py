@@ -384,17 +384,31 @@ def _collate(
 Batch = tuple[list[str], dict[str, np.ndarray], list[tuple[str, str]]]
 
 
+def aligned_batches(listed: Sequence[str], todo: set[str], batch_size: int) -> list[list[str]]:
+    """The batches still to run: fixed slices of the whole listing, less what is
+    done. A resumed run then runs exactly the batches an uninterrupted run
+    would have (rows are committed in whole batches), and CPU kernels, whose
+    results can depend on the batch, give bit-identical rows."""
+    batches = []
+    for start in range(0, len(listed), batch_size):
+        batch = [p for p in listed[start : start + batch_size] if p in todo]
+        if batch:
+            batches.append(batch)
+    return batches
+
+
 def _local_batches(
-    todo: Sequence[str],
+    batches: Sequence[Sequence[str]],
     embed: Embedder,
     *,
-    batch_size: int,
     num_workers: int,
     fast_decode: bool,
 ) -> Iterator[Batch]:
+    todo = [path for batch in batches for path in batch]
+    starts = np.cumsum([0] + [len(batch) for batch in batches])
     loader = torch.utils.data.DataLoader(
         _Decode(todo, decoder(embed.config, fast_decode)),
-        batch_size=batch_size,
+        batch_sampler=[range(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)],
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=embed.device.type == "cuda",
@@ -557,19 +571,19 @@ def extract(
         kept_failures = [
             (p, known_failed[p]) for p in listed if p in known_failed and not retry_failed
         ]
+        batches_todo = aligned_batches(listed, set(todo), batch_size)
         skipped = sum(1 for p in listed if p in store.done)
         if engine == "ray":
             from unifeat.ray import _ray_batches
 
             batches = _ray_batches(
-                todo,
+                batches_todo,
                 feature_model,
                 config,
                 pool=pool,
                 device=torch_device,
                 dtype=torch_dtype,
                 channels_last=channels_last,
-                batch_size=batch_size,
                 fast_decode=fast_decode,
                 address=address,
             )
@@ -583,9 +597,8 @@ def extract(
                 channels_last=channels_last,
             )
             batches = _local_batches(
-                todo,
+                batches_todo,
                 embed,
-                batch_size=batch_size,
                 num_workers=num_workers,
                 fast_decode=fast_decode,
             )

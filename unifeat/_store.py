@@ -38,6 +38,9 @@ from unifeat._errors import UnifeatError, UnsupportedOptionError, format_choices
 FORMATS = ("safetensors", "parquet", "npy")
 INDEX_FORMAT = "unifeat-features/2"
 _OLD_INDEX_FORMAT = "unifeat-features/1"
+MAX_BUFFER_BYTES = 256 << 20
+"""Buffered rows are committed at this size whatever ``flush_every`` says, so
+whole maps (``pool="none"``) never pile up in memory."""
 # Provenance entries that must match for a run to add to an existing store.
 IDENTITY = (
     "model",
@@ -413,7 +416,7 @@ class Store:
     provenance: dict[str, Any]
     overwrite: bool = False
     flush_every: int = 1024
-    max_buffer_bytes: int = 256 << 20
+    max_buffer_bytes: int = field(default_factory=lambda: MAX_BUFFER_BYTES)
     max_buffer_seconds: float = 120.0
     index: dict[str, Any] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)

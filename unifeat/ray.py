@@ -235,7 +235,7 @@ def _preprocess_task(
 
 
 def _ray_batches(
-    todo: Sequence[str],
+    batches: Sequence[Sequence[str]],
     model: nn.Module,
     config: DataConfig,
     *,
@@ -243,12 +243,11 @@ def _ray_batches(
     device: torch.device,
     dtype: torch.dtype,
     channels_last: bool | None,
-    batch_size: int,
     fast_decode: bool,
     address: str | None,
 ) -> Iterator[Batch]:
-    """Preprocess -> Embed on Ray Data, rows back in ``todo``'s order."""
-    if not todo:
+    """Preprocess -> Embed on Ray Data over ``batches``, rows back in their order."""
+    if not batches:
         return
     try:
         import pyarrow as pa
@@ -281,10 +280,7 @@ def _ray_batches(
         actors = max(1, int(resources.get("GPU" if gpu else "CPU", 1)))
         # One block per batch: every forward sees the same images as the local
         # engine's, whatever Ray's block sizing would do.
-        blocks = [
-            pa.table({"path": list(todo[i : i + batch_size])})
-            for i in range(0, len(todo), batch_size)
-        ]
+        blocks = [pa.table({"path": list(batch)}) for batch in batches]
         dataset = ray.data.from_arrow(blocks)
         dataset = dataset.map_batches(
             _preprocess_task,
