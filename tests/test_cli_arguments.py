@@ -32,7 +32,10 @@ SHOW = ["show", "tv:resnet18", "IMAGE", "-o", "OUT"]
 
 # (arguments, text the one line must contain)
 BAD = [
-    (["info", "resnet18", "--input-size", "-5"], "--input-size: -5 is out of range: expected 1 to 8192"),
+    (
+        ["info", "resnet18", "--input-size", "-5"],
+        "--input-size: -5 is out of range: expected 1 to 8192",
+    ),
     (["info", "resnet18", "--input-size", "0"], "out of range"),
     (["info", "resnet18", "--input-size", "100000"], "expected 1 to 8192"),
     (["info", "resnet18", "--input-size", "big"], "invalid integer 'big'"),
@@ -54,8 +57,19 @@ BAD = [
     ([*EXTRACT, "--input-size", "32", "32", "32"], "--input-size takes H [W], not 3 values"),
     (["extract", "tv:resnet18", "IMAGE", "-o", "OUT"], "refusing to extract"),
     ([*EXTRACT, "--pretrained"], "contradicts"),
-    (["extract", "tv:resnet18", "IMAGE", "-o", "OUT.parquet", "--format", "npy", "--random-init"],
-     "ends in .parquet but format='npy'"),
+    (
+        [
+            "extract",
+            "tv:resnet18",
+            "IMAGE",
+            "-o",
+            "OUT.parquet",
+            "--format",
+            "npy",
+            "--random-init",
+        ],
+        "ends in .parquet but format='npy'",
+    ),
     ([*SHOW, "--channels", "0"], "--channels: 0 is out of range: expected 1 to 64"),
     ([*SHOW, "--channels", "100000"], "expected 1 to 64"),
     ([*SHOW, "--level", "9"], "out of range"),
@@ -101,8 +115,18 @@ def test_no_traceback_without_debug(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_argparse_errors_are_one_line_in_a_real_process() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "unifeat", "show", "tv:resnet18", "x.png", "-o", "y.png",
-         "--channels", "0"],
+        [
+            sys.executable,
+            "-m",
+            "unifeat",
+            "show",
+            "tv:resnet18",
+            "x.png",
+            "-o",
+            "y.png",
+            "--channels",
+            "0",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -115,7 +139,23 @@ def test_argparse_errors_are_one_line_in_a_real_process() -> None:
 
 
 def test_valid_bounds_are_accepted(image: Path, tmp_path: Path) -> None:
-    assert main(["show", "tv:resnet18", str(image), "-o", str(tmp_path / "g.png"),
-                 "--channels", "64", "--input-size", "32", "--level", "4"]) == 0
+    assert (
+        main(
+            [
+                "show",
+                "tv:resnet18",
+                str(image),
+                "-o",
+                str(tmp_path / "g.png"),
+                "--channels",
+                "64",
+                "--input-size",
+                "32",
+                "--level",
+                "4",
+            ]
+        )
+        == 0
+    )
     with Image.open(tmp_path / "g.png") as picture:
         assert picture.size[0] == 65 * 96

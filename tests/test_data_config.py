@@ -19,9 +19,7 @@ def _images() -> list[Image.Image]:
     """Odd sizes and aspect ratios: wide, tall, smaller than the crop, square, 1 pixel high."""
     generator = np.random.RandomState(0)
     sizes = [(320, 200), (199, 301), (150, 100), (224, 224), (517, 389), (40, 1)]
-    return [
-        Image.fromarray((generator.rand(h, w, 3) * 255).astype(np.uint8)) for w, h in sizes
-    ]
+    return [Image.fromarray((generator.rand(h, w, 3) * 255).astype(np.uint8)) for w, h in sizes]
 
 
 def _assert_same(ours: torch.Tensor, theirs: torch.Tensor, atol: float = 0.0) -> None:
@@ -284,7 +282,7 @@ def test_config_is_frozen_and_round_trips_through_json() -> None:
 
 
 def test_bad_arguments_are_unifeat_errors() -> None:
-    with pytest.raises(unifeat.UnsupportedOptionError, match="model name or a torch.nn.Module"):
+    with pytest.raises(unifeat.UnsupportedOptionError, match=r"model name or a torch\.nn\.Module"):
         data_config(42)  # type: ignore[arg-type]
     with pytest.raises(unifeat.UnsupportedOptionError, match="only apply when a model is given"):
         data_config(torch.nn.Conv2d(3, 3, 1), pretrained=True)

@@ -190,9 +190,17 @@ def test_nodes_cli_prints_torchvisions_names(capsys: pytest.CaptureFixture[str])
         (["extract", "tv:resnet18", "/no/such/dir", "-o", "x.safetensors"], 2, "no such image"),
         (["extract", "tv:resnet5O", "IMAGES", "-o", "OUT"], 2, "resnet50"),
         (["show", "tv:resnet18", "/no/such.png", "-o", "x.png"], 2, "no such image"),
-        (["extract", "tv:resnet18", "IMAGES", "-o", "OUT", "--device", "nope"], 2, "invalid device"),
+        (
+            ["extract", "tv:resnet18", "IMAGES", "-o", "OUT", "--device", "nope"],
+            2,
+            "invalid device",
+        ),
         # A failure while running (the output folder cannot be made): exit 1.
-        (["extract", "tv:resnet18", "IMAGES", "-o", "IMAGES/img0.png/f.npy", "--random-init"], 1, "--debug"),
+        (
+            ["extract", "tv:resnet18", "IMAGES", "-o", "IMAGES/img0.png/f.npy", "--random-init"],
+            1,
+            "--debug",
+        ),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_codes(

@@ -27,7 +27,6 @@ OPTIONS = dict(
 )
 
 
-
 def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally, no flush
 
@@ -154,9 +153,25 @@ def test_kills_at_random_moments(images: Path, uninterrupted: dict, tmp_path: Pa
     """kill -9 from outside, at random moments of the command line's run, three times."""
     output = tmp_path / "f.parquet"
     command = [
-        sys.executable, "-m", "unifeat", "extract", "tv:resnet18", str(images), "-o",
-        str(output), "--random-init", "--out-indices", "-2", "-1", "--input-size", "32",
-        "--batch-size", "4", "--flush-every", "4", "--no-progress",
+        sys.executable,
+        "-m",
+        "unifeat",
+        "extract",
+        "tv:resnet18",
+        str(images),
+        "-o",
+        str(output),
+        "--random-init",
+        "--out-indices",
+        "-2",
+        "-1",
+        "--input-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--flush-every",
+        "4",
+        "--no-progress",
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     chance = random.Random(0)
@@ -183,9 +198,24 @@ def test_a_real_ctrl_c_exits_130_and_keeps_finished_rows(images: Path, tmp_path:
     output = tmp_path / "f.npy"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     process = subprocess.Popen(
-        [sys.executable, "-c", slow, "extract", "tv:resnet18", str(images), "-o", str(output),
-         "--random-init", "--input-size", "32", "--batch-size", "4", "--flush-every", "4",
-         "--no-progress"],
+        [
+            sys.executable,
+            "-c",
+            slow,
+            "extract",
+            "tv:resnet18",
+            str(images),
+            "-o",
+            str(output),
+            "--random-init",
+            "--input-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--flush-every",
+            "4",
+            "--no-progress",
+        ],
         env=env,
         stderr=subprocess.PIPE,
         text=True,

@@ -119,7 +119,11 @@ def test_exif_rotation_is_applied(tmp_path: Path, orientation: int) -> None:
     shown = np.zeros((30, 50, 3), dtype=np.uint8)
     shown[:10, :10] = 255  # a white top-left corner
     # What a camera stores so that applying the tag gives ``shown``.
-    undo = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+    undo = {
+        3: Image.Transpose.ROTATE_180,
+        6: Image.Transpose.ROTATE_90,
+        8: Image.Transpose.ROTATE_270,
+    }
     stored = Image.fromarray(shown).transpose(undo[orientation])
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -232,7 +236,7 @@ def test_resume_works_from_any_working_directory_and_path_form(
 def test_parts_split_every_path_exactly_once() -> None:
     paths = [f"/data/{i}.jpg" for i in range(1000)]
     parts = [[p for p in paths if in_part(p, (i, 3))] for i in range(3)]
-    assert sorted(sum(parts, [])) == sorted(paths)
+    assert sorted(p for part in parts for p in part) == sorted(paths)
     assert all(250 < len(part) < 420 for part in parts)
     # Independent of which other files exist.
     assert [p for p in paths[:10] if in_part(p, (1, 3))] == [p for p in parts[1] if p in paths[:10]]

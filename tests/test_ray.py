@@ -42,7 +42,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generator = np.random.RandomState(7)
     for i in range(294):
         pixels = (generator.rand(20 + i % 13, 24 + i % 5, 3) * 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / ("a" if i % 2 else "b") / f"{i:03d}.{'png' if i % 3 else 'jpg'}")
+        Image.fromarray(pixels).save(
+            folder / ("a" if i % 2 else "b") / f"{i:03d}.{'png' if i % 3 else 'jpg'}"
+        )
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(buffer, format="JPEG")
     for i in range(3):
@@ -113,7 +115,9 @@ def test_preprocess_and_embed_stages_on_binary_files(
     rows = dataset.take_all()
     assert len(rows) == 300
     errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
-    assert sorted(errors) == [f"{kind}{i}.jpg" for kind in ("corrupt", "truncated") for i in range(3)]
+    assert sorted(errors) == [
+        f"{kind}{i}.jpg" for kind in ("corrupt", "truncated") for i in range(3)
+    ]
     by_path = {os.path.realpath(r["path"]): r["level_4"] for r in rows if not r["error"]}
     got = np.stack([by_path[p] for p in local["paths"]])
     # Other batches than the local run's: equal up to float rounding.
@@ -132,8 +136,23 @@ def test_the_cli_ray_engine(cluster: None, images: Path, local: dict, tmp_path: 
     from unifeat._cli import main
 
     out = tmp_path / "cli.parquet"
-    args = ["extract", "tv:resnet18", str(images), "-o", str(out), "--engine", "ray",
-            "--random-init", "--out-indices", "-2", "-1", "--input-size", "32",
-            "--batch-size", "16", "--no-progress"]
+    args = [
+        "extract",
+        "tv:resnet18",
+        str(images),
+        "-o",
+        str(out),
+        "--engine",
+        "ray",
+        "--random-init",
+        "--out-indices",
+        "-2",
+        "-1",
+        "--input-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert torch.equal(unifeat.load_features(out)["level_4"], local["level_4"])

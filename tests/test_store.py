@@ -104,11 +104,15 @@ def test_parquet_whole_maps_use_a_tensor_column(folder: Path, tmp_path: Path) ->
     assert str(table.schema.field("level_4").type).startswith("extension<arrow.fixed_shape_tensor")
     maps = unifeat.load_features(tmp_path / "maps.parquet")["level_4"]
     assert maps.shape == (READABLE, 512, 1, 1)
-    pooled = unifeat.load_features(_extract(folder, tmp_path / "p.npy", out_indices=(-1,)).index_path)
+    pooled = unifeat.load_features(
+        _extract(folder, tmp_path / "p.npy", out_indices=(-1,)).index_path
+    )
     assert torch.allclose(maps.mean(dim=(2, 3)), pooled["level_4"])
 
 
-def test_npy_shards_memory_map_and_load_matrix(folder: Path, tmp_path: Path, reference: dict) -> None:
+def test_npy_shards_memory_map_and_load_matrix(
+    folder: Path, tmp_path: Path, reference: dict
+) -> None:
     _extract(folder, tmp_path / "f.npy", flush_every=5)
     mapped = np.load(tmp_path / "f.00000.level_4.npy", mmap_mode="r")
     assert isinstance(mapped, np.memmap) and mapped.shape == (5, 512)
@@ -128,7 +132,7 @@ def test_npy_shards_memory_map_and_load_matrix(folder: Path, tmp_path: Path, ref
     ("change", "named"),
     [
         ({"out_indices": (-1,)}, "out_indices"),
-        ({"pool": "max"}, "pool: stored \"avg\", now \"max\""),
+        ({"pool": "max"}, 'pool: stored "avg", now "max"'),
         ({"input_size": (48, 48)}, "data_config"),
         ({"seed": 1}, "weights"),
         ({"dtype": "bfloat16"}, "dtype"),
@@ -190,9 +194,23 @@ def test_a_second_writer_is_refused(folder: Path, tmp_path: Path) -> None:
             _extract(folder, out)
         # A writer in another process is refused the same way, with exit code 2.
         done = subprocess.run(
-            [sys.executable, "-m", "unifeat", "extract", "tv:resnet18", str(folder), "-o",
-             str(out), "--random-init", "--input-size", "32", "--no-progress"],
-            capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "unifeat",
+                "extract",
+                "tv:resnet18",
+                str(folder),
+                "-o",
+                str(out),
+                "--random-init",
+                "--input-size",
+                "32",
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert done.returncode == 2
         lines = done.stderr.strip().splitlines()
@@ -268,7 +286,7 @@ def test_parts_cover_every_image_once_and_merge_reproduces_one_run(
     assert all(part["paths"] for part in parts)
     failed = sorted(f for part in parts for f, _ in part["failed"])
     assert [Path(p).name for p in failed] == ["corrupt.jpg", "truncated.png"]
-    with pytest.raises(unifeat.StoreError, match="parts 2/3 .* missing"):
+    with pytest.raises(unifeat.StoreError, match=r"parts 2/3 .* missing"):
         unifeat.merge_features(
             [tmp_path / "f.part0of3.parquet", tmp_path / "f.part1of3.parquet"],
             tmp_path / "m.parquet",
@@ -328,7 +346,10 @@ def test_ctrl_c_keeps_the_finished_rows(
 
 
 def test_ctrl_c_in_the_cli_exits_130_with_one_line(
-    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from unifeat import _extract as module
 
@@ -342,8 +363,19 @@ def test_ctrl_c_in_the_cli_exits_130_with_one_line(
         return original(self, pixels)
 
     monkeypatch.setattr(module.Embedder, "__call__", interrupted)
-    args = ["extract", "tv:resnet18", str(folder), "-o", str(tmp_path / "f.parquet"),
-            "--random-init", "--input-size", "32", "--batch-size", "3", "--no-progress"]
+    args = [
+        "extract",
+        "tv:resnet18",
+        str(folder),
+        "-o",
+        str(tmp_path / "f.parquet"),
+        "--random-init",
+        "--input-size",
+        "32",
+        "--batch-size",
+        "3",
+        "--no-progress",
+    ]
     assert main(args) == 130
     err = [line for line in capsys.readouterr().err.splitlines() if "skipped" not in line]
     assert err == [
@@ -366,12 +398,14 @@ def test_whole_maps_are_flushed_by_size(
 
 
 def test_random_weights_by_name_must_be_asked_for(folder: Path, tmp_path: Path) -> None:
-    with pytest.raises(unifeat.UnsupportedOptionError, match="refusing to extract .* random"):
+    with pytest.raises(unifeat.UnsupportedOptionError, match=r"refusing to extract .* random"):
         unifeat.extract("tv:resnet18", [folder], tmp_path / "f.npy")
     with pytest.raises(unifeat.UnknownModelError, match="resnet18"):
         unifeat.extract("tv:resnet1B", [folder], tmp_path / "f.npy")
     with pytest.raises(unifeat.UnsupportedOptionError, match="contradicts"):
-        unifeat.extract("tv:resnet18", [folder], tmp_path / "f.npy", pretrained=True, random_init=True)
+        unifeat.extract(
+            "tv:resnet18", [folder], tmp_path / "f.npy", pretrained=True, random_init=True
+        )
     assert main(["extract", "tv:resnet18", str(folder), "-o", str(tmp_path / "g.npy")]) == 2
     assert not (tmp_path / "f.index.json").exists()
 
@@ -383,7 +417,9 @@ def test_nhwc_and_dict_models_give_the_same_descriptors(
     base = unifeat.create_model("tv:resnet18", features_only=True, out_indices=(-2, -1))
     results = {}
     for options in ({}, {"output_fmt": "NHWC"}, {"output_type": "dict"}):
-        model = unifeat.create_model(base.model, features_only=True, out_indices=(-2, -1), **options)
+        model = unifeat.create_model(
+            base.model, features_only=True, out_indices=(-2, -1), **options
+        )
         out = tmp_path / f"{'_'.join(options) or 'plain'}.npy"
         unifeat.extract(model, [folder], out, input_size=(32, 32), progress=False)
         results[out.stem] = unifeat.load_features(out)

@@ -175,12 +175,9 @@ def _parser() -> argparse.ArgumentParser:
         type=_int_range(1, 10_000_000),
         default=1024,
         metavar="N",
-        help="rows per shard: at most this many finished rows are lost to a kill -9 "
-        "(default 1024)",
+        help="rows per shard: at most this many finished rows are lost to a kill -9 (default 1024)",
     )
-    extract.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32"
-    )
+    extract.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     extract.add_argument(
         "--fast-decode", action="store_true", help="reduced-size JPEG decoding for large photos"
     )
@@ -437,8 +434,7 @@ def _merge(args: argparse.Namespace) -> int:
         args.parts, args.output, format=args.format, overwrite=args.overwrite
     )
     print(
-        f"merged {result.written} images ({len(result.failed)} unreadable) into "
-        f"{result.index_path}"
+        f"merged {result.written} images ({len(result.failed)} unreadable) into {result.index_path}"
     )
     return 0
 

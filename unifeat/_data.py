@@ -96,8 +96,7 @@ class DataConfig(BaseModel):
         channels = self.input_size[0]
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(
-                f"mean {self.mean} and std {self.std} must have one value per channel "
-                f"({channels})"
+                f"mean {self.mean} and std {self.std} must have one value per channel ({channels})"
             )
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, not {self.std}")
@@ -117,6 +116,8 @@ def default_config(input_size: Sequence[int] | None = None) -> DataConfig:
     if len(size) == 2:
         size = (3, *size)
     channels = size[0]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     if channels == 3:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
@@ -511,9 +512,7 @@ def _pil_geometry(image: Any, new_size: tuple[int, int], config: DataConfig) -> 
     return np.array(image, dtype=np.uint8).reshape(height, width, -1)
 
 
-def _transformers_geometry(
-    image: Any, new_size: tuple[int, int], config: DataConfig
-) -> np.ndarray:
+def _transformers_geometry(image: Any, new_size: tuple[int, int], config: DataConfig) -> np.ndarray:
     from torchvision.transforms.v2 import functional as F
 
     height, width = config.size

@@ -10,7 +10,9 @@ mix rows computed differently.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import platform
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -219,10 +221,8 @@ def _versions() -> dict[str, str]:
 
     found = {"unifeat": unifeat.__version__, "python": platform.python_version()}
     for package in ("torch", "torchvision", "timm", "transformers", "open_clip_torch", "pillow"):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return found
 
 
@@ -408,7 +408,7 @@ def _local_batches(
     starts = np.cumsum([0] + [len(batch) for batch in batches])
     loader = torch.utils.data.DataLoader(
         _Decode(todo, decoder(embed.config, fast_decode)),
-        batch_sampler=[range(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)],
+        batch_sampler=[list(range(a, b)) for a, b in itertools.pairwise(starts)],
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=embed.device.type == "cuda",
@@ -531,11 +531,12 @@ def extract(
         raise UnsupportedOptionError(
             f"invalid num_workers={num_workers!r}: expected an integer >= 0"
         )
-    if input_size is not None:
-        if len(input_size) != 2 or any(not isinstance(s, int) or s < 1 for s in input_size):
-            raise UnsupportedOptionError(
-                f"invalid input_size={input_size!r}: expected (height, width), both >= 1"
-            )
+    if input_size is not None and (
+        len(input_size) != 2 or any(not isinstance(s, int) or s < 1 for s in input_size)
+    ):
+        raise UnsupportedOptionError(
+            f"invalid input_size={input_size!r}: expected (height, width), both >= 1"
+        )
     part = parse_part(shard)
     torch_dtype = parse_dtype(dtype)
     # Ray's actors may have GPUs the driver lacks.

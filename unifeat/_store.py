@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import numpy as np
 
@@ -296,11 +296,12 @@ def _write_shard(
         atomic_write(folder / files["shard"], lambda handle: pq.write_table(table, handle))
     else:
         for name, array in levels.items():
-            atomic_write(
-                folder / files[name],
-                lambda handle, a=array: np.save(handle, np.ascontiguousarray(a)),
-            )
-        atomic_write(folder / files["paths"], lambda handle: np.save(handle, np.array(rows)))
+            atomic_write(folder / files[name], _npy_writer(array))
+        atomic_write(folder / files["paths"], _npy_writer(np.array(rows)))
+
+
+def _npy_writer(array: np.ndarray) -> Callable[[IO[bytes]], None]:
+    return lambda handle: np.save(handle, np.ascontiguousarray(array))
 
 
 def to_arrow(rows: list[str], levels: dict[str, np.ndarray], provenance: dict[str, Any]) -> Any:
@@ -352,7 +353,9 @@ def read_shard_paths(paths: StorePaths, shard: dict[str, Any]) -> list[str]:
         if paths.storage == "parquet":
             import pyarrow.parquet as pq
 
-            return [str(p) for p in pq.read_table(folder / files["shard"], columns=["path"])["path"]]
+            return [
+                str(p) for p in pq.read_table(folder / files["shard"], columns=["path"])["path"]
+            ]
         return [str(p) for p in np.load(folder / files["paths"], allow_pickle=False)]
     except (OSError, KeyError, ValueError) as exc:
         raise StoreError(f"shard {files} of {paths.display} cannot be read: {exc}") from None
@@ -379,7 +382,7 @@ def read_shard(
                 name: _arrow_column(table[name]) for name in table.column_names if name != "path"
             }
         rows = read_shard_paths(paths, shard)
-        mode = "r" if mmap else None
+        mode: Literal["r"] | None = "r" if mmap else None
         return rows, {
             name: np.load(folder / file, mmap_mode=mode, allow_pickle=False)
             for name, file in files.items()

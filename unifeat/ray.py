@@ -121,7 +121,7 @@ class Preprocess:
         images = np.zeros((count, height, width, channels), dtype=np.uint8)
         errors = []
         for i in range(count):
-            source = sources[i] if sources is not None else str(paths[i])  # type: ignore[index]
+            source: Any = sources[i] if sources is not None else str(paths[i])  # type: ignore[index]
             try:
                 images[i] = self.decode(bytes(source) if sources is not None else source)
                 errors.append("")
@@ -212,7 +212,9 @@ class Embed:
         errors = np.asarray(batch.get("error", np.array([""] * len(images))), dtype=str)
         good = np.flatnonzero(errors == "")
         out: dict[str, np.ndarray] = {"path": np.asarray(batch["path"]), "error": errors}
-        levels = self.embed(torch.from_numpy(np.ascontiguousarray(images[good]))) if len(good) else {}
+        levels = (
+            self.embed(torch.from_numpy(np.ascontiguousarray(images[good]))) if len(good) else {}
+        )
         for name in self.embed.names:
             if name in levels:
                 values = levels[name]
@@ -281,7 +283,7 @@ def _ray_batches(
         # One block per batch: every forward sees the same images as the local
         # engine's, whatever Ray's block sizing would do.
         blocks = [pa.table({"path": list(batch)}) for batch in batches]
-        dataset = ray.data.from_arrow(blocks)
+        dataset: Any = ray.data.from_arrow(blocks)
         dataset = dataset.map_batches(
             _preprocess_task,
             fn_kwargs={"config": config.model_dump(mode="json"), "fast_decode": fast_decode},
