@@ -215,6 +215,28 @@ class TestHfContract(AdapterContract):
 
 class TestHfTokenContract(AdapterContract):
     name = "hf:dinov2"
-    kwargs = _HF_TOKENS
+    # DINOv2's config sizes its MLP by mlp_ratio (it takes no intermediate_size).
+    kwargs: ClassVar[dict[str, Any]] = {
+        **{k: v for k, v in _HF_TOKENS.items() if k != "intermediate_size"},
+        "mlp_ratio": 2,
+    }
     backend = "hf"
     tokens = True
+
+
+_OC_VIT = dict(layers=4, width=64, head_width=32, image_size=64, patch_size=16)
+
+
+class TestOpenClipTokenContract(AdapterContract):
+    name = "oc:ViT-B-32"
+    kwargs = _OC_VIT
+    backend = "open_clip"
+    tokens = True
+
+
+class TestOpenClipResNetContract(AdapterContract):
+    name = "oc:RN50"
+    kwargs: ClassVar[dict[str, Any]] = dict(
+        layers=(1, 1, 1, 1), width=16, head_width=16, image_size=64
+    )
+    backend = "open_clip"

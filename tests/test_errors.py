@@ -54,7 +54,8 @@ def test_unknown_model_suggests_close_matches():
 def test_unknown_backend_names_the_known_ones():
     with pytest.raises(
         UnknownBackendError,
-        match=r"unknown backend 'caffe'.*known backends are 'timm', 'torchvision', 'hf' or 'fx'",
+        match=r"unknown backend 'caffe'.*known backends are 'timm', 'torchvision', 'hf', "
+        r"'open_clip' or 'fx'",
     ):
         unifeat.create_model("caffe:resnet50")
     with pytest.raises(UnknownBackendError, match=r"unknown backend 'caffe'.*'timm'"):

@@ -119,7 +119,7 @@ def test_preprocessing_is_the_libraries_own(tmp_path: Path) -> None:
 def test_cls_pooling_for_token_models(images: Path, tmp_path: Path) -> None:
     kwargs = dict(
         hidden_size=32,
-        intermediate_size=64,
+        mlp_ratio=2,
         num_hidden_layers=2,
         num_attention_heads=2,
         image_size=32,

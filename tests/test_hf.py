@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ _TOKENS = dict(
     image_size=32,
     patch_size=8,
 )
+# DINOv2 and ViTDet size their MLP by mlp_ratio; an intermediate_size would be a
+# keyword their configs do not take (refused, not silently ignored).
+_DINO = {**{k: v for k, v in _TOKENS.items() if k != "intermediate_size"}, "mlp_ratio": 2}
 _STAGES = dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 2, 1])
 _SWIN = dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], image_size=64, patch_size=4)
 
@@ -43,8 +47,8 @@ TOKEN_MODELS: dict[str, tuple[dict[str, Any], int]] = {
     "data2vec-vision": (_TOKENS, 1),
     "vit_msn": (_TOKENS, 1),
     "ijepa": (_TOKENS, 0),
-    "dinov2": (_TOKENS, 1),
-    "dinov2_with_registers": ({**_TOKENS, "num_register_tokens": 4}, 5),
+    "dinov2": (_DINO, 1),
+    "dinov2_with_registers": ({**_DINO, "num_register_tokens": 4}, 5),
     "dinov3_vit": ({**_TOKENS, "num_register_tokens": 4}, 5),
     "clip_vision_model": (_TOKENS, 1),
     "siglip_vision_model": (_TOKENS, 0),
@@ -57,7 +61,7 @@ MAP_MODELS: dict[str, dict[str, Any]] = {
     "convnextv2": dict(image_size=64, **_STAGES),
     "swin": dict(window_size=2, **_SWIN),
     "swinv2": dict(window_size=2, **_SWIN),
-    "vitdet": dict(_TOKENS, image_size=64, pretrain_image_size=64, patch_size=16, mlp_ratio=2),
+    "vitdet": dict(_DINO, image_size=64, pretrain_image_size=64, patch_size=16),
     "pvt_v2": dict(_STAGES, num_attention_heads=[1, 1, 2, 2], image_size=64),
 }
 ALL_MODELS = {**{k: v[0] for k, v in TOKEN_MODELS.items()}, **MAP_MODELS}
@@ -403,7 +407,7 @@ def test_dict_output_nhwc_and_gradients() -> None:
 
 
 def test_deepcopy_pickle_and_modes() -> None:
-    model = unifeat.create_model("hf:dinov2", features_only=True, **_TOKENS).eval()
+    model = unifeat.create_model("hf:dinov2", features_only=True, **_DINO).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
@@ -440,7 +444,7 @@ def test_output_stride_of_token_models_is_their_patch_size() -> None:
 def test_list_models_and_bare_names() -> None:
     listed = unifeat.list_models(backend="hf")
     assert set(ALL_MODELS) <= set(listed)
-    assert unifeat.create_model("dinov2", features_only=True, **_TOKENS).backend == "hf"
+    assert unifeat.create_model("dinov2", features_only=True, **_DINO).backend == "hf"
 
 
 def test_errors_name_the_bad_value() -> None:
@@ -448,8 +452,8 @@ def test_errors_name_the_bad_value() -> None:
         unifeat.create_model("hf:dinov3", features_only=True)
     with pytest.raises(unifeat.UnsupportedOptionError, match="hub id or a local directory"):
         unifeat.create_model("hf:vit", pretrained=True, features_only=True)
-    with pytest.raises(unifeat.UnsupportedOptionError, match=r"return_nodes.*out_indices"):
-        unifeat.create_model("hf:vit", features_only=True, return_nodes=["layers.1"])
+    with pytest.raises(unifeat.InvalidNodeError, match=r"unknown node 'layers\.99'"):
+        unifeat.create_model("hf:vit", features_only=True, return_nodes=["layers.99"], **_TOKENS)
     with pytest.raises(unifeat.UnsupportedOptionError, match="'convnext' config"):
         unifeat.feature_info("hf:vit", config=AutoConfig.for_model("convnext"))
     with pytest.raises(unifeat.UnsupportedOptionError, match="return_prefix_tokens"):
@@ -474,13 +478,34 @@ def test_torch_compile_gives_the_eager_maps(model_type: str) -> None:
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
-def test_node_names_and_return_nodes_point_to_out_indices() -> None:
-    with pytest.raises(unifeat.TracingError, match="out_indices"):
-        unifeat.get_node_names("hf:vit", **_TOKENS)
+def test_node_names_are_module_paths_and_return_nodes_takes_them() -> None:
+    """transformers models do not trace with FX: their node names are module paths,
+    in the order the modules finish, and return_nodes takes them (full or truncated)
+    with torchvision's key and order rules."""
+    train, evaluation = unifeat.get_node_names("hf:vit", **_TOKENS)
+    assert train == evaluation
+    layers = [n for n in evaluation if re.fullmatch(r"(\w+\.)*layers?\.\d+", n)]
+    assert len(layers) == _TOKENS["num_hidden_layers"]
+    block, attention = layers[1], f"{layers[2]}.attention"
+    assert attention in evaluation
+    torch.manual_seed(0)
+    native = AutoModel.from_config(AutoConfig.for_model("vit", **_TOKENS)).eval()
+    model = unifeat.create_model(
+        native, features_only=True, return_nodes={attention: "attn", block: "b1"}
+    ).eval()
+    x = _input(native)
+    with torch.no_grad():
+        out = model(x)
+        hidden = native(pixel_values=x, output_hidden_states=True).hidden_states
+    assert list(out) == ["b1", "attn"]  # depth order, keys from the dict
+    torch.testing.assert_close(out["b1"], hidden[2], rtol=0, atol=0)
+    assert model.feature_info.module_name() == ["b1", "attn"]
+    with pytest.raises(unifeat.InvalidNodeError, match="close matches"):
+        unifeat.create_model(native, features_only=True, return_nodes=[f"{block}x"])
 
 
 def test_dtype_and_channels_last_inputs() -> None:
-    model = unifeat.create_model("hf:dinov2", features_only=True, **_TOKENS).eval()
+    model = unifeat.create_model("hf:dinov2", features_only=True, **_DINO).eval()
     with torch.no_grad():
         maps = model.to(torch.bfloat16)(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
     assert [m.dtype for m in maps] == [torch.bfloat16] * 3

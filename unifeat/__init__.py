@@ -26,6 +26,7 @@ from unifeat._errors import (
 from unifeat._extract import ExtractResult, extract, load_features, load_matrix, merge_features
 from unifeat._feature_info import FeatureInfo, FeatureLevel
 from unifeat._feature_model import FeatureModel
+from unifeat._registry import register_backend
 from unifeat._show import plot_feature_maps
 from unifeat._store import StoreError
 
@@ -59,4 +60,5 @@ __all__ = [
     "load_matrix",
     "merge_features",
     "plot_feature_maps",
+    "register_backend",
 ]

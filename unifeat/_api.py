@@ -1,4 +1,10 @@
-"""The public entry points: :func:`create_model`, :func:`feature_info`, :func:`list_models`."""
+"""The public entry points: :func:`create_model`, :func:`feature_info`,
+:func:`get_node_names`, :func:`list_models`.
+
+All of them take the same options and validate them the same way, once, into
+a :class:`~unifeat._options.BuildPlan` (what :func:`feature_info` accepts,
+:func:`create_model` accepts, and the other way round).
+"""
 
 from __future__ import annotations
 
@@ -10,19 +16,14 @@ from typing import Any
 from torch import nn
 
 from unifeat import _registry
-from unifeat._errors import TracingError, UnknownBackendError
+from unifeat._errors import UnknownBackendError, UnsupportedOptionError
 from unifeat._feature_info import FeatureInfo
 from unifeat._options import BuildPlan, make_plan
 
 __all__ = ["create_model", "feature_info", "get_node_names", "list_models"]
 
 
-def _plan(
-    model: str | nn.Module,
-    *,
-    backend: str | None,
-    **options: Any,
-) -> BuildPlan:
+def _plan(model: str | nn.Module, *, backend: str | None, **options: Any) -> BuildPlan:
     if isinstance(model, nn.Module):
         chosen = (
             _registry.canonical_backend(backend, context=f"module {type(model).__qualname__}")
@@ -38,6 +39,16 @@ def _plan(
     return make_plan(backend=chosen, model_name=name, **options)
 
 
+def _plan_from(arguments: dict[str, Any]) -> BuildPlan:
+    """The plan of a public function's arguments (its ``locals()`` on entry): every
+    entry point takes the same options, validated the same way."""
+    options = dict(arguments)
+    model = options.pop("model_name")
+    backend = options.pop("backend")
+    options["model_kwargs"] = options.pop("model_kwargs")
+    return _plan(model, backend=backend, **options)
+
+
 def create_model(
     model_name: str | nn.Module,
     pretrained: bool = False,
@@ -51,6 +62,8 @@ def create_model(
     checkpoint_path: str | Path | None = None,
     return_prefix_tokens: bool = False,
     return_nodes: Sequence[str] | Mapping[str, str] | None = None,
+    input_size: int | tuple[int, int] | None = None,
+    tracer_kwargs: Mapping[str, Any] | None = None,
     **model_kwargs: Any,
 ) -> nn.Module:
     """Build a model, or a feature model cut from it, from any backend.
@@ -61,16 +74,16 @@ def create_model(
             (timm's ``hf-hub:`` names pass through), ``"tv:resnet50"``,
             ``"hf:dinov2"`` (a transformers model type, random init from its
             config), ``"hf:org/repo"`` or ``"hf:/local/dir"`` (transformers
-            ``from_pretrained``), or an ``nn.Module``. A
-            module passed in is never mutated: the feature model shares its
-            parameters and buffers.
+            ``from_pretrained``), ``"oc:ViT-B-32"`` (an open_clip image tower),
+            or an ``nn.Module``. A module passed in is never mutated: the
+            feature model shares its parameters and buffers.
         pretrained: load the backend's own pretrained weights.
         features_only: return a :class:`~unifeat.FeatureModel` whose forward
             gives the requested levels; otherwise the backend's own model.
-        out_indices: ``None`` (the backend's default: every level of a
-            hierarchical net, the last 3 blocks of a plain ViT), an int ``n``
-            (the last ``n`` levels) or a sequence of level indices, negatives
-            counting from the end. Outputs always come in depth order.
+        out_indices: ``None`` (the default: every level of a hierarchical net,
+            the last 3 blocks of a plain ViT), an int ``n`` (the last ``n``
+            levels) or a sequence of level indices, negatives counting from the
+            end. Outputs always come in depth order.
         output_stride: ``8``, ``16`` or ``32`` to dilate the later stages, where
             the model supports it (:class:`UnsupportedOptionError` otherwise).
         output_type: ``"list"`` or ``"dict"`` (keyed by level module name, or by
@@ -82,11 +95,17 @@ def create_model(
             loaded into the model before features are cut out.
         return_prefix_tokens: token models also return their class/register
             tokens: each level becomes ``(map, prefix_tokens)``.
-        return_nodes: FX node names to return instead of levels, as
-            torchvision's ``create_feature_extractor`` takes them: a list, or a
-            ``{node: key}`` dict; full (``"layer4.2.relu_2"``) or truncated
-            (``"layer4"`` = its last node) names. See :func:`get_node_names`.
-        **model_kwargs: passed to the backend's own constructor.
+        return_nodes: nodes to return instead of levels, as torchvision's
+            ``create_feature_extractor`` takes them: a list, or a ``{node: key}``
+            dict; full (``"layer4.2.relu_2"``) or truncated (``"layer4"`` = its
+            last node) names. FX node names where the model traces, module
+            paths where it does not (transformers); see :func:`get_node_names`.
+        input_size: ``(H, W)`` (or one int) at which levels are measured;
+            default: the model's own input size.
+        tracer_kwargs: torchvision's tracer options for models cut from FX
+            graphs: ``leaf_modules``, ``autowrap_modules``, ``autowrap_functions``.
+        **model_kwargs: passed to the backend's own constructor (a transformers
+            model's config).
 
     Returns:
         The feature model (``features_only=True``) or the backend's model.
@@ -107,36 +126,33 @@ def create_model(
         >>> [tuple(f.shape) for f in model(torch.randn(1, 3, 64, 64))]
         [(1, 64, 16, 16), (1, 512, 2, 2)]
     """
-    plan = _plan(
-        model_name,
-        backend=backend,
-        pretrained=pretrained,
-        checkpoint_path=checkpoint_path,
-        features_only=features_only,
-        out_indices=out_indices,
-        output_stride=output_stride,
-        output_type=output_type,
-        output_fmt=output_fmt,
-        return_prefix_tokens=return_prefix_tokens,
-        return_nodes=return_nodes,
-        model_kwargs=model_kwargs,
-    )
+    plan = _plan_from(locals())
     return _registry.get_adapter(plan.backend).create(plan)
 
 
 def feature_info(
     model_name: str | nn.Module,
+    pretrained: bool = False,
+    features_only: bool = True,
     out_indices: int | tuple[int, ...] | list[int] | None = None,
     output_stride: int | None = None,
+    output_type: str | None = None,
+    output_fmt: str = "NCHW",
     backend: str | None = None,
+    *,
+    checkpoint_path: str | Path | None = None,
+    return_prefix_tokens: bool = False,
+    return_nodes: Sequence[str] | Mapping[str, str] | None = None,
+    input_size: int | tuple[int, int] | None = None,
+    tracer_kwargs: Mapping[str, Any] | None = None,
     **model_kwargs: Any,
 ) -> FeatureInfo:
     """The :class:`FeatureInfo` that ``create_model(..., features_only=True)`` would have.
 
-    Nothing is allocated: models are built on the meta device, so this is fast
-    even for billion-parameter models. Takes the same arguments as
-    :func:`create_model` (options that only change outputs are accepted and
-    ignored).
+    Takes exactly :func:`create_model`'s arguments and refuses what it would
+    refuse, with the same error; nothing is allocated (models are built on the
+    meta device), so this is fast even for billion-parameter models. Weights
+    are not loaded (a ``checkpoint_path`` is checked against the model's keys).
 
     Examples:
         >>> import unifeat
@@ -145,24 +161,15 @@ def feature_info(
         ([64, 256, 512, 1024, 2048], [2, 4, 8, 16, 32])
         >>> unifeat.feature_info("timm:vit_small_patch16_224").out_indices
         (9, 10, 11)
+        >>> unifeat.feature_info("tv:vit_b_16").out_indices
+        (9, 10, 11)
     """
-    for ignored in (
-        "pretrained",
-        "features_only",
-        "output_type",
-        "output_fmt",
-        "return_prefix_tokens",
-        "checkpoint_path",
-    ):
-        model_kwargs.pop(ignored, None)
-    plan = _plan(
-        model_name,
-        backend=backend,
-        features_only=True,
-        out_indices=out_indices,
-        output_stride=output_stride,
-        model_kwargs=model_kwargs,
-    )
+    if features_only is not True:
+        raise UnsupportedOptionError(
+            f"feature_info describes feature models, so features_only={features_only!r} does "
+            "not apply: leave it out"
+        )
+    plan = _plan_from(locals())
     return _registry.get_adapter(plan.backend).describe(plan)
 
 
@@ -180,6 +187,10 @@ def list_models(pattern: str = "*", backend: str | None = None) -> list[str]:
         >>> "timm:resnet50" in unifeat.list_models("resnet50")
         True
     """
+    if not isinstance(pattern, str):
+        raise UnsupportedOptionError(
+            f"invalid pattern={pattern!r}: expected a shell-style pattern string such as 'resnet*'"
+        )
     if backend is not None:
         name = _registry.canonical_backend(backend)
         return sorted(fnmatch.filter(_registry.get_adapter(name).model_names(), pattern))
@@ -192,20 +203,35 @@ def list_models(pattern: str = "*", backend: str | None = None) -> list[str]:
 
 
 def get_node_names(
-    model_name: str | nn.Module, backend: str | None = None, **model_kwargs: Any
+    model_name: str | nn.Module,
+    pretrained: bool = False,
+    features_only: bool = True,
+    out_indices: int | tuple[int, ...] | list[int] | None = None,
+    output_stride: int | None = None,
+    output_type: str | None = None,
+    output_fmt: str = "NCHW",
+    backend: str | None = None,
+    *,
+    checkpoint_path: str | Path | None = None,
+    return_prefix_tokens: bool = False,
+    return_nodes: Sequence[str] | Mapping[str, str] | None = None,
+    input_size: int | tuple[int, int] | None = None,
+    tracer_kwargs: Mapping[str, Any] | None = None,
+    **model_kwargs: Any,
 ) -> tuple[list[str], list[str]]:
-    """The FX node names of a model in train and in eval mode.
+    """The node names of a model in train and in eval mode, as ``return_nodes`` takes them.
 
-    The names are torchvision's (``"layer4.2.relu_2"``: module path, then the
-    operation, ``_N`` suffixes per parent scope), exactly as
-    ``torchvision.models.feature_extraction.get_graph_node_names`` gives them,
-    and are what ``create_model(..., return_nodes=...)`` takes. Models named by
-    string are built on the meta device (no weights); a module passed in is
-    traced as it is and left in the mode it was in.
+    For a model FX can trace, torchvision's names (``"layer4.2.relu_2"``:
+    module path, then the operation, ``_N`` suffixes per parent scope), exactly
+    as ``torchvision.models.feature_extraction.get_graph_node_names`` gives
+    them. For a model it cannot trace (every transformers model, a module with
+    data-dependent control flow), the paths of its modules in the order they
+    finish running (``"encoder.layer.3"``), the same in both modes. Models named
+    by string are built on the meta device (no weights); a module passed in is
+    left as it was. Takes :func:`create_model`'s arguments.
 
     Raises:
-        TracingError: the model cannot be traced; the message names the failing
-            operation.
+        TracingError: the model cannot be traced and has no block list to hook.
 
     Examples:
         >>> import unifeat
@@ -213,10 +239,5 @@ def get_node_names(
         >>> eval_names[:4], eval_names[-2:]
         (['x', 'conv1', 'bn1', 'relu'], ['flatten', 'fc'])
     """
-    from unifeat import _fx
-
-    plan = _plan(model_name, backend=backend, features_only=True, model_kwargs=model_kwargs)
-    adapter = _registry.get_adapter(plan.backend)
-    if adapter.untraceable is not None:
-        raise TracingError(f"no node names for {plan.label}: {adapter.untraceable}")
-    return _fx.node_names(adapter.source_on_meta(plan), context=plan.label)
+    plan = _plan_from(locals())
+    return _registry.get_adapter(plan.backend).node_names(plan)

@@ -51,9 +51,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, *, context: str) -> None:
-    """Load ``path`` into ``model`` strictly, with a message that names what did not fit."""
-    state = read_state_dict(path)
+def _check_fits(state: Mapping[str, Any], model: nn.Module, path: str | Path, context: str) -> None:
     own = model.state_dict()
     missing = [key for key in own if key not in state]
     unexpected = [key for key in state if key not in own]
@@ -75,4 +73,16 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, context: str) -> None
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not fit {context}: {'; '.join(parts)}"
         )
+
+
+def check_checkpoint(model: nn.Module, path: str | Path, *, context: str) -> None:
+    """Raise the :class:`CheckpointError` :func:`load_checkpoint` would, without loading
+    (``model`` may live on the meta device)."""
+    _check_fits(read_state_dict(path), model, path, context)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, context: str) -> None:
+    """Load ``path`` into ``model`` strictly, with a message that names what did not fit."""
+    state = read_state_dict(path)
+    _check_fits(state, model, path, context)
     model.load_state_dict(state, strict=True)

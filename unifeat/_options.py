@@ -8,13 +8,14 @@ against the shared helpers.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from torch import nn
 
-from unifeat._errors import UnsupportedOptionError, format_choices
+from unifeat._errors import InvalidNodeError, UnsupportedOptionError, format_choices
 from unifeat._indices import IndexSpec, check_index_spec
 
 OutputType = Literal["list", "dict"]
@@ -45,6 +46,10 @@ class BuildPlan(BaseModel):
     output_fmt: OutputFormat = "NCHW"
     return_prefix_tokens: StrictBool = False
     return_nodes: tuple[str, ...] | dict[str, str] | None = None
+    input_size: tuple[int, int] | None = None
+    """``(H, W)`` levels are measured at; ``None``: the model's own."""
+    tracer_kwargs: dict[str, Any] | None = None
+    """torchvision's tracer options for graph backends (``leaf_modules``, ...)."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @property
@@ -62,17 +67,16 @@ _FEATURE_ONLY_OPTIONS = (
     "return_prefix_tokens",
     "return_nodes",
 )
+_TRACER_OPTIONS = ("leaf_modules", "autowrap_modules", "autowrap_functions")
 
 
 def make_plan(**options: Any) -> BuildPlan:
     """Validate ``options`` into a plan, raising unifeat errors that name the value."""
     context = _label(options.get("model_name"), options.get("module"), options.get("backend"))
     options["out_indices"] = check_index_spec(options.get("out_indices"))
-    nodes = options.get("return_nodes")
-    if nodes is not None and not isinstance(nodes, (str, dict)):
-        options["return_nodes"] = tuple(nodes)
-    if isinstance(nodes, str):
-        options["return_nodes"] = (nodes,)
+    options["return_nodes"] = _check_return_nodes(options.get("return_nodes"), context)
+    options["input_size"] = _check_input_size(options.get("input_size"), context)
+    options["tracer_kwargs"] = _check_tracer_kwargs(options.get("tracer_kwargs"), context)
     try:
         plan = BuildPlan(**options)
     except ValidationError as exc:
@@ -87,6 +91,8 @@ def make_plan(**options: Any) -> BuildPlan:
         raise UnsupportedOptionError(f"invalid {field}={value!r} for {context}: {valid}") from None
     if plan.return_nodes is not None and plan.features_only:
         clashing = [k for k in ("out_indices", "output_stride") if getattr(plan, k) is not None]
+        if plan.return_prefix_tokens:
+            clashing.append("return_prefix_tokens")
         if plan.output_fmt != "NCHW":
             clashing.append("output_fmt")
         if clashing:
@@ -103,6 +109,53 @@ def make_plan(**options: Any) -> BuildPlan:
                 "asked for with features_only=False: pass features_only=True"
             )
     return plan
+
+
+def _check_return_nodes(nodes: object, context: str) -> tuple[str, ...] | dict[str, str] | None:
+    if nodes is None:
+        return None
+    if isinstance(nodes, str):
+        return (nodes,)
+    if isinstance(nodes, Mapping):
+        return dict(nodes)
+    if isinstance(nodes, Iterable) and not isinstance(nodes, bytes):
+        return tuple(nodes)
+    raise InvalidNodeError(
+        f"invalid return_nodes={nodes!r} for {context}: expected a list of node names or a "
+        "{node: key} dict (unifeat.get_node_names lists the names)"
+    )
+
+
+def _check_input_size(size: object, context: str) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    values = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+    if (
+        not isinstance(values, (tuple, list))
+        or len(values) not in (2, 3)
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    ):
+        raise UnsupportedOptionError(
+            f"invalid input_size={size!r} for {context}: expected a positive int or (height, width)"
+        )
+    return int(values[-2]), int(values[-1])
+
+
+def _check_tracer_kwargs(options: object, context: str) -> dict[str, Any] | None:
+    if options is None:
+        return None
+    if not isinstance(options, Mapping):
+        raise UnsupportedOptionError(
+            f"invalid tracer_kwargs={options!r} for {context}: expected a dict with keys "
+            f"{format_choices(_TRACER_OPTIONS)}"
+        )
+    unknown = [key for key in options if key not in _TRACER_OPTIONS]
+    if unknown:
+        raise UnsupportedOptionError(
+            f"unknown tracer_kwargs key {unknown[0]!r} for {context}: valid keys are "
+            f"{format_choices(_TRACER_OPTIONS)}"
+        )
+    return {key: list(value) for key, value in options.items()}
 
 
 def _label(model_name: str | None, module: object, backend: object) -> str:

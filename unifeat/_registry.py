@@ -1,23 +1,28 @@
 """The backend registry: names, aliases and lazily imported adapters.
 
-Each backend is a line of data: its name, the adapter class as an import path,
-the library it needs and the pip extra that installs it. Nothing here imports
-a backend library; an adapter module is imported the first time the backend is
-used, so ``import unifeat`` stays cheap.
+Each backend is a line of data: its name, the adapter class (as an import
+path, so nothing is imported until the backend is used), the library it needs
+and the pip extra that installs it. Third-party packages add theirs with
+:func:`register_backend` or an entry point in the ``unifeat.backends`` group,
+read the first time a backend is looked up. ``import unifeat`` imports no
+backend library.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.metadata
 import importlib.util
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from unifeat._errors import (
     BackendUnavailableError,
     UnknownBackendError,
     UnknownModelError,
+    UnsupportedOptionError,
     close_matches,
     format_choices,
 )
@@ -27,16 +32,18 @@ if TYPE_CHECKING:
 
     from unifeat._backends._base import Adapter
 
+ENTRY_POINT_GROUP = "unifeat.backends"
+
 
 @dataclass(frozen=True)
 class BackendEntry:
     name: str
-    adapter: str
-    """``"package.module:ClassName"`` of the adapter, imported on first use."""
-    requires: str
-    """The top-level package of the library the backend wraps."""
-    extra: str
-    """The pip extra that installs ``requires``."""
+    adapter: str | Callable[[], Any]
+    """``"package.module:ClassName"`` (imported on first use) or the adapter class."""
+    requires: str | None
+    """The top-level package of the library the backend wraps (None: nothing)."""
+    extra: str | None
+    """The pip extra (or package) that installs ``requires``."""
     aliases: tuple[str, ...] = ()
     claims_package: str | None = None
     """Module instances whose class comes from this package go to this backend."""
@@ -45,68 +52,170 @@ class BackendEntry:
 _ENTRIES: dict[str, BackendEntry] = {}
 _ALIASES: dict[str, str] = {}
 _ADAPTERS: dict[str, Adapter] = {}
+_entry_points_read = False
 
 
-def register_backend(entry: BackendEntry) -> None:
-    """Add a backend. Registration order is the lookup order for bare names."""
+def _add(entry: BackendEntry, *, replace: bool) -> None:
+    for alias in (entry.name, *entry.aliases):
+        owner = _ALIASES.get(alias)
+        if owner is not None and owner != entry.name and not replace:
+            raise UnsupportedOptionError(
+                f"backend name {alias!r} is taken by backend {owner!r}: pick another name, or "
+                "pass replace=True to take it over"
+            )
+    if entry.name in _ENTRIES and not replace:
+        raise UnsupportedOptionError(
+            f"a backend {entry.name!r} is registered already: pick another name, or pass "
+            "replace=True to replace it"
+        )
+    if entry.name in _ENTRIES:
+        old = _ENTRIES[entry.name]
+        for alias in old.aliases:
+            _ALIASES.pop(alias, None)
     _ENTRIES[entry.name] = entry
+    _ADAPTERS.pop(entry.name, None)
     for alias in (entry.name, *entry.aliases):
         _ALIASES[alias] = entry.name
 
 
-register_backend(
-    BackendEntry(
-        name="timm",
-        adapter="unifeat._backends.timm:TimmAdapter",
-        requires="timm",
-        extra="timm",
-        claims_package="timm",
+def register_backend(
+    name: str,
+    adapter: str | Callable[[], Any],
+    *,
+    requires: str | None = None,
+    extra: str | None = None,
+    aliases: Sequence[str] = (),
+    claims_package: str | None = None,
+    replace: bool = False,
+) -> None:
+    """Add a backend, so that ``create_model("<name>:<model>")`` and friends reach it.
+
+    Args:
+        name: the prefix users write (``"mylib"`` for ``"mylib:net"``).
+        adapter: the adapter class, or ``"package.module:ClassName"`` to import it
+            only when the backend is first used. An adapter subclasses
+            :class:`unifeat.backends.Adapter` and describes its zoo; the docs
+            page "Writing a backend" walks through one.
+        requires: the top-level package the backend needs; where it is not
+            installed, using the backend raises :class:`BackendUnavailableError`.
+        extra: what to ``pip install`` for ``requires`` (named in that error).
+        aliases: other prefixes for the same backend.
+        claims_package: module instances whose class comes from this package are
+            built by this backend.
+        replace: replace a backend registered under ``name`` (or an alias) instead of
+            refusing it.
+
+    Bare model names are looked up in registration order: built-in backends
+    first, then entry points, then backends registered at run time.
+
+    Raises:
+        UnsupportedOptionError: the name or an alias is taken (and ``replace`` is False).
+
+    Examples:
+        >>> import torch.nn as nn, unifeat
+        >>> from unifeat.backends import Adapter
+        >>> class TinyZoo(Adapter):
+        ...     name = "tiny"
+        ...     def has_model(self, name): return name == "net"
+        ...     def model_names(self): return ["net"]
+        ...     def build(self, plan, *, meta, extra_kwargs=None):
+        ...         return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 16, 3, 2, 1))
+        >>> unifeat.register_backend("tiny", TinyZoo)
+        >>> unifeat.feature_info("tiny:net").channels()
+        [8, 16]
+        >>> unifeat.register_backend("tiny", TinyZoo)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        unifeat._errors.UnsupportedOptionError: a backend 'tiny' is registered already: ...
+    """
+    if not isinstance(name, str) or not name or ":" in name or "/" in name:
+        raise UnsupportedOptionError(
+            f"invalid backend name {name!r}: expected a non-empty string without ':' or '/'"
+        )
+    if not (isinstance(adapter, str) and ":" in adapter) and not callable(adapter):
+        raise UnsupportedOptionError(
+            f"invalid adapter {adapter!r} for backend {name!r}: expected an Adapter subclass "
+            "or 'package.module:ClassName'"
+        )
+    _read_entry_points()
+    _add(
+        BackendEntry(
+            name=name,
+            adapter=adapter,
+            requires=requires,
+            extra=extra,
+            aliases=tuple(aliases),
+            claims_package=claims_package,
+        ),
+        replace=replace,
     )
-)
 
 
-register_backend(
+def _read_entry_points() -> None:
+    """Register the backends that installed packages declare (once, lazily)."""
+    global _entry_points_read
+    if _entry_points_read:
+        return
+    _entry_points_read = True
+    for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if point.name in _ALIASES:
+            continue  # a built-in or an earlier package keeps its name
+        _add(
+            BackendEntry(
+                name=point.name,
+                adapter=point.value,
+                requires=point.value.partition(":")[0].split(".")[0],
+                extra=getattr(getattr(point, "dist", None), "name", None),
+            ),
+            replace=False,
+        )
+
+
+for _builtin in (
+    BackendEntry("timm", "unifeat._backends.timm:TimmAdapter", "timm", "timm", (), "timm"),
     BackendEntry(
-        name="torchvision",
-        adapter="unifeat._backends.torchvision:TorchvisionAdapter",
-        requires="torchvision",
-        extra="torchvision",
-        aliases=("tv",),
-        claims_package="torchvision",
-    )
-)
-register_backend(
+        "torchvision",
+        "unifeat._backends.torchvision:TorchvisionAdapter",
+        "torchvision",
+        "torchvision",
+        ("tv",),
+        "torchvision",
+    ),
     BackendEntry(
-        name="hf",
-        adapter="unifeat._backends.hf:HfAdapter",
-        requires="transformers",
-        extra="hf",
-        aliases=("transformers", "huggingface"),
-        claims_package="transformers",
-    )
-)
-# Any other module: traced with FX. It claims no names, only module instances.
-register_backend(
+        "hf",
+        "unifeat._backends.hf:HfAdapter",
+        "transformers",
+        "hf",
+        ("transformers", "huggingface"),
+        "transformers",
+    ),
     BackendEntry(
-        name="fx",
-        adapter="unifeat._backends.fx:FxAdapter",
-        requires="torchvision",
-        extra="torchvision",
-    )
-)
+        "open_clip",
+        "unifeat._backends.open_clip:OpenClipAdapter",
+        "open_clip",
+        "openclip",
+        ("oc", "openclip"),
+        "open_clip",
+    ),
+    # Any other module: traced with FX. It claims no names, only module instances.
+    BackendEntry("fx", "unifeat._backends.fx:FxAdapter", "torchvision", "torchvision"),
+):
+    _add(_builtin, replace=False)
 _FALLBACK_FOR_MODULES = "fx"
 
 
 def backend_names() -> tuple[str, ...]:
     """Registered backends, in the order bare model names are looked up."""
+    _read_entry_points()
     return tuple(_ENTRIES)
 
 
 def canonical_backend(name: str, *, context: str = "") -> str:
     """The registered name for ``name`` or one of its aliases."""
+    _read_entry_points()
     try:
         return _ALIASES[name]
-    except KeyError:
+    except (KeyError, TypeError):
         where = f" (for {context})" if context else ""
         raise UnknownBackendError(
             f"unknown backend {name!r}{where}: known backends are {format_choices(backend_names())}"
@@ -114,7 +223,8 @@ def canonical_backend(name: str, *, context: str = "") -> str:
 
 
 def is_available(name: str) -> bool:
-    return importlib.util.find_spec(_ENTRIES[name].requires) is not None
+    requires = _ENTRIES[name].requires
+    return requires is None or importlib.util.find_spec(requires) is not None
 
 
 def get_adapter(name: str) -> Adapter:
@@ -123,22 +233,32 @@ def get_adapter(name: str) -> Adapter:
     if name in _ADAPTERS:
         return _ADAPTERS[name]
     entry = _ENTRIES[name]
-    hint = f'install it with `pip install "unifeat[{entry.extra}]"`'
+    hint = (
+        f'install it with `pip install "unifeat[{entry.extra}]"`'
+        if entry.extra and entry.name in _BUILTIN_EXTRAS
+        else f"install it with `pip install {entry.extra or entry.requires}`"
+    )
     if not is_available(name):
         raise BackendUnavailableError(
             f"the {name!r} backend needs the {entry.requires!r} package, which is not "
             f"installed: {hint}"
         )
-    module_name, _, class_name = entry.adapter.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"the {name!r} backend could not import {entry.requires!r} ({exc}): {hint}"
-        ) from exc
-    adapter: Adapter = getattr(module, class_name)()
+    factory = entry.adapter
+    if isinstance(factory, str):
+        module_name, _, class_name = factory.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"the {name!r} backend could not import {entry.requires!r} ({exc}): {hint}"
+            ) from exc
+        factory = getattr(module, class_name)
+    adapter = factory()
     _ADAPTERS[name] = adapter
     return adapter
+
+
+_BUILTIN_EXTRAS = frozenset({"timm", "torchvision", "hf", "open_clip", "fx"})
 
 
 def split_backend_prefix(model_name: str) -> tuple[str | None, str]:

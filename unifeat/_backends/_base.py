@@ -1,43 +1,386 @@
-"""The interface every backend adapter implements; the front door knows only this."""
+"""The interface every backend adapter implements, and the build template they share.
+
+An adapter knows its model zoo and nothing else: names and listing, how to
+build a model (on the meta device or for real), native switches, per-family
+tables, preprocessing. Everything that follows from a validated
+:class:`~unifeat._options.BuildPlan` is written once, here and in
+:mod:`unifeat._engine`: finding levels, ``output_stride``, checkpoints,
+copying a module passed in, making the feature model. An adapter that needs
+nothing special writes no ``create()``.
+"""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import copy
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, NoReturn, cast
 
 from torch import nn
 
+from unifeat._checkpoint import check_checkpoint, load_checkpoint
+from unifeat._engine import levels as _levels
+from unifeat._engine.graph import GraphFinder
+from unifeat._engine.hooks import CallingConvention, HookFinder
+from unifeat._engine.layout import Finder, Layout, apply_output_stride
+from unifeat._engine.levels import Level
+from unifeat._engine.model import FeatureModel, share_parameters_copy
+from unifeat._engine.native import NativeSpec
+from unifeat._errors import TracingError, UnsupportedOptionError, close_matches
 from unifeat._feature_info import FeatureInfo
+from unifeat._feature_model import attach_image_transform
+from unifeat._indices import IndexSpec
 from unifeat._options import BuildPlan
 
+FinderKind = Literal["graph", "hooks"]
 
-class Adapter(ABC):
+_UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '([^']+)'")
+
+
+def refuse_unknown_kwargs(
+    exc: TypeError, plan: BuildPlan, accepted: Callable[[], list[str]]
+) -> None:
+    """Turn a constructor's complaint about a keyword argument it does not take into
+    an :class:`UnsupportedOptionError` naming it and the close matches; any other
+    ``TypeError`` is left to the caller."""
+    match = _UNEXPECTED_KEYWORD.search(str(exc))
+    if match is None:
+        return
+    unknown_keyword(match.group(1), plan, accepted())
+
+
+def unknown_keyword(bad: str, plan: BuildPlan, valid: list[str]) -> NoReturn:
+    similar = close_matches(bad, valid)
+    hint = f"; close matches: {', '.join(similar)}" if similar else ""
+    shown = ", ".join(sorted(valid)[:40]) + (" ..." if len(valid) > 40 else "")
+    raise UnsupportedOptionError(
+        f"unknown keyword argument {bad!r} for {plan.label}{hint} (it takes: {shown})"
+    ) from None
+
+
+@dataclass
+class NativeLevels:
+    """What a library with its own ``forward_intermediates`` says of a model."""
+
+    spec: NativeSpec
+    levels: list[Level]
+    tokens: bool
+    """A token model (prefix tokens can be returned)."""
+    input_size: tuple[int, int, int]
+    """``(C, H, W)`` the model was made for."""
+    default: IndexSpec = None
+    """The library's own default selection, where it is part of its contract."""
+
+
+class Adapter:
     """Turns a validated :class:`BuildPlan` into a model or its metadata."""
 
-    name: str
-    untraceable: str | None = None
-    """Why this backend's models have no FX node names, where they have none."""
+    name: ClassVar[str]
+    finder: ClassVar[FinderKind] = "graph"
+    """How levels are found where the library has no ``forward_intermediates``."""
 
-    @abstractmethod
+    # -- zoo knowledge: what adapters override -----------------------------------------------
+
     def has_model(self, name: str) -> bool:
         """Whether ``name`` (without backend prefix) is a model this backend can build."""
+        return False
 
-    @abstractmethod
     def model_names(self) -> list[str]:
         """Every model name the backend knows, for listing and close matches."""
+        return []
 
-    @abstractmethod
+    def build(
+        self, plan: BuildPlan, *, meta: bool, extra_kwargs: Mapping[str, Any] | None = None
+    ) -> nn.Module:
+        """The model ``plan`` names (weights only for ``meta=False``), with the
+        library's own ``output_stride`` switch in ``extra_kwargs``."""
+        raise UnsupportedOptionError(
+            f"the {self.name!r} backend builds nothing by name: pass an nn.Module instance"
+        )
+
+    def native_input_size(self, plan: BuildPlan, source: nn.Module) -> tuple[int, int, int]:
+        """``(C, H, W)`` the model was made for (levels are measured there)."""
+        return (3, 224, 224)
+
+    def head_modules(self, source: nn.Module) -> tuple[str, ...]:
+        """Graph finder hint: modules that are head, though the level rule would take them."""
+        return ()
+
+    def convention(self, plan: BuildPlan, source: nn.Module) -> tuple[str, CallingConvention]:
+        """Hook finder hint: the trunk's path in ``source`` and how to call it."""
+        return "", CallingConvention()
+
+    def native(self, plan: BuildPlan, extra_kwargs: Mapping[str, Any]) -> NativeLevels | None:
+        """The library's own intermediates for ``plan``, where it has them."""
+        return None
+
+    def native_stride(self, plan: BuildPlan, stride: int) -> dict[str, Any] | None:
+        """Constructor arguments of the library's own switch for ``stride``, or None."""
+        return None
+
+    def native_strides(self, plan: BuildPlan) -> list[int]:
+        """The strides the library's own switch reaches (for messages)."""
+        return []
+
+    def image_transform(self, plan: BuildPlan, source: nn.Module) -> Any:
+        """The preprocessing the library prescribes for ``source`` (PIL image -> tensor),
+        where it says."""
+        return None
+
+    def whole_model(self, plan: BuildPlan, source: nn.Module) -> nn.Module:
+        """What ``features_only=False`` returns: the library's own model."""
+        if plan.module is None:
+            cast(Any, source).backend = self.name
+        return source
+
+    def check_kwargs(self, plan: BuildPlan) -> None:
+        """Refuse constructor keyword arguments the model does not take, before building."""
+
+    # -- the template ----------------------------------------------------------------------------
+
+    def source_on_meta(self, plan: BuildPlan) -> nn.Module:
+        """The source without weights (meta device); a module passed in as it is
+        (finders run it with weightless stand-ins and restore its modes)."""
+        if plan.module is not None:
+            return plan.module
+        return self.build(plan, meta=True)
+
+    def input_size(self, plan: BuildPlan, source: nn.Module) -> tuple[int, int, int]:
+        """The one input size of a build: ``input_size=`` where given, else the model's own."""
+        channels, height, width = self.native_input_size(plan, source)
+        if plan.input_size is not None:
+            height, width = plan.input_size
+        return channels, height, width
+
     def describe(self, plan: BuildPlan) -> FeatureInfo:
         """The feature levels ``plan`` would give, without allocating weights.
 
         Also validates everything the model decides (index range,
-        ``output_stride``), so that a failing plan fails before any real build.
+        ``output_stride``, a checkpoint's keys), so that a failing plan fails
+        before any real build, with the error ``create`` would raise.
         """
+        layout = self.layout(plan)
+        if plan.checkpoint_path is not None:
+            check_checkpoint(self.source_on_meta(plan), plan.checkpoint_path, context=plan.label)
+        return layout.info
 
-    @abstractmethod
+    def node_names(self, plan: BuildPlan) -> tuple[list[str], list[str]]:
+        """Train and eval node names: FX's where the model traces, module paths otherwise."""
+        self._refuse_instance_kwargs(plan)
+        source = self.source_on_meta(plan)
+        size = self.input_size(plan, source)
+        finder = self._finder(plan, source, size, self.node_finder(plan))
+        if isinstance(finder, GraphFinder):
+            return finder.node_names()
+        names = finder.node_names()
+        return list(names), list(names)
+
+    def node_finder(self, plan: BuildPlan) -> FinderKind:
+        """How ``return_nodes`` and node names are served."""
+        return self.finder
+
+    def layout(self, plan: BuildPlan) -> Layout:
+        """Levels, FeatureInfo and the runner to make, all found on the meta device."""
+        self._refuse_instance_kwargs(plan)
+        self.check_kwargs(plan)
+        context = plan.label
+        native = self.native(plan, {}) if plan.return_nodes is None else None
+        if native is not None:
+            return self._native_layout(plan, native)
+        source = self.source_on_meta(plan)
+        size = self.input_size(plan, source)
+        kind = self.node_finder(plan) if plan.return_nodes is not None else self.finder
+        finder = self._finder(plan, source, size, kind)
+        if plan.return_nodes is not None:
+            levels = finder.node_levels(plan.return_nodes)
+            indices: IndexSpec = tuple(range(len(levels)))
+        else:
+            levels, indices = finder.levels(), plan.out_indices
+        build_kwargs: dict[str, Any] = {}
+
+        def switch(stride: int) -> list[Level] | None:
+            kwargs = self.native_stride(plan, stride) if plan.module is None else None
+            if kwargs is None:
+                return None
+            build_kwargs.update(kwargs)
+            variant = self.build(plan, meta=True, extra_kwargs=kwargs)
+            return self._relevel(finder, variant, levels)
+
+        levels, dilation = (
+            apply_output_stride(
+                levels,
+                plan.output_stride,
+                context=context,
+                finder=finder,
+                native_switch=switch,
+                native_strides=self.native_strides(plan),
+            )
+            if plan.return_nodes is None
+            else (levels, [])
+        )
+        tokens = any(level.layout == "tokens" for level in levels)
+        self._check_prefix_tokens(plan, tokens)
+        info = _levels.feature_info(levels, indices, context=context)
+        return Layout(
+            levels,
+            info,
+            size,
+            finder.plan(levels),
+            dilation=dilation,
+            dilation_root=finder.trunk_path if isinstance(finder, HookFinder) else "",
+            build_kwargs=build_kwargs,
+        )
+
+    def _finder(
+        self, plan: BuildPlan, source: nn.Module, size: tuple[int, int, int], kind: FinderKind
+    ) -> Finder:
+        """The finder of ``kind``; a graph that does not trace falls back to hooks on
+        the model's block list, and the tracing error stands where that fails too."""
+        if kind == "graph":
+            try:
+                return GraphFinder(
+                    source,
+                    input_size=size,
+                    context=plan.label,
+                    head_modules=self.head_modules(source),
+                    tracer_options=plan.tracer_kwargs,
+                )
+            except TracingError as untraceable:
+                try:
+                    hooks = self._hook_finder(plan, source, size)
+                    if plan.return_nodes is None:
+                        hooks.levels()
+                    return hooks
+                except UnsupportedOptionError:
+                    raise untraceable from None
+        return self._hook_finder(plan, source, size)
+
+    def _hook_finder(
+        self, plan: BuildPlan, source: nn.Module, size: tuple[int, int, int]
+    ) -> HookFinder:
+        trunk, convention = self.convention(plan, source)
+        return HookFinder(
+            source, trunk_path=trunk, convention=convention, input_size=size, context=plan.label
+        )
+
+    def _relevel(self, finder: Finder, variant: nn.Module, levels: list[Level]) -> list[Level]:
+        """The same levels in a build with the library's own dilation switch."""
+        from unifeat._engine.graph import relevel
+
+        if isinstance(finder, GraphFinder):
+            return relevel(levels, finder.remeasure(variant, retrace=True), finder.size)
+        trunk, convention = finder.trunk_path, finder.convention
+        again = HookFinder(
+            variant,
+            trunk_path=trunk,
+            convention=convention,
+            input_size=finder.input_size,
+            context=finder.context,
+        )
+        shapes = {r.path: r.output for r in again.records}
+        return relevel(levels, {lv.where: shapes.get(lv.where) for lv in levels}, finder.size)
+
+    def _native_layout(self, plan: BuildPlan, native: NativeLevels) -> Layout:
+        build_kwargs: dict[str, Any] = {}
+
+        def switch(stride: int) -> list[Level] | None:
+            kwargs = self.native_stride(plan, stride)
+            if kwargs is None:
+                return None
+            build_kwargs.update(kwargs)
+            strided = self.native(plan, kwargs)
+            return strided.levels if strided is not None else None
+
+        levels, _ = apply_output_stride(
+            native.levels,
+            plan.output_stride,
+            context=plan.label,
+            finder=None,
+            native_switch=switch,
+            native_strides=self.native_strides(plan),
+            tokens=native.tokens,
+        )
+        self._check_prefix_tokens(plan, native.tokens)
+        info = _levels.feature_info(
+            levels, plan.out_indices, context=plan.label, default=native.default
+        )
+        channels, height, width = native.input_size
+        if plan.input_size is not None:
+            height, width = plan.input_size
+        return Layout(
+            levels, info, (channels, height, width), native.spec, build_kwargs=build_kwargs
+        )
+
+    @staticmethod
+    def _check_prefix_tokens(plan: BuildPlan, tokens: bool) -> None:
+        if plan.return_prefix_tokens and not tokens:
+            raise UnsupportedOptionError(
+                f"return_prefix_tokens=True needs a token model with prefix tokens, but "
+                f"{plan.label} returns plain feature maps"
+            )
+
+    @staticmethod
+    def _refuse_instance_kwargs(plan: BuildPlan) -> None:
+        if plan.module is not None and plan.model_kwargs:
+            names = ", ".join(sorted(plan.model_kwargs))
+            raise UnsupportedOptionError(
+                f"keyword arguments {names} go to a model's constructor, but {plan.label} is "
+                "already built: pass them when you build it (unifeat takes input_size=, "
+                "return_nodes= and tracer_kwargs= for modules passed in)"
+            )
+
     def create(self, plan: BuildPlan) -> nn.Module:
         """The backend's own model (``features_only=False``) or a feature model."""
+        # Everything that depends on the model is checked on a meta build first,
+        # so that a failing call builds nothing and touches nothing.
+        needs_layout = plan.features_only or plan.output_stride is not None
+        layout = self.layout(plan) if needs_layout else None
+        if not needs_layout:
+            self._refuse_instance_kwargs(plan)
+            self.check_kwargs(plan)
+        source = self._real_source(plan, layout)
+        if layout is not None:
+            layout.apply_dilation(source)
+        if not plan.features_only:
+            return self.whole_model(plan, source)
+        assert layout is not None
+        source_keys = tuple(nn.Module.state_dict(source).keys())
+        training = source.training
+        runner, root = layout.make_runner(source, context=plan.label)
+        model = FeatureModel(
+            runner,
+            root,
+            feature_info=layout.info,
+            backend=self.name,
+            input_size=layout.input_size,
+            output_type=plan.output_type or ("dict" if plan.return_nodes is not None else "list"),
+            output_fmt=plan.output_fmt,
+            return_prefix_tokens=plan.return_prefix_tokens,
+            context=plan.label,
+            source_keys=source_keys,
+            training=training,
+        )
+        transform = self.image_transform(plan, source)
+        if transform is not None:
+            attach_image_transform(model, transform)
+        return model
 
-    @abstractmethod
-    def source_on_meta(self, plan: BuildPlan) -> nn.Module:
-        """The source model without weights (meta device), e.g. for tracing node names;
-        a module passed in is returned as it is."""
+    def _real_source(self, plan: BuildPlan, layout: Layout | None) -> nn.Module:
+        """The model to cut: a module passed in is shared (its parameters, never its
+        structure) or, to load a checkpoint, copied; a name is built for real."""
+        dilates = layout is not None and bool(layout.dilation)
+        if plan.module is not None:
+            source = plan.module
+            if plan.checkpoint_path is not None:
+                # Loading writes into the tensors, which the caller's module owns.
+                source = copy.deepcopy(source)
+                load_checkpoint(source, plan.checkpoint_path, context=plan.label)
+            elif plan.features_only or dilates:
+                source = share_parameters_copy(source)
+            return source
+        extra = layout.build_kwargs if layout is not None else {}
+        source = self.build(plan, meta=False, extra_kwargs=extra)
+        if plan.checkpoint_path is not None:
+            load_checkpoint(source, plan.checkpoint_path, context=plan.label)
+        return source

@@ -1,28 +1,29 @@
-"""The torchvision backend: FX graphs cut at automatically found levels.
+"""The torchvision backend: every classification model by name, levels from FX graphs.
 
-Levels come from a meta-device build, trace and shape propagation (see
-``unifeat._fx``); the feature model runs the real model's traced graphs,
-cut after the deepest requested level.
+What torchvision knows and the engine cannot guess: model names, how to
+build them (RegNet's constructor reads tensor values, so it is built on CPU),
+the input size Inception and ViTs are made for, the 1x1 head convs that timm
+does not count as a level, and the native dilation switches.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
-from unifeat._backends.fx import FxAdapter
+from unifeat._backends._base import Adapter, refuse_unknown_kwargs
 from unifeat._errors import UnsupportedOptionError, format_choices
-from unifeat._feature_model import attach_image_transform
 from unifeat._options import BuildPlan
 
 # Where torchvision's automatic level list differs from the canonical one of
 # the same architecture in timm, the last modules of a container are part of
-# the head, not a level: the 1x1 conv before pooling that timm does not count
-# (SPEC §2). By class, so that a model built by name and one passed in agree:
+# the head, not a level: the 1x1 conv before pooling that timm does not count.
+# By class, so that a model built by name and one passed in agree:
 # class name -> (container, how many of its last children).
 HEAD_OVERRIDES: dict[str, tuple[str, int]] = {
     "EfficientNet": ("features", 1),  # efficientnet_b0..b7 features.8, v2_s/m/l features.7
@@ -51,7 +52,7 @@ def _matching(table: dict[str, Any], name: str) -> Any:
     return next((value for pattern, value in table.items() if fnmatch.fnmatch(name, pattern)), None)
 
 
-class TorchvisionAdapter(FxAdapter):
+class TorchvisionAdapter(Adapter):
     name = "torchvision"
 
     def has_model(self, name: str) -> bool:
@@ -68,36 +69,27 @@ class TorchvisionAdapter(FxAdapter):
         children = [name for name, _ in source.get_submodule(container).named_children()]
         return tuple(f"{container}.{name}" for name in children[-count:])
 
-    def input_size(self, plan: BuildPlan) -> tuple[int, int]:
-        size = plan.model_kwargs.get("image_size") or _INPUT_SIZES.get(plan.model_name or "", 224)
-        return (int(size), int(size))
+    def native_input_size(self, plan: BuildPlan, source: nn.Module) -> tuple[int, int, int]:
+        size = getattr(source, "image_size", None) or _INPUT_SIZES.get(plan.model_name or "", 224)
+        return (3, int(size), int(size))
 
-    def constructor_kwargs(self, plan: BuildPlan) -> dict[str, Any]:
-        kwargs = dict(plan.model_kwargs)
-        if plan.output_stride is None or plan.module is not None:
-            return kwargs
+    def native_stride(self, plan: BuildPlan, stride: int) -> dict[str, Any] | None:
         native = _matching(_NATIVE_DILATION, plan.model_name or "") or {}
-        if plan.output_stride in native:
-            kwargs.update(native[plan.output_stride])
-        return kwargs
+        return native.get(stride)
 
-    def stride_is_native(self, plan: BuildPlan) -> bool:
-        native = _matching(_NATIVE_DILATION, plan.model_name or "") or {}
-        return plan.output_stride in native
+    def native_strides(self, plan: BuildPlan) -> list[int]:
+        return sorted(_matching(_NATIVE_DILATION, plan.model_name or "") or {})
 
-    def supported_strides(self, plan: BuildPlan, native: int) -> list[int]:
-        return sorted({native, *(_matching(_NATIVE_DILATION, plan.model_name or "") or {})})
-
-    def create(self, plan: BuildPlan) -> nn.Module:
-        model = super().create(plan)
+    def image_transform(self, plan: BuildPlan, source: nn.Module) -> Any:
         if plan.pretrained and plan.model_name is not None:
-            weights = torchvision.models.get_model_weights(plan.model_name).DEFAULT
-            attach_image_transform(model, weights.transforms())
-        return model
+            return torchvision.models.get_model_weights(plan.model_name).DEFAULT.transforms()
+        return None
 
-    def build(self, plan: BuildPlan, *, meta: bool) -> nn.Module:
+    def build(
+        self, plan: BuildPlan, *, meta: bool, extra_kwargs: Mapping[str, Any] | None = None
+    ) -> nn.Module:
         assert plan.model_name is not None
-        kwargs = self.constructor_kwargs(plan)
+        kwargs = {**plan.model_kwargs, **(extra_kwargs or {})}
         weights = "DEFAULT" if plan.pretrained and not meta else None
         try:
             if meta:
@@ -107,11 +99,30 @@ class TorchvisionAdapter(FxAdapter):
                 except (RuntimeError, NotImplementedError):
                     pass  # RegNet's constructor reads tensor values: build on CPU
             return torchvision.models.get_model(plan.model_name, weights=weights, **kwargs)
-        except (TypeError, ValueError, NotImplementedError) as exc:
-            if plan.output_stride is not None:
+        except TypeError as exc:
+            refuse_unknown_kwargs(exc, plan, lambda: self._accepted(plan))
+            raise
+        except (ValueError, NotImplementedError) as exc:
+            if extra_kwargs:
                 raise UnsupportedOptionError(
                     f"output_stride={plan.output_stride} is not supported by {plan.label}: "
-                    f"supported values are "
-                    f"{format_choices(self.supported_strides(plan, 32))} (torchvision: {exc})"
+                    f"supported values are {format_choices(self.native_strides(plan))} "
+                    f"(torchvision: {exc})"
                 ) from None
-            raise
+            raise UnsupportedOptionError(
+                f"torchvision could not build {plan.label} with {dict(plan.model_kwargs)}: {exc}"
+            ) from None
+
+    def _accepted(self, plan: BuildPlan) -> list[str]:
+        """The keyword arguments a model's builder and class take."""
+        import inspect
+
+        assert plan.model_name is not None
+        builder = torchvision.models.get_model_builder(plan.model_name)
+        with torch.device("meta"):
+            try:
+                model = builder()
+            except Exception:
+                return []
+        names = [*inspect.signature(builder).parameters, *inspect.signature(type(model)).parameters]
+        return [n for n in dict.fromkeys(names) if n not in ("kwargs", "args", "self")]

@@ -1,19 +1,20 @@
 """``output_stride`` without a native switch: strided convs and pools become dilated.
 
-Backend-neutral: a backend lists the model's convolutions and pools in
-execution order with their input shapes (from an FX graph, or from hooks on a
-shape pass), and gets back the changes to apply to the modules.
+Backend-neutral: a finder lists the model's convolutions and pools in
+execution order with their input reductions (from an FX graph, or from hooks on
+a shape pass), and gets back the changes to apply to the modules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from unifeat._errors import UnsupportedOptionError
+from unifeat._engine.levels import Level
+from unifeat._errors import UnsupportedOptionError, format_choices
 
 SPATIAL_OPS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 
@@ -83,3 +84,48 @@ def apply_dilation(root: nn.Module, changes: Sequence[DilationChange]) -> None:
             module.stride = change.stride
             module.dilation = change.dilation
             module.padding = (kernel - 1) * change.dilation // 2
+
+
+def supported_message(strides: Sequence[int]) -> str:
+    return f"supported values are {format_choices(sorted(set(strides)))}"
+
+
+def generic_dilation(
+    levels: Sequence[Level],
+    ops: Sequence[tuple[str, nn.Module, int]],
+    output_stride: int,
+    *,
+    remeasure: Callable[[Sequence[DilationChange]], Sequence[Level]],
+    context: str,
+    also_supported: Sequence[int] = (),
+) -> tuple[list[DilationChange], list[Level]]:
+    """``output_stride`` for any conv net: plan the changes, measure the levels of the
+    dilated build (``remeasure`` applies the changes to a weightless copy and reads
+    the levels' new reductions), and check that the target was reached.
+
+    The one dilation loop of every backend; a target above the native stride is
+    refused, naming the values that work (token models are refused before).
+    """
+    native = max(level.reduction for level in levels)
+    if output_stride > native:
+        raise UnsupportedOptionError(
+            f"output_stride={output_stride} is larger than the native stride {native} of "
+            f"{context}: {supported_message([native, *also_supported])}"
+        )
+    changes = plan_dilation(ops, output_stride, context=context)
+    try:
+        dilated = list(remeasure(changes))
+    except UnsupportedOptionError:
+        raise UnsupportedOptionError(
+            f"output_stride={output_stride} is not supported by {context}: once dilated, its "
+            "branches no longer produce maps of matching sizes (valid padding); "
+            f"{supported_message([native, *also_supported])}"
+        ) from None
+    reached = max(level.reduction for level in dilated)
+    if reached != output_stride:
+        raise UnsupportedOptionError(
+            f"output_stride={output_stride} is not supported by {context}: it downsamples "
+            f"outside conv and pool modules (reached {reached}); "
+            f"{supported_message([native, *also_supported])}"
+        )
+    return changes, dilated

@@ -1,0 +1,191 @@
+"""The open_clip backend: the image tower of any open_clip model (``oc:ViT-B-32``).
+
+open_clip ships ``forward_intermediates`` on its three kinds of image tower;
+this adapter only says how to call them: the engine measures the levels on
+the meta device and runs them natively. ``pretrained=True`` loads open_clip's
+default weights for the model (``oc:ViT-B-32:openai`` names a tag); the text
+tower is never built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.model import _build_vision_tower
+from torch import Tensor, nn
+
+from unifeat._backends import timm as timm_backend
+from unifeat._backends._base import Adapter, NativeLevels, unknown_keyword
+from unifeat._engine.levels import FeatureMap
+from unifeat._engine.native import NativeSpec, measure_levels
+from unifeat._options import BuildPlan
+
+# -- ViT towers: blocks of tokens, a class token first ---------------------------------
+
+
+def _vit_final(
+    tower: Any, x: Tensor, indices: list[int], prefix: bool, norm: bool
+) -> tuple[Tensor, list[FeatureMap]]:
+    last = len(tower.transformer.resblocks) - 1
+    wanted = sorted({*indices, last})
+    out = tower.forward_intermediates(
+        x,
+        indices=wanted,
+        intermediates_only=True,
+        normalize_intermediates=norm,
+        output_extra_tokens=True,
+    )
+    maps, prefixes = out["image_intermediates"], out["image_intermediates_prefix"]
+    picked = [wanted.index(i) for i in indices]
+    chosen: list[FeatureMap] = [(maps[i], prefixes[i]) if prefix else maps[i] for i in picked]
+    tokens = torch.cat([prefixes[-1], maps[-1].flatten(2).transpose(1, 2)], dim=1)
+    if not norm and tower.attn_pool is None and not tower.final_ln_after_pool:
+        tokens = tower.ln_post(tokens)  # an Identity once the norm was pruned
+    return tokens, chosen
+
+
+def _vit_intermediates(
+    tower: Any, x: Tensor, indices: list[int], prefix: bool, norm: bool
+) -> list[FeatureMap]:
+    out = tower.forward_intermediates(
+        x,
+        indices=indices,
+        intermediates_only=True,
+        normalize_intermediates=norm,
+        output_extra_tokens=prefix,
+    )
+    if prefix:
+        return list(zip(out["image_intermediates"], out["image_intermediates_prefix"], strict=True))
+    return list(out["image_intermediates"])
+
+
+def _vit_prune(tower: Any, last_level: int, keep_final: bool) -> None:
+    tower.prune_intermediate_layers([last_level], prune_norm=not keep_final, prune_head=True)
+
+
+_VIT = NativeSpec(_vit_intermediates, _vit_final, _vit_prune)
+
+# -- ModifiedResNet towers: the stem and four stages ------------------------------------
+
+_RESNET_LEVELS = ["avgpool", "layer1", "layer2", "layer3", "layer4"]
+
+
+def _resnet_depth(tower: Any) -> int:
+    kept = [
+        name for name in _RESNET_LEVELS[1:] if not isinstance(getattr(tower, name), nn.Identity)
+    ]
+    return len(kept)
+
+
+def _resnet_final(
+    tower: Any, x: Tensor, indices: list[int], prefix: bool, norm: bool
+) -> tuple[Tensor, list[FeatureMap]]:
+    wanted = sorted({*indices, _resnet_depth(tower)})
+    maps = tower.forward_intermediates(x, indices=wanted, intermediates_only=True)
+    maps = maps["image_intermediates"]
+    return maps[-1], [maps[wanted.index(i)] for i in indices]
+
+
+def _resnet_intermediates(
+    tower: Any, x: Tensor, indices: list[int], prefix: bool, norm: bool
+) -> list[FeatureMap]:
+    return list(
+        tower.forward_intermediates(x, indices=indices, intermediates_only=True)[
+            "image_intermediates"
+        ]
+    )
+
+
+def _resnet_prune(tower: Any, last_level: int, keep_final: bool) -> None:
+    for name in [*_RESNET_LEVELS[last_level + 1 :], "attnpool"]:
+        setattr(tower, name, nn.Identity())
+
+
+_RESNET = NativeSpec(
+    _resnet_intermediates, _resnet_final, _resnet_prune, norm="its stages have no final norm"
+)
+
+# -- timm towers: the trunk is a timm model ----------------------------------------------
+
+
+def _trunk_intermediates(
+    tower: Any, x: Tensor, indices: list[int], prefix: bool, norm: bool
+) -> list[FeatureMap]:
+    return timm_backend.TIMM.intermediates(tower.trunk, x, indices, prefix, norm)
+
+
+def _trunk_final(
+    tower: Any, x: Tensor, indices: list[int], prefix: bool, norm: bool
+) -> tuple[Tensor, list[FeatureMap]]:
+    return timm_backend.TIMM.final(tower.trunk, x, indices, prefix, norm)
+
+
+def _trunk_prune(tower: Any, last_level: int, keep_final: bool) -> None:
+    timm_backend.TIMM.prune(tower.trunk, last_level, keep_final)
+    tower.head = nn.Identity()  # the projection into the joint embedding
+
+
+_TIMM_TOWER = NativeSpec(_trunk_intermediates, _trunk_final, _trunk_prune)
+
+
+class OpenClipAdapter(Adapter):
+    name = "open_clip"
+
+    def has_model(self, name: str) -> bool:
+        model, _, _tag = name.partition(":")
+        return model in open_clip.list_models()
+
+    def model_names(self) -> list[str]:
+        return list(open_clip.list_models())
+
+    def build(
+        self, plan: BuildPlan, *, meta: bool, extra_kwargs: Mapping[str, Any] | None = None
+    ) -> nn.Module:
+        assert plan.model_name is not None
+        name, _, tag = plan.model_name.partition(":")
+        config = open_clip.get_model_config(name)
+        vision = {**config["vision_cfg"], **plan.model_kwargs}
+        for key in plan.model_kwargs:
+            if key not in open_clip.model.CLIPVisionCfg.__dataclass_fields__:
+                unknown_keyword(
+                    key, plan, sorted(open_clip.model.CLIPVisionCfg.__dataclass_fields__)
+                )
+        if plan.pretrained and not meta:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            model = open_clip.create_model(name, pretrained=tag or (tags[0] if tags else None))
+            return model.visual
+        with torch.device("meta") if meta else torch.device("cpu"):
+            return _build_vision_tower(
+                config["embed_dim"], vision, quick_gelu=config.get("quick_gelu", False)
+            )
+
+    def native_input_size(self, plan: BuildPlan, source: nn.Module) -> tuple[int, int, int]:
+        size = getattr(source, "image_size", 224)
+        height, width = (size, size) if isinstance(size, int) else size
+        return 3, int(height), int(width)
+
+    def native(self, plan: BuildPlan, extra_kwargs: Mapping[str, Any]) -> NativeLevels | None:
+        tower = self.source_on_meta(plan)
+        if isinstance(tower, open_clip.transformer.VisionTransformer):
+            blocks = len(tower.transformer.resblocks)
+            spec, names, tokens = _VIT, [f"transformer.resblocks.{i}" for i in range(blocks)], True
+        elif isinstance(tower, open_clip.modified_resnet.ModifiedResNet):
+            spec, names, tokens = _RESNET, _RESNET_LEVELS, False
+        else:
+            trunk = tower.get_submodule("trunk")
+            spec, tokens = _TIMM_TOWER, timm_backend.takes_prefix_tokens(trunk)
+            names = [f"trunk.{level['module']}" for level in timm_backend.levels_of(trunk)]
+        size = self.native_input_size(plan, tower)
+        levels = measure_levels(tower, spec, names, size, tokens=tokens)
+        return NativeLevels(spec, levels, tokens, size)
+
+    def image_transform(self, plan: BuildPlan, source: nn.Module) -> Any:
+        """open_clip's own eval preprocessing at the tower's input size."""
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        stored = getattr(source, "preprocess_cfg", None) or {}
+        config = PreprocessCfg(**{**stored, "size": getattr(source, "image_size", 224)})
+        return image_transform_v2(config, is_train=False)

@@ -1,0 +1,1054 @@
+"""Levels found on a traced FX graph, and the runner that executes the cut graph.
+
+One trace per mode with torchvision's own tracer (its leaf-module and
+node-naming conventions), one shape propagation on the meta device, and from
+those: node names (torchvision's), the automatic level list, and graph modules
+that compute only what the requested levels need.
+
+How levels are found
+--------------------
+A node is a *cut point* when it is the only activation alive after it runs:
+everything later depends on it alone. For each reduction ``r`` (input size /
+map size, rounded to a power of two), the level is the output of the last
+stage at ``r``: take the first node ``D`` above ``r``, walk up ``D``'s module
+ancestors while each ancestor's single external input is a cut point at ``r``,
+and take the shallowest such input (the output of the block *before* the one
+that downsamples). Where no ancestor qualifies, the last cut point at ``r``
+before ``D``. Token models (``[N, L, C]`` after a patch embedding) get one
+level per block of their block container.
+
+The final output (``forward_intermediates``) is the last cut point before the
+classifier head (pooling, flatten, logits) whose tensor has the deepest
+level's grid: the input of the global pooling, after the final norm.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torchvision.models.feature_extraction import NodePathTracer
+
+from unifeat._engine.dilation import SPATIAL_OPS
+from unifeat._engine.levels import FeatureMap, Level, spatial, to_map, token_grid
+from unifeat._engine.meta import weightless
+from unifeat._engine.model import Runner
+from unifeat._errors import InvalidNodeError, TracingError, UnsupportedOptionError, close_matches
+
+# Top-level modules that belong to a classifier head, never to a feature level:
+# pooling, the final layout change of Swin-likes, logits. A final norm is not
+# listed: it is part of the final output, though never of a level.
+HEAD_MODULES = frozenset(
+    {
+        "avgpool",
+        "global_pool",
+        "flatten",
+        "fc",
+        "classifier",
+        "head",
+        "heads",
+        "dropout",
+        "permute",
+        "pre_logits",
+        "last_linear",
+        "logits",
+    }
+)
+# A top-level norm after the blocks is the final norm: it shapes the final
+# output but is never a level of its own.
+FINAL_NORM_MODULES = frozenset({"norm"})
+# Functions called by the root module's forward that start its head.
+HEAD_FUNCTIONS = frozenset({"adaptive_avg_pool2d", "adaptive_max_pool2d", "flatten", "mean"})
+
+
+def tracer_kwargs(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """torchvision's tracer defaults, plus timm's "do not trace" registrations and
+    the user's own ``tracer_kwargs``.
+
+    Same leaf modules and auto-wrapped modules as torchvision's own
+    ``get_graph_node_names``, so node names come out identical to its.
+    """
+    from torchvision.models import feature_extraction
+
+    result = dict(extra or {})
+    result["autowrap_modules"] = tuple(
+        dict.fromkeys([*result.get("autowrap_modules", ()), math, torchvision.ops])
+    )
+    modules, functions = _timm_notrace()
+    leaves = [*result.get("leaf_modules", ()), *feature_extraction._get_leaf_modules_for_ops()]
+    result["leaf_modules"] = list(dict.fromkeys([*leaves, *modules]))
+    wrapped = [*result.get("autowrap_functions", ()), *functions]
+    if wrapped:
+        result["autowrap_functions"] = tuple(dict.fromkeys(wrapped))
+    return result
+
+
+def _timm_notrace() -> tuple[list[type], list[Any]]:
+    """The modules and functions timm registers as not traceable, where timm is loaded."""
+    registry = sys.modules.get("timm.layers._fx")
+    if registry is None:
+        return [], []
+    modules = [m for m in registry.get_notrace_modules() if isinstance(m, type)]
+    return modules, list(registry.get_notrace_functions())
+
+
+@dataclass
+class Trace:
+    """One traced graph and torchvision-style names for its nodes."""
+
+    graph: fx.Graph
+    names: dict[fx.Node, str]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Trace:
+        # fx.Graph deep-copies its nodes without the memo, so the name map is
+        # rebuilt on the copied nodes (by their unique graph names).
+        graph = copy.deepcopy(self.graph, memo)
+        copied = {node.name: node for node in graph.nodes}
+        return Trace(graph, {copied[node.name]: name for node, name in self.names.items()})
+
+    def node(self, name: str) -> fx.Node | None:
+        return next((n for n, q in self.names.items() if q == name), None)
+
+
+class _FastNodePathTracer(NodePathTracer):
+    """torchvision's tracer with its node naming in constant time per node.
+
+    torchvision finds a name's ``_N`` suffix by matching every earlier name
+    against a regular expression: quadratic in the graph size, a quarter of
+    building a ConvNeXt-B feature model. The same rule, kept in a dict: the
+    suffix follows the most recent earlier name of the form ``base`` (-> ``_1``)
+    or ``base_N`` (-> ``_{N+1}``). Names are identical to torchvision's (tested
+    on all its classification models).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._latest_suffix: dict[str, int] = {}
+
+    def _get_node_qualname(self, module_qualname: str, node: fx.Node) -> str:
+        qualname = module_qualname
+        if node.op != "call_module":
+            qualname = f"{qualname}.{node}" if qualname else str(node)
+        base, _, digits = qualname.rpartition("_")
+        if base and digits.isdigit():
+            qualname = base  # drop torch.fx's graph-wide suffix; a local one follows
+        previous = self._latest_suffix.get(qualname)
+        name = qualname if previous is None else f"{qualname}_{previous + 1}"
+        self._record(name)
+        return name
+
+    def _record(self, name: str) -> None:
+        self._latest_suffix[name] = 0
+        base, _, digits = name.rpartition("_")
+        if base and digits.isdigit():
+            self._latest_suffix[base] = int(digits)
+
+
+def _modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(m, m.training) for m in module.modules()]
+
+
+def _restore_modes(modes: Iterable[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:
+        module.training = training
+
+
+def trace(
+    module: nn.Module,
+    *,
+    train: bool,
+    context: str,
+    extra_tracer_kwargs: Mapping[str, Any] | None = None,
+) -> Trace:
+    """Trace ``module`` in train or eval mode; every submodule's mode is restored
+    afterwards, whatever happens (a caller's frozen norm layers stay frozen)."""
+    modes = _modes(module)
+    tracer = _FastNodePathTracer(**tracer_kwargs(extra_tracer_kwargs))
+    try:
+        module.train(train)
+        graph = tracer.trace(module)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TracingError(
+            f"FX could not trace {context} ({'train' if train else 'eval'} mode): "
+            f"{type(exc).__name__}: {first_line}. Ways out: build it through its own "
+            "backend (backend='timm', ...), make the failing submodule a leaf with "
+            "tracer_kwargs={'leaf_modules': [...]}, or pick levels from a module whose "
+            "blocks are in an nn.ModuleList/nn.Sequential (found with hooks)"
+        ) from exc
+    finally:
+        _restore_modes(modes)
+    return Trace(graph, dict(tracer.node_to_qualname))
+
+
+# -- shapes ---------------------------------------------------------------------------
+
+
+def propagate_shapes(
+    graph_module: fx.GraphModule, example: Tensor, *, fake: bool = False
+) -> dict[fx.Node, Any]:
+    """Record every node's output shape without computing anything.
+
+    Meta tensors for models built on the meta device; ``fake=True`` for a real
+    module, whose weights are stood in for by meta tensors, not copied. Nodes
+    whose value is not a tensor get the shapes of what they hold (a tuple of
+    shapes), or nothing.
+    """
+    if fake:
+        try:
+            _propagate_with_meta_stand_ins(graph_module, example)
+        except Exception:
+            # Tensors the forward makes on the CPU (Swin V2's position grids)
+            # do not mix with meta ones; fake tensors take them in.
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            _quiet_shape_prop(graph_module, mode, mode.from_tensor(example))
+    else:
+        _MetaShapeProp(graph_module).propagate(example)
+    shapes: dict[fx.Node, Any] = {}
+    for node in graph_module.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            shapes[node] = tuple(meta.shape)
+    return shapes
+
+
+def _quiet_shape_prop(graph_module: fx.GraphModule, mode: Any, example: Tensor) -> None:
+    ShapeProp(graph_module, fake_mode=mode).propagate(example)
+
+
+class _MetaShapeProp(ShapeProp):
+    """Shape propagation with a shortcut for attention whose weights are not asked
+    for: its output has the query's shape. Running ``nn.MultiheadAttention`` op by op
+    on the meta device was half of ``feature_info("tv:vit_h_14")``."""
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        module = self.fetch_attr(target)
+        if (
+            isinstance(module, nn.MultiheadAttention)
+            and kwargs.get("need_weights") is False
+            and isinstance(args[0], Tensor)
+            and args[0].is_meta
+        ):
+            return torch.empty_like(args[0]), None
+        return super().call_module(target, args, kwargs)
+
+
+def _propagate_with_meta_stand_ins(graph_module: fx.GraphModule, example: Tensor) -> None:
+    """Shape propagation over a real module with meta stand-ins for its weights."""
+    with weightless(graph_module), torch.no_grad():
+        _MetaShapeProp(graph_module).propagate(example.to("meta"))
+
+
+def _is_meta(module: nn.Module) -> bool:
+    return next(iter(module.parameters()), torch.empty(0)).is_meta
+
+
+def shapes_of(
+    source: nn.Module, evaluation: Trace, input_size: tuple[int, int, int], *, context: str
+) -> dict[fx.Node, Any]:
+    """Every node's output shape for a batch of 2 at ``input_size``, in eval mode.
+
+    Two samples and eval mode, so that norm layers after a global pool (LeViT)
+    see the statistics they need, whatever mode the module is in.
+    """
+    graph_module = fx.GraphModule(source, evaluation.graph)
+    channels, height, width = input_size
+    on_meta = _is_meta(source)
+    example = torch.empty(2, channels, height, width, device="meta" if on_meta else "cpu")
+    modes = _modes(graph_module)
+    graph_module.eval()
+    try:
+        return propagate_shapes(graph_module, example, fake=not on_meta)
+    except Exception as exc:
+        raise UnsupportedOptionError(
+            f"could not run {context} on a 2x{channels}x{height}x{width} input to find its "
+            f"levels ({type(exc).__name__}: {_first_line(exc)}); for a module of your own, "
+            "pass input_size=(H, W)"
+        ) from None
+    finally:
+        _restore_modes(modes)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# -- levels ---------------------------------------------------------------------------
+
+
+def module_path(node: fx.Node, names: Mapping[fx.Node, str]) -> str:
+    """The module a node belongs to: the module itself for call_module nodes."""
+    if node.op == "call_module":
+        return str(node.target)
+    name = names.get(node, "")
+    return name.rpartition(".")[0]
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split(".") if path else []
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _inside(path: str, ancestor: str) -> bool:
+    return path == ancestor or path.startswith(ancestor + ".")
+
+
+@dataclass
+class _Graph:
+    """The facts every level rule reads off one traced, shape-propagated graph."""
+
+    trace: Trace
+    shapes: Mapping[fx.Node, Any]
+    order: list[fx.Node]
+    position: dict[fx.Node, int]
+    cut: set[fx.Node]
+
+    @classmethod
+    def of(cls, trace_: Trace, shapes: Mapping[fx.Node, Any]) -> _Graph:
+        # Only tensors computed from the input are activations: parameter-only
+        # subgraphs (e.g. Swin V2's position-bias MLP) never break a stage boundary.
+        from_input: set[fx.Node] = set()
+        for node in trace_.graph.nodes:
+            if node.op == "placeholder" or any(a in from_input for a in node.all_input_nodes):
+                from_input.add(node)
+        order = [
+            n for n in trace_.graph.nodes if n.op not in ("get_attr", "output") and n in from_input
+        ]
+        position = {n: i for i, n in enumerate(order)}
+        last_use = {
+            n: max((position[u] for u in n.users if u in position), default=position[n])
+            for n in order
+        }
+        cut: set[fx.Node] = set()
+        alive_until = -1
+        for i, node in enumerate(order):
+            if node.op != "placeholder" and alive_until <= i:
+                cut.add(node)
+            alive_until = max(alive_until, last_use[node])
+        return cls(trace_, shapes, order, position, cut)
+
+    def body(self, head: Iterable[str]) -> list[fx.Node]:
+        """The nodes before the first node of ``head`` modules or a head function."""
+        heads = set(head)
+        names = self.trace.names
+        body = []
+        for node in self.order:
+            if node.op == "placeholder":
+                continue
+            path = module_path(node, names)
+            if path and any(_inside(path, h) for h in heads):
+                break
+            if not path and names.get(node, "").rstrip("_0123456789") in HEAD_FUNCTIONS:
+                break
+            body.append(node)
+        return body
+
+
+def derive_levels(
+    graph: _Graph, size: tuple[int, int], *, head_modules: Iterable[str] = ()
+) -> list[Level]:
+    """The automatic level list of a traced model (see the module docstring)."""
+    names = graph.trace.names
+    body = graph.body(HEAD_MODULES | FINAL_NORM_MODULES | set(head_modules))
+    tokens = _token_levels(graph, body, size)
+    if tokens:
+        return tokens
+    info: dict[fx.Node, tuple[str, int, int]] = {}
+    for node in body:
+        shape = graph.shapes.get(node)
+        found = spatial(shape, size) if isinstance(shape, tuple) else None
+        if found is not None:
+            info[node] = found
+    levels: list[Level] = []
+    previous: fx.Node | None = None
+    for r in sorted({r for _, r, _ in info.values()}):
+        at_r = [n for n in body if n in info and info[n][1] == r]
+        above = next(
+            (
+                n
+                for n in body
+                if n in info and info[n][1] > r and graph.position[n] > graph.position[at_r[0]]
+            ),
+            None,
+        )
+        chosen = _stage_output(graph, above, r, info) if above else None
+        if chosen is None:
+            before = [n for n in at_r if above is None or graph.position[n] < graph.position[above]]
+            cut_before = [n for n in before if n in graph.cut]
+            chosen = (cut_before or before or at_r)[-1]
+        layout, reduction_, channels = info[chosen]
+        label = _module_of_output(graph, chosen, previous)
+        levels.append(
+            Level(
+                label,
+                channels,
+                reduction_,
+                "NHWC" if layout == "NHWC" else "NCHW",
+                where=names[chosen],
+                extra={"node": names[chosen]},
+            )
+        )
+        previous = chosen
+    return levels
+
+
+def _stage_output(
+    graph: _Graph, above: fx.Node, r: int, info: Mapping[fx.Node, tuple[str, int, int]]
+) -> fx.Node | None:
+    names = graph.trace.names
+    chosen = None
+    for ancestor in _ancestors(module_path(above, names)):
+        inside = [n for n in graph.order if _inside(module_path(n, names), ancestor)]
+        external = {
+            arg
+            for n in inside
+            for arg in n.all_input_nodes
+            if arg in graph.position and not _inside(module_path(arg, names), ancestor)
+        }
+        if len(external) != 1:
+            break
+        (source,) = external
+        if source not in graph.cut or source not in info or info[source][1] != r:
+            break
+        chosen = source
+    return chosen
+
+
+def _module_of_output(graph: _Graph, node: fx.Node, after: fx.Node | None = None) -> str:
+    """The shallowest module whose output ``node`` is (its last node), else the node name.
+
+    A module that also ran before ``after`` (the previous level) would name
+    several levels ("features"), so the label stops below it ("features.7").
+    """
+    names, order = graph.trace.names, graph.order
+    best = names[node]
+    start = graph.position[after] + 1 if after is not None and after in graph.position else 0
+    for ancestor in _ancestors(module_path(node, names)):
+        members = [i for i, n in enumerate(order) if _inside(module_path(n, names), ancestor)]
+        if not members or order[members[-1]] is not node or members[0] < start:
+            break
+        best = ancestor
+    return best
+
+
+def _token_levels(graph: _Graph, body: list[fx.Node], size: tuple[int, int]) -> list[Level]:
+    """One level per block for ViT-style models whose body runs on ``[N, L, C]`` tokens."""
+    names, shapes = graph.trace.names, graph.shapes
+    grid = None
+    for node in body:
+        shape = shapes.get(node)
+        if not isinstance(shape, tuple):
+            continue
+        found = spatial(shape, size)
+        if found is not None and found[0] == "NCHW":
+            grid = (shape[2] * shape[3], found[1])
+        elif grid is not None and token_grid(shape, grid[0]) is not None:
+            break
+    else:
+        return []
+    if grid is None:
+        return []
+    cells, reduction_ = grid
+    token_cuts = {
+        n
+        for n in body
+        if n in graph.cut
+        and isinstance(shapes.get(n), tuple)
+        and token_grid(shapes[n], cells) is not None
+    }
+    # Blocks: the children of one container that each end at a token cut point.
+    last_node: dict[str, fx.Node] = {}
+    for node in body:
+        for ancestor in _ancestors(module_path(node, names)):
+            last_node[ancestor] = node
+    by_container: dict[str, list[tuple[str, fx.Node]]] = {}
+    for module, node in last_node.items():
+        parent = module.rpartition(".")[0]
+        if parent and node in token_cuts:
+            by_container.setdefault(parent, []).append((module, node))
+    if not by_container:
+        return []
+    blocks = max(by_container.values(), key=len)
+    if len(blocks) < 2:
+        return []
+    blocks.sort(key=lambda block: graph.position[block[1]])
+    return [
+        Level(
+            block,
+            int(shapes[node][2]),
+            reduction_,
+            "tokens",
+            where=names[node],
+            num_prefix_tokens=int(shapes[node][1]) - cells,
+            extra={"node": names[node]},
+        )
+        for block, node in blocks
+    ]
+
+
+def final_node(graph: _Graph, deepest: Level) -> str:
+    """The node whose value is the final output: the last cut point before the head
+    with the deepest level's grid (the input of the global pool)."""
+    names = graph.trace.names
+    body = graph.body(HEAD_MODULES)
+    by_name = {name: node for node, name in names.items()}
+    start = by_name.get(deepest.where)
+    if start is None or start not in graph.position:
+        return deepest.where
+    reference = graph.shapes.get(start)
+    chosen = start
+    for node in body:
+        if graph.position[node] <= graph.position[start] or node not in graph.cut:
+            continue
+        shape = graph.shapes.get(node)
+        if (
+            isinstance(shape, tuple)
+            and isinstance(reference, tuple)
+            and _same_grid(shape, reference, deepest.layout)
+        ):
+            chosen = node
+    return names[chosen]
+
+
+def _same_grid(shape: tuple[int, ...], reference: tuple[int, ...], layout: str) -> bool:
+    if len(shape) != len(reference):
+        return False
+    if layout == "NCHW":
+        return shape[2:] == reference[2:]
+    if layout == "NHWC":
+        return shape[1:3] == reference[1:3]
+    return shape[:2] == reference[:2]  # tokens: the same number of tokens
+
+
+def relevel(
+    levels: Sequence[Level], shapes_by_name: Mapping[str, Any], size: tuple[int, int]
+) -> list[Level]:
+    """The same level nodes read off another build of the architecture (e.g. dilated)."""
+    result = []
+    for level in levels:
+        shape = shapes_by_name.get(level.where)
+        found = spatial(shape, size) if isinstance(shape, tuple) else None
+        result.append(level.with_reduction(found[1] if found else level.reduction))
+    return result
+
+
+# -- return_nodes -------------------------------------------------------------------------
+
+
+def resolve_return_nodes(
+    requested: Sequence[str] | Mapping[str, str], available: Sequence[str], *, context: str
+) -> dict[str, str]:
+    """Map each requested (full or truncated) name to one available name: ``{name: key}``.
+
+    A truncated name (``"layer4"``) means the last node inside that module, as in
+    torchvision. Unknown names, and two requests naming one node, raise
+    :class:`InvalidNodeError` with close matches. Serves FX node names and
+    module paths alike.
+    """
+    pairs = (
+        list(requested.items())
+        if isinstance(requested, Mapping)
+        else [(name, name) for name in requested]
+    )
+    if not pairs:
+        raise InvalidNodeError(f"return_nodes is empty for {context}: name at least one node")
+    resolved: dict[str, str] = {}
+    asked_by: dict[str, str] = {}
+    for query, key in pairs:
+        if not isinstance(query, str):
+            raise InvalidNodeError(
+                f"return_nodes entries must be node names (str), got {query!r} for {context}"
+            )
+        if not isinstance(key, str):
+            raise InvalidNodeError(
+                f"return_nodes keys must be strings, got {key!r} for node {query!r} of {context}"
+            )
+        matches = [n for n in available if n == query or n.startswith(query + ".")]
+        if not matches:
+            # Truncated names ("layer4") are valid too, so they are suggested too.
+            prefixes = {n.rsplit(".", i)[0] for n in available for i in range(n.count(".") + 1)}
+            suggestions = (
+                close_matches(query, sorted(prefixes)) or [n for n in available if query in n][:5]
+            )
+            hint = f"; close matches: {', '.join(suggestions)}" if suggestions else ""
+            raise InvalidNodeError(
+                f"unknown node {query!r} in return_nodes for {context}{hint} "
+                "(unifeat.get_node_names lists them all)"
+            )
+        node = query if query in available else matches[-1]
+        if node in resolved:
+            raise InvalidNodeError(
+                f"return_nodes entries {asked_by[node]!r} and {query!r} both name node "
+                f"{node!r} of {context}: ask for each node once"
+            )
+        resolved[node] = key
+        asked_by[node] = query
+    keys = list(resolved.values())
+    duplicated = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicated:
+        raise InvalidNodeError(f"return_nodes keys {duplicated} repeat for {context}")
+    return resolved
+
+
+def raw_level(name: str, key: str, shape: Any, size: tuple[int, int]) -> Level:
+    """A ``return_nodes`` pick: returned as the node gives it. A map reports its
+    channels and reduction; anything else reports reduction 0."""
+    found = spatial(shape, size) if isinstance(shape, tuple) else None
+    if found is not None:
+        channels, reduction_ = found[2], found[1]
+    elif isinstance(shape, tuple) and len(shape) > 1 and all(isinstance(s, int) for s in shape):
+        channels, reduction_ = int(shape[-1]), 0
+    else:
+        channels, reduction_ = 0, 0
+    return Level(key, channels, reduction_, "raw", where=name, extra={"node": name})
+
+
+# -- the runner ---------------------------------------------------------------------------
+
+
+def _with_outputs(graph: fx.Graph, names: Mapping[fx.Node, str], wanted: Sequence[str]) -> fx.Graph:
+    """A copy of ``graph`` returning the nodes named ``wanted``; dead code is dropped.
+
+    Everything that only fed later levels or the head goes: this is the pruning.
+    """
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    by_name: dict[str, fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        env[node] = new.node_copy(node, lambda n: env[n])
+        if node in names:
+            by_name[names[node]] = env[node]
+    new.output(tuple(by_name[name] for name in wanted))
+    _drop_unused(new)
+    new.lint()
+    return new
+
+
+# Calls kept even when nothing uses their result: they check inputs.
+_SIDE_EFFECTS = {torch._assert, getattr(torch, "_assert_async", torch._assert)}
+
+
+def _drop_unused(graph: fx.Graph) -> None:
+    """Dead-code elimination that needs no owning module (submodules may be gone)."""
+    for node in reversed(list(graph.nodes)):
+        if node.op in ("placeholder", "output") or node.users:
+            continue
+        if node.op == "call_function" and node.target in _SIDE_EFFECTS:
+            continue
+        graph.erase_node(node)
+
+
+def _share_attribute(destination: nn.Module, source: nn.Module, target: str) -> None:
+    """Make ``destination.<target>`` the same object as ``source.<target>``."""
+    *path, field_ = target.split(".")
+    for part in path:
+        if not hasattr(destination, part):
+            destination.add_module(part, nn.Module())
+        destination, source = getattr(destination, part), getattr(source, part)
+    if not hasattr(destination, field_):
+        setattr(destination, field_, getattr(source, field_))
+
+
+def lacks_graph_attributes(trace_: Trace, root: nn.Module) -> bool:
+    """Whether ``root`` misses an attribute the traced graph reads (``get_attr``)."""
+    for node in trace_.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner: Any = root
+        for part in str(node.target).split("."):
+            if not hasattr(owner, part):
+                return True
+            owner = getattr(owner, part)
+    return False
+
+
+@dataclass
+class GraphPlan:
+    """What a graph runner needs, found on the meta device (picklable data)."""
+
+    evaluation: Trace
+    levels: tuple[Level, ...]
+    final: str
+    """The node of the final output while the last level is computed."""
+    final_modules: tuple[str, ...] = ()
+    """The final norm: modules that map the last level to the final output."""
+    tracer_options: dict[str, Any] = field(default_factory=dict)
+    train: Trace | None = None
+
+
+def _compile(graph: fx.Graph) -> Any:
+    """A graph as a plain function ``forward(root, x)``: it reads every module and
+    attribute through the root it is given (a ``nn.DataParallel`` replica's own)."""
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, "<unifeat graph>", "exec"), namespace)
+    return namespace["forward"]
+
+
+class GraphRunner(Runner):
+    """Runs the source's traced graphs, cut after the deepest requested level.
+
+    The root is a ``GraphModule`` of the eval graph holding the source's
+    submodules under their own names (so state-dict keys are the source's).
+    Where the train graph differs (aux heads, mode-dependent code), it runs as
+    a function over the same root. The train graph is traced when the model is
+    first put in training mode: a model built for inference costs one trace.
+    """
+
+    def __init__(
+        self, source: nn.Module, plan: GraphPlan, *, last_level: int, context: str
+    ) -> None:
+        self._source = source
+        """The source's structure, for tracing the train graph later (unregistered;
+        its submodules are the root's own objects)."""
+        self._plan = plan
+        self._context = context
+        self.levels = plan.levels
+        self.last_level = last_level
+        self._keep_final = True
+        self._train_differs: bool | None = None
+        self._functions: dict[tuple[bool, bool], Any] = {}
+        self.final_norm = None if plan.final_modules else "it has no final norm after its blocks"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_functions"] = {}  # compiled on demand again
+        return state
+
+    def make_root(self) -> fx.GraphModule:
+        """The eval graph up to the deepest level, over the source's submodules, with
+        what the final output needs (the final norm) registered too, so that
+        ``.to()``, ``state_dict`` and optimizers see it; ``forward`` never runs it."""
+        evaluation = self._plan.evaluation
+        graph = _with_outputs(evaluation.graph, evaluation.names, self._outputs(evaluation, False))
+        root = fx.GraphModule(self._source, graph, class_name=type(self._source).__name__)
+        final = _with_outputs(evaluation.graph, evaluation.names, self._outputs(evaluation, True))
+        self._share_targets(root, final)
+        if self._norm_applies():
+            for target in self._plan.final_modules:
+                _share_attribute(root, self._source, target)
+        return root
+
+    def _norm_applies(self) -> bool:
+        """Whether the final norm still shapes the final output: always while the
+        last level is computed; after pruning, where it fits the deepest level's
+        width (plain ViT-likes, as timm does)."""
+        if not self._keep_final or not self._plan.final_modules:
+            return False
+        deepest, last = self.levels[self.last_level], self.levels[-1]
+        return self.last_level == len(self.levels) - 1 or deepest.num_chs == last.num_chs
+
+    def _share_targets(self, root: nn.Module, graph: fx.Graph) -> None:
+        for node in graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                _share_attribute(root, self._source, str(node.target))
+
+    @property
+    def train_trace(self) -> Trace | None:
+        return self._plan.train
+
+    # -- graphs ------------------------------------------------------------------------
+
+    def _outputs(self, trace_: Trace, final: bool) -> list[str]:
+        available = set(trace_.names.values())
+        wanted = [lv.where for lv in self.levels[: self.last_level + 1] if lv.where in available]
+        if final:
+            wanted.append(self._final_name())
+        return wanted
+
+    def _final_name(self) -> str:
+        if self._keep_final and self.last_level == len(self.levels) - 1:
+            return self._plan.final
+        return self.levels[self.last_level].where
+
+    def _trains_differently(self, root: nn.Module) -> bool:
+        if self._train_differs is None:
+            if self._plan.train is None:
+                self._plan.train = trace(
+                    self._source,
+                    train=True,
+                    context=self._context,
+                    extra_tracer_kwargs=self._plan.tracer_options,
+                )
+            self._train_differs = list(self._plan.train.names.values()) != list(
+                self._plan.evaluation.names.values()
+            )
+            if self._train_differs:
+                train = self._plan.train
+                self._share_targets(
+                    root, _with_outputs(train.graph, train.names, self._outputs(train, True))
+                )
+        return self._train_differs
+
+    def set_mode(self, root: nn.Module, training: bool) -> None:
+        if training:
+            self._trains_differently(root)
+
+    def _function(self, root: nn.Module, training: bool, final: bool) -> tuple[Any, Trace]:
+        """The function to run and the trace it comes from; None runs the root itself."""
+        train = training and self._trains_differently(root)
+        trace_ = self._plan.train if train else self._plan.evaluation
+        assert trace_ is not None
+        if not train and not final:
+            return None, trace_
+        key = (train, final)
+        if key not in self._functions:
+            self._functions[key] = _compile(
+                _with_outputs(trace_.graph, trace_.names, self._outputs(trace_, final))
+            )
+        return self._functions[key], trace_
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(
+        self,
+        root: nn.Module,
+        x: Tensor,
+        indices: Sequence[int],
+        *,
+        final: bool,
+        norm: bool,
+        prefix_tokens: bool,
+        context: str,
+    ) -> tuple[list[FeatureMap], Tensor | None]:
+        training = root.training
+        function, trace_ = self._function(root, training, final)
+        names = self._outputs(trace_, final)
+        outputs = root(x) if function is None else function(root, x)
+        by_name = dict(zip(names, outputs, strict=True))
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        maps: list[FeatureMap] = []
+        for index in indices:
+            level = self.levels[index]
+            if level.where not in by_name:
+                other = "eval" if training else "train"
+                raise InvalidNodeError(
+                    f"node {level.where!r} of {context} exists only in the {other} graph, "
+                    f"and the model is in {'train' if training else 'eval'} mode: call "
+                    f".{other}() first, or return other nodes"
+                )
+            value = by_name[level.where]
+            if norm and level.num_chs == self.levels[-1].num_chs:
+                value = self._normed(root, value)
+            maps.append(to_map(value, level, size, prefix_tokens=prefix_tokens, context=context))
+        if not final:
+            return maps, None
+        output = outputs[-1]
+        pruned = self.last_level < len(self.levels) - 1
+        if pruned and self._norm_applies():
+            output = self._normed(root, output)
+        return maps, output
+
+    def _normed(self, root: nn.Module, value: Tensor) -> Tensor:
+        for target in self._plan.final_modules:
+            value = root.get_submodule(target)(value)
+        return value
+
+    def prune(self, root: nn.Module, last_level: int, *, drop_final: bool) -> nn.Module:
+        self.last_level = last_level
+        if drop_final:
+            self._keep_final = False
+            self.final_norm = "its final norm was pruned"
+        new_root = self.make_root()
+        new_root.training = root.training
+        if self._train_differs:
+            train = self._plan.train
+            assert train is not None
+            self._share_targets(
+                new_root, _with_outputs(train.graph, train.names, self._outputs(train, True))
+            )
+        self._functions = {}
+        return new_root
+
+
+# -- the finder ------------------------------------------------------------------------
+
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.batchnorm._NormBase,
+    nn.RMSNorm,
+)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalization layer: the only kind of module a final norm may be made of."""
+    return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
+
+
+class GraphFinder:
+    """Traces a model once (eval mode), propagates shapes on the meta device, and
+    answers every question a build asks of the graph."""
+
+    def __init__(
+        self,
+        source: nn.Module,
+        *,
+        input_size: tuple[int, int, int],
+        context: str,
+        head_modules: Iterable[str] = (),
+        tracer_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.source = source
+        self.input_size = input_size
+        self.size = input_size[1:]
+        self.context = context
+        self.head_modules = tuple(head_modules)
+        self.tracer_options = dict(tracer_options or {})
+        self.evaluation = trace(
+            source, train=False, context=context, extra_tracer_kwargs=self.tracer_options
+        )
+        self.shapes = shapes_of(source, self.evaluation, input_size, context=context)
+        self.graph = _Graph.of(self.evaluation, self.shapes)
+        self.train: Trace | None = None
+
+    def node_names(self) -> tuple[list[str], list[str]]:
+        """Train and eval node names, as torchvision's ``get_graph_node_names``."""
+        train = self._train_trace()
+        return list(train.names.values()), list(self.evaluation.names.values())
+
+    def _train_trace(self) -> Trace:
+        if self.train is None:
+            self.train = trace(
+                self.source,
+                train=True,
+                context=self.context,
+                extra_tracer_kwargs=self.tracer_options,
+            )
+        return self.train
+
+    def levels(self) -> list[Level]:
+        levels = derive_levels(
+            self.graph, (self.size[0], self.size[1]), head_modules=self.head_modules
+        )
+        if not levels:
+            raise UnsupportedOptionError(
+                f"no feature levels found in {self.context}: its graph has no spatial maps "
+                "or token blocks; pass return_nodes=[...] to choose nodes"
+            )
+        return levels
+
+    def node_levels(self, return_nodes: Sequence[str] | Mapping[str, str]) -> list[Level]:
+        """Levels for ``return_nodes``, in depth order, keyed by the user's keys.
+
+        Names from either graph are accepted (GoogLeNet's auxiliary heads exist
+        only in training); each is described by the graph it is in.
+        """
+        evaluation = list(self.evaluation.names.values())
+        train = list(self._train_trace().names.values())
+        available = list(dict.fromkeys([*evaluation, *train]))
+        chosen = resolve_return_nodes(return_nodes, available, context=self.context)
+        train_shapes: Mapping[fx.Node, Any] = {}
+        if any(name not in evaluation for name in chosen):
+            train_shapes = self._train_shapes()
+        levels = []
+        for name in available:
+            if name not in chosen:
+                continue
+            if name in evaluation:
+                node = self.evaluation.node(name)
+                shape = self.shapes.get(node) if node is not None else None
+            else:
+                train_node = self._train_trace().node(name)
+                shape = train_shapes.get(train_node) if train_node is not None else None
+            levels.append(raw_level(name, chosen[name], shape, (self.size[0], self.size[1])))
+        order = {name: i for i, name in enumerate(available)}
+        return sorted(levels, key=lambda lv: order[lv.where])
+
+    def _train_shapes(self) -> Mapping[fx.Node, Any]:
+        graph_module = fx.GraphModule(self.source, self._train_trace().graph)
+        channels, height, width = self.input_size
+        example = torch.empty(2, channels, height, width, device="meta")
+        try:
+            return propagate_shapes(graph_module, example, fake=not _is_meta(self.source))
+        except Exception:
+            return {}
+
+    def remeasure(self, variant: nn.Module, *, retrace: bool) -> dict[str, Any]:
+        """Shapes by node name of another build of the same architecture (dilated)."""
+        evaluation = (
+            trace(
+                variant, train=False, context=self.context, extra_tracer_kwargs=self.tracer_options
+            )
+            if retrace
+            else self.evaluation
+        )
+        shapes = shapes_of(variant, evaluation, self.input_size, context=self.context)
+        return {
+            evaluation.names[node]: shape
+            for node, shape in shapes.items()
+            if node in evaluation.names
+        }
+
+    def spatial_ops(self, root: nn.Module) -> list[tuple[str, nn.Module, int]]:
+        """The convs and pools in execution order with their input reductions (what
+        :func:`unifeat._engine.dilation.plan_dilation` needs)."""
+        found: list[tuple[str, nn.Module, int]] = []
+        for node in self.evaluation.graph.nodes:
+            if node.op != "call_module" or not node.all_input_nodes:
+                continue
+            shape = self.shapes.get(node.all_input_nodes[0])
+            layout = (
+                spatial(shape, (self.size[0], self.size[1])) if isinstance(shape, tuple) else None
+            )
+            if layout is None:
+                continue
+            reduction_in = layout[1]
+            target = str(node.target)
+            module = root.get_submodule(target)
+            # Leaf modules (torchvision.ops' Conv2dNormActivation, ...) hide their
+            # convs from the graph; they run them in registration order.
+            inner = (
+                [(target, module)]
+                if isinstance(module, SPATIAL_OPS)
+                else [
+                    (f"{target}.{name}", m)
+                    for name, m in module.named_modules()
+                    if name and isinstance(m, SPATIAL_OPS)
+                ]
+            )
+            for name, op in inner:
+                found.append((name, op, reduction_in))
+                stride = op.stride if op.stride is not None else 1
+                reduction_in *= stride if isinstance(stride, int) else int(stride[0])
+        return found
+
+    def plan(self, levels: Sequence[Level]) -> GraphPlan:
+        """The runner's data for ``levels`` (the final output and norm included)."""
+        auto = all(level.layout != "raw" for level in levels)
+        final = final_node(self.graph, levels[-1]) if auto else levels[-1].where
+        return GraphPlan(
+            evaluation=self.evaluation,
+            levels=tuple(levels),
+            final=final,
+            final_modules=self._final_norm(levels[-1].where, final) if auto else (),
+            tracer_options=self.tracer_options,
+            train=self.train,
+        )
+
+    def _final_norm(self, deepest: str, final: str) -> tuple[str, ...]:
+        """The norm modules between the deepest level and the final output, where the
+        one is a plain chain of norms applied to the other."""
+        node = self.evaluation.node(final)
+        chain: list[str] = []
+        while node is not None and self.evaluation.names.get(node) != deepest:
+            if node.op != "call_module" or len(node.all_input_nodes) != 1:
+                return ()
+            if not is_norm(self.source.get_submodule(str(node.target))):
+                return ()
+            chain.append(str(node.target))
+            node = node.all_input_nodes[0]
+        return tuple(reversed(chain)) if node is not None else ()

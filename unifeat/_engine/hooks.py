@@ -1,0 +1,663 @@
+"""Levels found with forward hooks on a module's block list, and the hook runner.
+
+For models FX cannot trace (every transformers model, modules with
+data-dependent control flow), one forward on the meta device with a hook on
+every module records what each module returns. The model's *block container*
+is the shallowest ``nn.ModuleList`` (or ``nn.Sequential``) holding the most
+parameters (``layers`` of ViT, ``encoder.stages`` of ResNet and ConvNeXt).
+
+* Token blocks (``[N, L, C]``): one level per block, the reduction being the
+  patch size (given, or read off the patch embedding's map).
+* Map blocks: for each reduction, the last map at that reduction among the
+  modules that run before the first block and the blocks themselves; where
+  every block keeps one map size (ViTDet), one level per block.
+
+The calling convention (how the model takes pixels, keyword arguments forced
+on blocks, where in a block's output the level is) comes from the adapter as
+data. The runner keeps the blocks up to the deepest requested level, skips
+what follows the blocks (pooler, heads) except the final norm, and records the
+requested levels with hooks that write into a per-call context: concurrent
+calls never see each other's tensors.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from unifeat._engine.dilation import SPATIAL_OPS
+from unifeat._engine.graph import is_norm, resolve_return_nodes
+from unifeat._engine.levels import FeatureMap, Level, spatial, to_map, token_grid
+from unifeat._engine.meta import weightless
+from unifeat._engine.model import Runner
+from unifeat._errors import UnsupportedOptionError, format_choices
+
+Where = tuple[tuple[int, ...], tuple[int, ...] | None]
+"""Where a level is in a block's output: the index path to the tensor, and for
+tokens returned with their height and width, where those are (one index: a
+``(height, width, ...)`` tuple there; two: height and width)."""
+FIRST: Where = ((0,), None)
+
+
+@dataclass(frozen=True)
+class CallingConvention:
+    """How to run a model and read its blocks: zoo knowledge handed over as data."""
+
+    input_keyword: str | None = None
+    """``"pixel_values"``: called as ``trunk(pixel_values=x)``; None: ``trunk(x)``."""
+    resize_keyword: str | None = None
+    """A keyword set to True for inputs of another size than the native one
+    (transformers' ``interpolate_pos_encoding``)."""
+    block_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """Keyword arguments forced on every block call."""
+    block_output: Where = FIRST
+    block_tail: tuple[str, ...] = ()
+    """Attributes of the deepest kept block that only run after its level (a Swin
+    stage's downsampling), dropped when the model is cut there."""
+    containers: tuple[type[nn.Module], ...] = (nn.ModuleList, nn.Sequential)
+    patch_size: int | None = None
+    """The patch size of token models, where the config says it."""
+
+    def inputs(self, x: Tensor, resized: bool) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        kwargs: dict[str, Any] = {}
+        if self.resize_keyword is not None and resized:
+            kwargs[self.resize_keyword] = True
+        if self.input_keyword is None:
+            return (x,), kwargs
+        kwargs[self.input_keyword] = x
+        return (), kwargs
+
+
+def first_tensor(output: Any) -> Tensor | None:
+    """The tensor a module returns, or the first item of a tuple it returns."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        item = output[0]
+        return item if isinstance(item, Tensor) else first_tensor(item)
+    if isinstance(output, Mapping) and output:
+        return first_tensor(next(iter(output.values())))
+    return None
+
+
+def level_tensor(output: Any, where: Where) -> Tensor | None:
+    """The level in a module's output: a map, or tokens laid out as a map with the
+    height and width the module returns beside them."""
+    path, dims = where
+    item = output
+    for position in path:
+        if isinstance(item, Tensor) or not isinstance(item, (tuple, list)):
+            break
+        if len(item) <= position:
+            return None
+        item = item[position]
+    tensor = item if isinstance(item, Tensor) else first_tensor(item)
+    if tensor is None or dims is None or tensor.dim() != 3:
+        return tensor
+    if len(dims) == 1:
+        height, width = (int(d) for d in output[dims[0]][:2])
+    else:
+        height, width = int(output[dims[0]]), int(output[dims[1]])
+    return tensor.reshape(tensor.shape[0], height, width, tensor.shape[2]).permute(0, 3, 1, 2)
+
+
+def _force_kwargs(
+    forced: Mapping[str, Any], module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return args, {**kwargs, **forced}
+
+
+@contextmanager
+def _hooked(handles: list[Any]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _container(trunk: nn.Module, types: tuple[type[nn.Module], ...]) -> str | None:
+    """The shallowest container that holds the most parameters."""
+    lists = [
+        (name, module)
+        for name, module in trunk.named_modules()
+        if isinstance(module, types) and len(list(module.children())) > 1
+    ]
+    if not lists:
+        return None
+
+    def weight(item: tuple[str, nn.Module]) -> tuple[int, int]:
+        name, module = item
+        depth = name.count(".") + (1 if name else 0)
+        return sum(p.numel() for p in module.parameters()), -depth
+
+    return max(lists, key=weight)[0]
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else prefix or path
+
+
+@dataclass
+class _Record:
+    path: str
+    module: nn.Module
+    output: Any
+    """The output's shape (a level's, for blocks), or None."""
+    primary: Any = None
+    """The shape of the first tensor the module returns."""
+
+
+class HookFinder:
+    """One meta-device forward of ``trunk`` with a hook on every module.
+
+    ``trunk_path`` locates the trunk in ``source`` (names in the results are
+    the source's). A module with real weights is run with meta stand-ins for
+    them: nothing is computed, copied or changed.
+    """
+
+    def __init__(
+        self,
+        source: nn.Module,
+        *,
+        trunk_path: str = "",
+        convention: CallingConvention,
+        input_size: tuple[int, int, int],
+        context: str,
+    ) -> None:
+        self.source = source
+        self.trunk_path = trunk_path
+        self.trunk = source.get_submodule(trunk_path)
+        self.convention = convention
+        self.input_size = input_size
+        self.size = (input_size[1], input_size[2])
+        self.context = context
+        self.container = _container(self.trunk, convention.containers)
+        self.records, self.ops = self._shape_pass(self.trunk, self.container)
+
+    # -- the shape pass ------------------------------------------------------------------
+
+    def _shape_pass(
+        self, trunk: nn.Module, container: str | None
+    ) -> tuple[list[_Record], list[tuple[str, nn.Module, int]]]:
+        blocks = (
+            set(map(id, cast(nn.Module, trunk.get_submodule(container)).children()))
+            if container is not None
+            else set()
+        )
+        records: list[_Record] = []
+        ops: list[tuple[str, nn.Module, int]] = []
+
+        def after(path: str, module: nn.Module, args: Any, output: Any) -> None:
+            where = self.convention.block_output if id(module) in blocks else FIRST
+            tensor = level_tensor(output, where)
+            primary = first_tensor(output)
+            records.append(
+                _Record(
+                    path,
+                    module,
+                    tuple(tensor.shape) if tensor is not None else None,
+                    tuple(primary.shape) if primary is not None else None,
+                )
+            )
+
+        def before(path: str, module: nn.Module, args: Any) -> None:
+            tensor = first_tensor(args)
+            found = spatial(tuple(tensor.shape), self.size) if tensor is not None else None
+            if found is not None:
+                ops.append((path, module, found[1]))
+
+        handles = []
+        for path, module in trunk.named_modules():
+            handles.append(module.register_forward_hook(functools.partial(after, path)))
+            if isinstance(module, SPATIAL_OPS):
+                handles.append(module.register_forward_pre_hook(functools.partial(before, path)))
+            if id(module) in blocks and self.convention.block_kwargs:
+                handles.append(
+                    module.register_forward_pre_hook(
+                        functools.partial(_force_kwargs, self.convention.block_kwargs),
+                        with_kwargs=True,
+                    )
+                )
+        channels, height, width = self.input_size
+        pixels = torch.empty(2, channels, height, width, device="meta")
+        args, kwargs = self.convention.inputs(pixels, resized=False)
+        modes = [(m, m.training) for m in trunk.modules()]
+        trunk.eval()  # two samples in eval mode: norms after a global pool work
+        try:
+            with _hooked(handles), torch.no_grad(), weightless(trunk):
+                trunk(*args, **kwargs)
+        except Exception as exc:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedOptionError(
+                f"could not run {self.context} on a 2x{channels}x{height}x{width} input on the "
+                f"meta device to find its levels ({type(exc).__name__}: {text})"
+            ) from None
+        finally:
+            for module, training in modes:
+                module.training = training
+        return records, ops
+
+    # -- names ---------------------------------------------------------------------------
+
+    def node_names(self) -> list[str]:
+        """Module paths (the source's) in the order the modules finish running."""
+        names = []
+        for record in self.records:
+            name = _join(self.trunk_path, record.path)
+            if name and name not in names:
+                names.append(name)
+        return names
+
+    # -- levels --------------------------------------------------------------------------
+
+    def _block_records(self) -> list[_Record]:
+        if self.container is None:
+            return []
+        prefix = f"{self.container}." if self.container else ""
+        seen: dict[str, _Record] = {}
+        for record in self.records:
+            rest = record.path[len(prefix) :] if record.path.startswith(prefix) else None
+            if rest is not None and rest.isdigit():
+                seen[record.path] = record
+        return sorted(seen.values(), key=lambda r: int(r.path.rpartition(".")[2]))
+
+    def levels(self) -> list[Level]:
+        """The automatic levels (see the module docstring)."""
+        blocks = self._block_records()
+        if self.container is None or not blocks:
+            raise UnsupportedOptionError(
+                f"{self.context} has no list of blocks (nn.ModuleList or nn.Sequential) that "
+                "runs on the input, to take feature levels from"
+            )
+        if blocks[0].output is None:
+            raise UnsupportedOptionError(
+                f"the blocks of {self.context} return no tensors to take levels from"
+            )
+        order = {record.path: i for i, record in enumerate(blocks)}
+        first = blocks[0].output
+        if len(first) == 3:
+            return self._token_levels(blocks, order)
+        if len(first) != 4:
+            raise UnsupportedOptionError(
+                f"the blocks of {self.context} return {len(first)}-D tensors; feature levels "
+                "need maps [N, C, H, W] or tokens [N, L, C]"
+            )
+        return self._map_levels(blocks, order)
+
+    def _level(
+        self, path: str, channels: int, reduction: int, layout: Any, block: int, prefix: int = 0
+    ) -> Level:
+        name = _join(self.trunk_path, path)
+        return Level(
+            name, channels, reduction, layout, where=path, block=block, num_prefix_tokens=prefix
+        )
+
+    def _token_levels(self, blocks: list[_Record], order: dict[str, int]) -> list[Level]:
+        lengths = {record.output[1] for record in blocks if record.output is not None}
+        patch = self.convention.patch_size or self._patch_from_embedding(blocks)
+        if len(lengths) != 1 or patch is None:
+            raise UnsupportedOptionError(
+                f"{self.context} is a token model whose blocks change the number of tokens "
+                "without returning their height and width; unifeat reads levels off plain "
+                "token models (ViT-like) and maps"
+            )
+        height, width = self.size
+        cells = (height // patch) * (width // patch)
+        prefix = token_grid((0, next(iter(lengths)), 0), cells)
+        if prefix is None:
+            raise UnsupportedOptionError(
+                f"{self.context} has {next(iter(lengths))} tokens per block, which are not a "
+                f"{height // patch}x{width // patch} grid of patches of size {patch} (plus a "
+                "few prefix tokens)"
+            )
+        return [
+            self._level(r.path, int(r.output[2]), patch, "tokens", order[r.path], prefix)
+            for r in blocks
+        ]
+
+    def _patch_from_embedding(self, blocks: list[_Record]) -> int | None:
+        """The reduction of the last map before the first block whose cells the
+        blocks' tokens hold (a patch embedding's output)."""
+        first = self.records.index(blocks[0])
+        length = blocks[0].output[1]
+        for record in reversed(self.records[:first]):
+            shape = record.primary
+            found = spatial(shape, self.size) if isinstance(shape, tuple) else None
+            if found is not None and token_grid((0, length, 0), shape[2] * shape[3]) is not None:
+                return found[1]
+        return None
+
+    def _map_levels(self, blocks: list[_Record], order: dict[str, int]) -> list[Level]:
+        maps = [spatial(r.output, self.size) if r.output else None for r in blocks]
+        if len(maps) > 1 and len(set(maps)) == 1 and maps[0] is not None:
+            # Every block keeps one map size (ViTDet: a plain ViT laid out as maps):
+            # one level per block, as for token models.
+            _layout, reduction_, channels = maps[0]
+            return [
+                self._level(r.path, channels, reduction_, "NCHW", i) for i, r in enumerate(blocks)
+            ]
+        first = self.records.index(blocks[0])
+        container = f"{self.container}." if self.container else ""
+        before = [
+            r
+            for r in self.records[:first]
+            if r.path and not r.path.startswith(container) and r.path != self.container
+        ]
+        # Per reduction, the last map that divides the input exactly; a padded map
+        # (BiT's stem pads before pooling) only where no exact one exists.
+        last_at: dict[int, tuple[bool, Level]] = {}
+        height = self.size[0]
+        for record in [*before, *blocks]:
+            found = spatial(record.output, self.size) if record.output else None
+            if found is None or found[0] != "NCHW":
+                continue
+            exact = height % int(record.output[2]) == 0
+            if exact or not last_at.get(found[1], (False,))[0]:
+                level = self._level(
+                    record.path, found[2], found[1], "NCHW", order.get(record.path, -1)
+                )
+                last_at[found[1]] = (exact, level)
+        return [level for _exact, level in sorted(last_at.values(), key=lambda c: c[1].reduction)]
+
+    def node_levels(self, return_nodes: Sequence[str] | Mapping[str, str]) -> list[Level]:
+        """``return_nodes`` as module paths: each module's output, as it returns it."""
+        available = self.node_names()
+        chosen = resolve_return_nodes(return_nodes, available, context=self.context)
+        by_name = {_join(self.trunk_path, r.path): r for r in self.records}
+        levels = []
+        for name in available:
+            if name not in chosen:
+                continue
+            record = by_name[name]
+            found = (
+                spatial(record.primary, self.size) if isinstance(record.primary, tuple) else None
+            )
+            channels = found[2] if found else (int(record.primary[-1]) if record.primary else 0)
+            levels.append(
+                Level(
+                    chosen[name],
+                    channels,
+                    found[1] if found else 0,
+                    "raw",
+                    where=record.path,
+                    block=self._block_of(record.path),
+                    extra={"node": name},
+                )
+            )
+        return levels
+
+    def _block_of(self, path: str) -> int:
+        """The index of the block a module is in (or after: the last), -1 before them."""
+        if self.container is None:
+            return -2
+        prefix = f"{self.container}." if self.container else ""
+        if path.startswith(prefix):
+            head = path[len(prefix) :].split(".")[0]
+            if head.isdigit():
+                return int(head)
+        blocks = self._block_records()
+        first = self.records.index(blocks[0]) if blocks else 0
+        position = next(i for i, r in enumerate(self.records) if r.path == path)
+        return -1 if position < first else -2
+
+    def final_modules(self) -> tuple[str, ...]:
+        """Norm layers after the last block that keep its output's shape: the final
+        norm (transformers' ``layernorm`` before ``last_hidden_state``)."""
+        blocks = self._block_records()
+        if not blocks:
+            return ()
+        last = self.records.index(blocks[-1])
+        shape = blocks[-1].primary
+        container_parts = (self.container or "").split(".")
+        ancestors = {".".join(container_parts[:i]) for i in range(len(container_parts) + 1)}
+        chain: list[str] = []
+        for record in self.records[last + 1 :]:
+            if record.path in ancestors:
+                continue
+            if any(record.path.startswith(f"{kept}.") for kept in chain):
+                continue
+            if record.primary != shape or not is_norm(record.module):
+                break
+            chain.append(record.path)
+        return tuple(chain)
+
+    def remeasure(self, changes_applied: nn.Module) -> list[_Record]:
+        """The records of a dilated weightless copy of the trunk."""
+        records, _ops = self._shape_pass(changes_applied, self.container)
+        return records
+
+    def plan(self, levels: Sequence[Level]) -> HookPlan:
+        auto = all(level.layout != "raw" for level in levels)
+        return HookPlan(
+            trunk=self.trunk_path,
+            container=self.container,
+            convention=self.convention,
+            levels=tuple(levels),
+            final_modules=self.final_modules() if auto else (),
+            native_size=self.size,
+        )
+
+
+# -- the runner -------------------------------------------------------------------------
+
+_CAPTURED: contextvars.ContextVar[dict[int, Any] | None] = contextvars.ContextVar(
+    "unifeat_captured", default=None
+)
+"""The tensors of the call in progress, per thread and per nested call."""
+
+
+def _capture(
+    index: int, where: Where, final: bool, module: nn.Module, args: Any, output: Any
+) -> None:
+    store = _CAPTURED.get()
+    if store is None or index not in store:
+        return
+    store[index] = (level_tensor(output, where), first_tensor(output) if final else None, output)
+
+
+class _Skipped(nn.Module):
+    """Stands in for what follows the blocks (pooler, heads): passes its input on."""
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        return x
+
+
+@dataclass
+class HookPlan:
+    """What a hook runner needs (picklable data)."""
+
+    trunk: str
+    container: str | None
+    convention: CallingConvention
+    levels: tuple[Level, ...]
+    final_modules: tuple[str, ...]
+    native_size: tuple[int, int]
+
+
+class HookRunner(Runner):
+    """Runs the trunk with hooks on the level modules (see the module docstring)."""
+
+    def __init__(self, plan: HookPlan, *, last_level: int) -> None:
+        self._plan = plan
+        self.levels = plan.levels
+        self.last_level = last_level
+        self._raw = any(level.layout == "raw" for level in plan.levels)
+        self._keep_final = bool(plan.final_modules)
+        self._handles: list[Any] = []
+        widths = {level.num_chs for level in plan.levels if level.layout == "tokens"}
+        if not plan.final_modules:
+            self.final_norm: str | None = "it has no final norm after its blocks"
+        elif len(widths) != 1:
+            self.final_norm = "its final norm fits only its last level's width"
+        else:
+            self.final_norm = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = []  # the hooks live on the modules, which pickle them
+        return state
+
+    def make_root(self, source: nn.Module) -> nn.Module:
+        """Prepare ``source`` (a copy that shares the caller's parameters): skip what
+        no level needs, keep the blocks up to the deepest level, hook the levels."""
+        plan = self._plan
+        trunk = source.get_submodule(plan.trunk)
+        if plan.trunk:
+            # Everything outside the trunk (task heads, a text tower) is unused.
+            top = plan.trunk.split(".")[0]
+            for name in [name for name, _ in source.named_children() if name != top]:
+                setattr(source, name, _Skipped())
+        if plan.container is not None and not self._raw:
+            top = plan.container.split(".")[0]
+            names = [name for name, _ in trunk.named_children()]
+            keep = {m.split(".")[0] for m in plan.final_modules} if self._norm_applies() else set()
+            for name in names[names.index(top) + 1 :] if top in names else []:
+                if name not in keep:
+                    setattr(trunk, name, _Skipped())
+        self._cut(source, self.last_level)
+        return source
+
+    def _norm_applies(self) -> bool:
+        """Whether the final norm still shapes the final output: always while the
+        last level is computed; after pruning, where it fits the deepest level's
+        width (plain ViT-likes, as timm does)."""
+        if not self._keep_final:
+            return False
+        deepest, last = self.levels[self.last_level], self.levels[-1]
+        return self.last_level == len(self.levels) - 1 or deepest.num_chs == last.num_chs
+
+    def _blocks(self, root: nn.Module) -> nn.Module | None:
+        if self._plan.container is None:
+            return None
+        return root.get_submodule(self._plan.trunk).get_submodule(self._plan.container)
+
+    def _cut(self, root: nn.Module, last_level: int) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        plan = self._plan
+        trunk = root.get_submodule(plan.trunk)
+        container = self._blocks(root)
+        levels = plan.levels[: last_level + 1]
+        last_block = max((level.block for level in levels), default=-1)
+        if container is not None and last_block >= -1 and all(lv.block >= -1 for lv in levels):
+            parent_path, _, attr = (plan.container or "").rpartition(".")
+            parent = trunk.get_submodule(parent_path)
+            blocks = list(container.children())
+            if len(blocks) > last_block + 1:
+                kept = blocks[: last_block + 1]
+                cut = (
+                    nn.Sequential(*kept)
+                    if isinstance(container, nn.Sequential)
+                    else nn.ModuleList(kept)
+                )
+                setattr(parent, attr, cut)
+                if (
+                    last_block >= 0
+                    and levels[-1].block == last_block
+                    and levels[-1].layout != "raw"
+                ):
+                    for name in plan.convention.block_tail:
+                        if getattr(kept[last_block], name, None) is not None:
+                            setattr(kept[last_block], name, None)
+            container = self._blocks(root)
+        if container is not None and plan.convention.block_kwargs:
+            for block in container.children():
+                self._handles.append(
+                    block.register_forward_pre_hook(
+                        functools.partial(_force_kwargs, plan.convention.block_kwargs),
+                        with_kwargs=True,
+                    )
+                )
+        for index, level in enumerate(levels):
+            module = trunk.get_submodule(level.where)
+            where = (
+                plan.convention.block_output
+                if level.block >= 0 and level.layout != "raw"
+                else FIRST
+            )
+            self._handles.append(
+                module.register_forward_hook(
+                    functools.partial(_capture, index, where, index == last_level)
+                )
+            )
+
+    def run(
+        self,
+        root: nn.Module,
+        x: Tensor,
+        indices: Sequence[int],
+        *,
+        final: bool,
+        norm: bool,
+        prefix_tokens: bool,
+        context: str,
+    ) -> tuple[list[FeatureMap], Tensor | None]:
+        plan = self._plan
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        wanted = set(indices)
+        if final or norm:
+            wanted.add(self.last_level)
+        store: dict[int, Any] = dict.fromkeys(wanted)
+        token = _CAPTURED.set(store)
+        try:
+            args, kwargs = plan.convention.inputs(x, resized=size != plan.native_size)
+            root.get_submodule(plan.trunk)(*args, **kwargs)
+        finally:
+            _CAPTURED.reset(token)
+        maps: list[FeatureMap] = []
+        for index in indices:
+            captured = store.get(index)
+            if captured is None:
+                raise UnsupportedOptionError(
+                    f"level {index} ({self.levels[index].module!r}) of {context} did not run"
+                )
+            level = self.levels[index]
+            if level.layout == "raw":
+                maps.append(captured[2])
+                continue
+            tensor = captured[0]
+            if norm and level.layout == "tokens" and level.num_chs == self.levels[-1].num_chs:
+                tensor = self._normed(root, tensor)
+            maps.append(to_map(tensor, level, size, prefix_tokens=prefix_tokens, context=context))
+        if not final:
+            return maps, None
+        deepest = store[self.last_level]
+        output = deepest[1] if deepest[1] is not None else deepest[0]
+        if self._norm_applies():
+            output = self._normed(root, output)
+        return maps, output
+
+    def _normed(self, root: nn.Module, tensor: Tensor) -> Tensor:
+        trunk = root.get_submodule(self._plan.trunk)
+        for path in self._plan.final_modules:
+            tensor = trunk.get_submodule(path)(tensor)
+        return tensor
+
+    def prune(self, root: nn.Module, last_level: int, *, drop_final: bool) -> nn.Module:
+        self.last_level = last_level
+        if drop_final:
+            self._keep_final = False
+            self.final_norm = "its final norm was pruned"
+        if not self._norm_applies():
+            trunk = root.get_submodule(self._plan.trunk)
+            for path in self._plan.final_modules:
+                parent, _, name = path.rpartition(".")
+                setattr(trunk.get_submodule(parent), name, _Skipped())
+        self._cut(root, last_level)
+        return root
+
+
+def unknown_layout(context: str, types: Sequence[str]) -> UnsupportedOptionError:
+    return UnsupportedOptionError(
+        f"{context}: unifeat reads levels off plain token models and maps; tested layouts "
+        f"include {format_choices(types)}"
+    )

@@ -1,0 +1,150 @@
+"""What a build finds on the meta device, and how it becomes a runner.
+
+A :class:`Layout` is the hand-over between the finders (graph, hooks, native)
+and the feature model: the levels, the :class:`~unifeat.FeatureInfo`, the one
+input size, the dilation to apply, and the runner to make once the real model
+exists. :func:`apply_output_stride` is the one ``output_stride`` loop: a
+library's own switch where it has one, the generic dilation otherwise, the
+same errors everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from unifeat._engine.dilation import (
+    DilationChange,
+    apply_dilation,
+    generic_dilation,
+    supported_message,
+)
+from unifeat._engine.graph import (
+    GraphFinder,
+    GraphPlan,
+    GraphRunner,
+    lacks_graph_attributes,
+    relevel,
+    trace,
+)
+from unifeat._engine.hooks import HookFinder, HookPlan, HookRunner
+from unifeat._engine.levels import Level
+from unifeat._engine.model import Runner, share_parameters_copy
+from unifeat._engine.native import NativeRunner, NativeSpec
+from unifeat._errors import UnsupportedOptionError
+from unifeat._feature_info import FeatureInfo
+
+
+@dataclass
+class Layout:
+    """Levels and everything needed to build the feature model that returns them."""
+
+    levels: list[Level]
+    info: FeatureInfo
+    input_size: tuple[int, int, int]
+    plan: GraphPlan | HookPlan | NativeSpec
+    dilation: list[DilationChange] = field(default_factory=list)
+    dilation_root: str = ""
+    """Where in the source the dilation's module names start (a transformers trunk)."""
+    build_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Constructor arguments of the library's own ``output_stride`` switch."""
+
+    def make_runner(self, source: nn.Module, *, context: str) -> tuple[Runner, nn.Module]:
+        """The runner over the real ``source`` (dilated already), and its root."""
+        last = max(self.info.out_indices)
+        if isinstance(self.plan, GraphPlan):
+            plan = self.plan
+            if lacks_graph_attributes(plan.evaluation, source):
+                # The layout's trace ran on the meta build, and the tracer stored the
+                # tensor constants it met (MaxViT's) on that model: trace the real one.
+                evaluation = trace(
+                    source, train=False, context=context, extra_tracer_kwargs=plan.tracer_options
+                )
+                plan = dataclasses.replace(plan, evaluation=evaluation, train=None)
+            graph_runner = GraphRunner(source, plan, last_level=last, context=context)
+            return graph_runner, graph_runner.make_root()
+        if isinstance(self.plan, HookPlan):
+            hook_runner = HookRunner(self.plan, last_level=last)
+            return hook_runner, hook_runner.make_root(source)
+        native = NativeRunner(self.plan, self.levels, last_level=last)
+        return native, native.make_root(source)
+
+    def apply_dilation(self, source: nn.Module) -> None:
+        if self.dilation:
+            apply_dilation(source.get_submodule(self.dilation_root), self.dilation)
+
+
+Finder = GraphFinder | HookFinder
+
+
+def apply_output_stride(
+    levels: Sequence[Level],
+    output_stride: int | None,
+    *,
+    context: str,
+    finder: Finder | None,
+    native_switch: Callable[[int], Sequence[Level] | None],
+    native_strides: Sequence[int] = (),
+    tokens: bool = False,
+) -> tuple[list[Level], list[DilationChange]]:
+    """The levels at ``output_stride``, and the dilation that gives them.
+
+    ``native_switch(stride)`` returns the levels of a build with the library's
+    own switch (and remembers its arguments), or None where it has none for that
+    stride; otherwise convs and pools are dilated (``finder`` lists them), unless
+    the model is a token model or was found natively (``finder`` None).
+    """
+    native = max(level.reduction for level in levels)
+    if output_stride is None or output_stride == native:
+        return list(levels), []
+    switched = native_switch(output_stride)
+    if switched is not None:
+        reached = max(level.reduction for level in switched)
+        if reached != output_stride:
+            raise UnsupportedOptionError(
+                f"output_stride={output_stride} is not supported by {context}: its own switch "
+                f"reached {reached}; {supported_message([native, *native_strides])}"
+            )
+        return list(switched), []
+    if tokens or any(level.layout == "tokens" for level in levels):
+        raise UnsupportedOptionError(
+            f"output_stride={output_stride} is not supported by {context}: supported values "
+            f"are {native} (a token model: its patch size)"
+        )
+    if finder is None:
+        raise UnsupportedOptionError(
+            f"output_stride={output_stride} is not supported by {context}: "
+            f"{supported_message([native, *native_strides])}"
+        )
+    ops = finder.spatial_ops(finder.source) if isinstance(finder, GraphFinder) else finder.ops
+    changes, dilated = generic_dilation(
+        levels,
+        ops,
+        output_stride,
+        remeasure=lambda changes: _remeasure(finder, levels, changes),
+        context=context,
+        also_supported=native_strides,
+    )
+    return dilated, changes
+
+
+def _remeasure(
+    finder: Finder, levels: Sequence[Level], changes: Sequence[DilationChange]
+) -> list[Level]:
+    """The levels of a weightless dilated copy: the same modules, new reductions."""
+    if isinstance(finder, GraphFinder):
+        variant = share_parameters_copy(finder.source)
+        apply_dilation(variant, changes)
+        return relevel(levels, finder.remeasure(variant, retrace=False), finder.size)
+    trunk = share_parameters_copy(finder.trunk)
+    apply_dilation(trunk, changes)
+    shapes: Mapping[str, Any] = {r.path: r.output for r in finder.remeasure(trunk)}
+    return relevel(
+        levels,
+        {level.where: shapes.get(level.where) for level in levels},
+        finder.size,
+    )

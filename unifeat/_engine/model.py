@@ -1,0 +1,419 @@
+"""The one feature model class, whatever computes the levels (a :class:`Runner`).
+
+A runner owns how the levels are computed (a traced graph, hooks on a block
+list, a library's own ``forward_intermediates``); :class:`FeatureModel` owns
+everything users see and is written once: output layout (list or dict, NCHW or
+NHWC, prefix tokens), the index rules of ``forward_intermediates`` and
+``prune_intermediate_layers``, state-dict keys equal to the source model's,
+train/eval, deepcopy and pickling.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from unifeat._engine.levels import FeatureMap, Level
+from unifeat._engine.meta import weightless
+from unifeat._errors import InvalidIndicesError, UnsupportedOptionError
+from unifeat._feature_info import FeatureInfo
+from unifeat._indices import normalize_indices
+
+Features = list[FeatureMap] | dict[str, FeatureMap]
+
+_INNER = "model"
+
+
+class Runner:
+    """Computes level tensors for a :class:`FeatureModel`.
+
+    A runner is plain data: it reaches modules only through the ``root`` it is
+    handed (the feature model's ``model``, which holds every parameter it uses
+    under the source model's names) and keeps no per-call state. So deepcopy
+    and pickle carry it, ``nn.DataParallel`` replicas run their own modules, and
+    concurrent calls from threads each see their own results.
+    """
+
+    levels: tuple[Level, ...]
+    last_level: int
+    """The deepest level it still computes."""
+    final_norm: str | None = None
+    """Why ``norm=True`` is refused, or None where it is available."""
+
+    def run(
+        self,
+        root: nn.Module,
+        x: Tensor,
+        indices: Sequence[int],
+        *,
+        final: bool,
+        norm: bool,
+        prefix_tokens: bool,
+        context: str,
+    ) -> tuple[list[FeatureMap], Tensor | None]:
+        """Maps of ``indices`` (NCHW, depth order) and, if ``final``, the final output."""
+        raise NotImplementedError
+
+    def prune(self, root: nn.Module, last_level: int, *, drop_final: bool) -> nn.Module:
+        """Compute nothing after ``last_level`` from now on; ``drop_final`` also drops
+        the final norm kept for the final output. Returns the root (cut in place, or
+        a new one)."""
+        raise NotImplementedError
+
+    def set_mode(self, root: nn.Module, training: bool) -> None:
+        """Called after ``FeatureModel.train(mode)`` switched every submodule's flag."""
+
+
+def share_parameters_copy(module: nn.Module) -> nn.Module:
+    """A structural copy of ``module`` whose parameters and buffers are the same tensors.
+
+    Pruning or re-wiring the copy never touches the user's module, yet training
+    the feature model trains the user's weights, as torchvision's extractor does.
+    """
+    shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo=shared)
+
+
+def to_format(tensor: Tensor, output_fmt: str) -> Tensor:
+    """NCHW -> NHWC when asked; runners hand maps over in NCHW."""
+    return tensor.permute(0, 2, 3, 1) if output_fmt == "NHWC" else tensor
+
+
+def _state_dict_to_source_keys(
+    module: FeatureModel, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    inner = f"{prefix}{_INNER}."
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        state_dict[prefix + key[len(inner) :] if key.startswith(inner) else key] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        renamed = OrderedDict()
+        for key, value in metadata.items():
+            if key == f"{prefix}{_INNER}":
+                continue
+            renamed[prefix + key[len(inner) :] if key.startswith(inner) else key] = value
+        metadata.clear()
+        metadata.update(renamed)
+
+
+def _load_from_source_keys(
+    module: FeatureModel,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    own = [key for key in state_dict if key.startswith(prefix)]
+    for key in own:
+        value = state_dict.pop(key)
+        relative = key[len(prefix) :]
+        if relative not in module._pruned_keys:
+            state_dict[f"{prefix}{_INNER}.{relative}"] = value
+
+
+class FeatureModel(nn.Module):
+    """The feature model :func:`unifeat.create_model` returns with ``features_only=True``.
+
+    ``model(x)`` returns the levels ``feature_info.out_indices`` in depth order,
+    as a list or a dict keyed by level module name (or ``return_nodes`` keys),
+    NCHW or NHWC. The same class serves every backend.
+
+    Attributes:
+        feature_info: the levels and the ones returned (:class:`FeatureInfo`).
+        backend: the backend that built the model (``"timm"``, ...).
+        output_type: ``"list"`` or ``"dict"``.
+        output_fmt: ``"NCHW"`` or ``"NHWC"``.
+        return_prefix_tokens: whether each map comes with its prefix tokens.
+        input_size: ``(C, H, W)`` the source model was made for.
+        data_config: the preprocessing the source's library prescribes, where known.
+
+    Examples:
+        >>> import torch, unifeat
+        >>> model = unifeat.create_model("tv:resnet18", features_only=True, out_indices=(2, 4))
+        >>> [tuple(m.shape) for m in model(torch.randn(1, 3, 64, 64))]
+        [(1, 128, 8, 8), (1, 512, 2, 2)]
+        >>> model.feature_info.module_name()
+        ['layer2', 'layer4']
+    """
+
+    feature_info: FeatureInfo
+    backend: str
+
+    def __init__(
+        self,
+        runner: Runner,
+        root: nn.Module,
+        *,
+        feature_info: FeatureInfo,
+        backend: str,
+        input_size: tuple[int, int, int],
+        output_type: str = "list",
+        output_fmt: str = "NCHW",
+        return_prefix_tokens: bool = False,
+        context: str = "the model",
+        source_keys: Sequence[str] | None = None,
+        training: bool = False,
+    ) -> None:
+        """``source_keys``: the source model's state-dict keys, where the runner's
+        root is not the source itself (default: the root's keys)."""
+        super().__init__()
+        self.model = root
+        self._runner = runner
+        # Start in the source's mode, as torchvision's extractor does (flag only:
+        # submodules keep their own, e.g. norm layers a caller froze).
+        self.training = training
+        runner.set_mode(root, training)
+        self.feature_info = feature_info
+        self.backend = backend
+        self.input_size = input_size
+        self.output_type = output_type
+        self.output_fmt = output_fmt
+        self.return_prefix_tokens = return_prefix_tokens
+        self.data_config: Any = None
+        self._context = context
+        self._source_keys = tuple(self._inner_keys() if source_keys is None else source_keys)
+        self._pruned_keys: frozenset[str] = frozenset()
+        self._after_prune()
+        self.register_state_dict_post_hook(_state_dict_to_source_keys)
+        self.register_load_state_dict_pre_hook(_load_from_source_keys)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    @property
+    def last_level(self) -> int:
+        """The deepest level this model still computes."""
+        return self._runner.last_level
+
+    def _inner_keys(self) -> list[str]:
+        return list(nn.Module.state_dict(self.model).keys())
+
+    def _after_prune(self) -> None:
+        """Keys of modules the runner dropped are accepted and ignored on load."""
+        self._pruned_keys = frozenset(self._source_keys) - set(self._inner_keys())
+
+    def resolve_indices(self, indices: object) -> tuple[int, ...]:
+        """Normalize ``indices`` against all levels, refusing pruned ones.
+
+        Examples:
+            >>> import unifeat
+            >>> model = unifeat.create_model("tv:resnet18", features_only=True, out_indices=(1, 2))
+            >>> model.resolve_indices((-4, 2))
+            (1, 2)
+        """
+        if indices is None:
+            return self.feature_info.out_indices
+        resolved = normalize_indices(
+            indices, len(self.feature_info), context=self._context, what="indices"
+        )
+        limit = self.last_level
+        too_deep = [i for i in resolved if i > limit]
+        if too_deep:
+            raise InvalidIndicesError(
+                f"indices {tuple(resolved)} ask for level {too_deep[0]}, but {self._context} "
+                f"was pruned after level {limit}: valid indices are 0..{limit}"
+            )
+        return resolved
+
+    def format_features(
+        self,
+        maps: Sequence[FeatureMap],
+        indices: Sequence[int],
+        output_fmt: str | None = None,
+        output_type: str | None = None,
+    ) -> Features:
+        """Lay out runner maps (NCHW, depth order) as asked, by default as the model says."""
+        fmt = output_fmt or self.output_fmt
+        laid_out: list[FeatureMap] = [
+            (to_format(m[0], fmt), m[1]) if isinstance(m, tuple) else self._formatted(m, fmt)
+            for m in maps
+        ]
+        if (output_type or self.output_type) == "dict":
+            names = self.feature_info.module_name(list(indices))
+            return dict(zip(names, laid_out, strict=True))
+        return laid_out
+
+    @staticmethod
+    def _formatted(value: Any, fmt: str) -> Any:
+        # return_nodes picks may be anything a node returns; only maps are laid out.
+        if isinstance(value, Tensor) and value.dim() == 4:
+            return to_format(value, fmt)
+        return value
+
+    @property
+    def default_input_size(self) -> tuple[int, int, int]:
+        """The ``(C, H, W)`` input the source model was made for."""
+        return self.input_size
+
+    def extra_repr(self) -> str:
+        return (
+            f"backend={self.backend!r}, out_indices={self.feature_info.out_indices}, "
+            f"output_type={self.output_type!r}, output_fmt={self.output_fmt!r}"
+        )
+
+    # -- nn.Module behaviour ----------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> FeatureModel:
+        super().train(mode)
+        runner = self.__dict__.get("_runner")
+        if runner is not None:
+            runner.set_mode(self.model, mode)
+        return self
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise UnsupportedOptionError(
+            f"TorchScript (torch.jit.script) is not supported for {self._context}: feature "
+            "models run hooks, traced graphs or Python-level library code that TorchScript "
+            "cannot compile; use torch.compile, or torch.export for deployment"
+        )
+
+    # -- the timm-style interface -----------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Features:
+        indices = self.feature_info.out_indices
+        maps, _ = self._runner.run(
+            self.model,
+            x,
+            indices,
+            final=False,
+            norm=False,
+            prefix_tokens=self.return_prefix_tokens,
+            context=self._context,
+        )
+        return self.format_features(maps, indices)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        intermediates_only: bool = False,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+    ) -> list[FeatureMap] | tuple[Tensor, list[FeatureMap]]:
+        """The maps of ``indices`` and, unless ``intermediates_only``, the final output.
+
+        ``indices`` count over all levels (``None`` = this model's ``out_indices``,
+        an int ``n`` = the last ``n`` levels) and must not reach past a pruned
+        level. The final output is the unpooled output of the deepest block the
+        model computes, in the model's native layout; while the model still
+        computes the source's last level it is what the source's
+        ``forward_features`` gives (after its final norm); see the docs page
+        "Levels and indices". ``norm=True`` applies the final norm to each map,
+        where the model has one that fits.
+
+        Returns:
+            The list of maps, or ``(final, maps)``.
+
+        Examples:
+            >>> import torch, unifeat
+            >>> model = unifeat.create_model("tv:resnet18", features_only=True).eval()
+            >>> maps = model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=(1, -1),
+            ...                                    intermediates_only=True)
+            >>> [tuple(m.shape) for m in maps]
+            [(1, 64, 16, 16), (1, 512, 2, 2)]
+            >>> final, maps = model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=(1,))
+            >>> tuple(final.shape)
+            (1, 512, 2, 2)
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise UnsupportedOptionError(
+                f"invalid output_fmt={output_fmt!r} for {self._context}: expected 'NCHW' or 'NHWC'"
+            )
+        if norm and self._runner.final_norm is not None:
+            raise UnsupportedOptionError(
+                f"norm=True is not available for {self._context}: {self._runner.final_norm}"
+            )
+        chosen = self.resolve_indices(indices)
+        maps, final = self._runner.run(
+            self.model,
+            x,
+            chosen,
+            final=not intermediates_only,
+            norm=norm,
+            prefix_tokens=self.return_prefix_tokens,
+            context=self._context,
+        )
+        laid_out = cast(list[FeatureMap], self.format_features(maps, chosen, output_fmt, "list"))
+        if intermediates_only:
+            return laid_out
+        assert final is not None
+        return final, laid_out
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop what the levels ``indices`` do not need; returns them normalized, and
+        ``forward`` then returns exactly these levels.
+
+        A feature model has no classifier head, so ``prune_head`` changes nothing;
+        ``prune_norm=True`` also drops the final norm kept for
+        ``forward_intermediates``' final output.
+
+        Examples:
+            >>> import torch, unifeat
+            >>> model = unifeat.create_model("tv:resnet18", features_only=True).eval()
+            >>> model.prune_intermediate_layers((-4, 2))
+            [1, 2]
+            >>> [tuple(m.shape) for m in model(torch.randn(1, 3, 64, 64))]
+            [(1, 64, 16, 16), (1, 128, 8, 8)]
+        """
+        chosen = self.resolve_indices(indices)
+        deepest = max(chosen)
+        if deepest < self.last_level or prune_norm:
+            self.model = self._runner.prune(self.model, deepest, drop_final=prune_norm)
+            self.__dict__.pop("_unused_by_forward", None)
+        self.feature_info = self.feature_info.from_other(chosen)
+        self._after_prune()
+        return list(chosen)
+
+    # -- distributed training ---------------------------------------------------------------
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """Parameters ``forward`` never uses (a final norm kept for
+        ``forward_intermediates``): DistributedDataParallel reads this name and
+        leaves them out, so its default ``find_unused_parameters=False`` works."""
+        cached = self.__dict__.get("_unused_by_forward")
+        if cached is None:
+            cached = _unused_by_forward(self)
+            self.__dict__["_unused_by_forward"] = cached
+        return list(cached)
+
+
+def _unused_by_forward(model: FeatureModel) -> tuple[str, ...]:
+    """Names of the trainable parameters that get no gradient from ``forward``.
+
+    Found on the meta device with stand-ins for every tensor: nothing is
+    computed, nothing of the model changes.
+    """
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        return ()
+    channels, height, width = model.input_size
+    x = torch.empty(2, channels, height, width, device="meta")
+    try:
+        with weightless(model, trainable=True) as stand_ins:
+            outputs = model(x)
+            leaves = list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
+            tensors = [t for item in leaves for t in (item if isinstance(item, tuple) else (item,))]
+            total = sum(
+                t.float().sum() for t in tensors if isinstance(t, Tensor) and t.requires_grad
+            )
+            if not isinstance(total, Tensor):
+                return tuple(trainable)
+            grads = torch.autograd.grad(
+                total, [stand_ins[name] for name in trainable], allow_unused=True
+            )
+    except Exception:
+        return ()  # cannot tell: leave DDP's own checks in charge
+    return tuple(name for name, grad in zip(trainable, grads, strict=True) if grad is None)

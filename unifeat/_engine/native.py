@@ -1,0 +1,117 @@
+"""The pass-through runner for libraries with their own ``forward_intermediates``.
+
+timm and open_clip compute intermediate maps themselves, prune themselves and
+know their own final output. Their adapter hands the engine three module-level
+functions (picklable) in a :class:`NativeSpec`; the engine runs them with its
+own index rules, output layout and bookkeeping, like any other runner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from unifeat._engine.levels import FeatureMap, Level, spatial
+from unifeat._engine.meta import weightless
+from unifeat._engine.model import Runner
+
+Intermediates = Callable[[nn.Module, Tensor, list[int], bool, bool], list[FeatureMap]]
+"""``(model, x, indices, prefix_tokens, norm) -> maps`` (NCHW; ``(map, prefix)``
+pairs when ``prefix_tokens``)."""
+Final = Callable[[nn.Module, Tensor, list[int], bool, bool], tuple[Tensor, list[FeatureMap]]]
+"""The same, also returning the final output: ``(final, maps)``."""
+Prune = Callable[[nn.Module, int, bool], None]
+"""``(model, last_level, keep_final)``: cut the model in place after ``last_level``;
+``keep_final`` (False once the user pruned the norm) keeps what the final output
+needs: all of it with the last level, the final norm where it fits otherwise."""
+
+
+@dataclass(frozen=True)
+class NativeSpec:
+    intermediates: Intermediates
+    final: Final
+    prune: Prune
+    wrap: Callable[[nn.Module, int], nn.Module] | None = None
+    """``(model, last_level) -> root``, where the library runs a wrapper, not the model."""
+    norm: str | None = None
+    """Why ``norm=True`` is refused, or None where the library supports it."""
+
+
+class NativeRunner(Runner):
+    """Runs a library's own ``forward_intermediates`` on the root (the source model)."""
+
+    def __init__(self, spec: NativeSpec, levels: Sequence[Level], *, last_level: int) -> None:
+        self._spec = spec
+        self.levels = tuple(levels)
+        self.last_level = last_level
+        self.final_norm = spec.norm
+        self._keep_final = True
+
+    def make_root(self, source: nn.Module) -> nn.Module:
+        root = self._spec.wrap(source, self.last_level) if self._spec.wrap else source
+        self._spec.prune(root, self.last_level, self._keeps_final())
+        return root
+
+    def _keeps_final(self) -> bool:
+        return self._keep_final
+
+    def run(
+        self,
+        root: nn.Module,
+        x: Tensor,
+        indices: Sequence[int],
+        *,
+        final: bool,
+        norm: bool,
+        prefix_tokens: bool,
+        context: str,
+    ) -> tuple[list[FeatureMap], Tensor | None]:
+        if final:
+            output, maps = self._spec.final(root, x, list(indices), prefix_tokens, norm)
+            return maps, output
+        return self._spec.intermediates(root, x, list(indices), prefix_tokens, norm), None
+
+    def prune(self, root: nn.Module, last_level: int, *, drop_final: bool) -> nn.Module:
+        self.last_level = last_level
+        if drop_final:
+            self._keep_final = False
+            self.final_norm = self.final_norm or "its final norm was pruned"
+        self._spec.prune(root, last_level, self._keeps_final())
+        return root
+
+
+def measure_levels(
+    model: nn.Module,
+    spec: NativeSpec,
+    modules: Sequence[str],
+    input_size: tuple[int, int, int],
+    *,
+    tokens: bool,
+) -> list[Level]:
+    """Levels read off the library's own intermediates on the meta device: one per
+    entry of ``modules`` (their names), channels and reductions from the maps."""
+    channels, height, width = input_size
+    x = torch.empty(2, channels, height, width, device="meta")
+    indices = list(range(len(modules)))
+    with torch.no_grad(), weightless(model):
+        maps: list[Any] = spec.intermediates(model, x, indices, tokens, False)
+    levels = []
+    for name, item in zip(modules, maps, strict=True):
+        feature_map, prefix = item if isinstance(item, tuple) else (item, None)
+        found = spatial(tuple(feature_map.shape), (height, width))
+        reduction = found[1] if found else 0
+        levels.append(
+            Level(
+                name,
+                int(feature_map.shape[1]),
+                reduction,
+                "NCHW",
+                where=name,
+                num_prefix_tokens=int(prefix.shape[1]) if prefix is not None else 0,
+            )
+        )
+    return levels
