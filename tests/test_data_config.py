@@ -178,6 +178,27 @@ def test_open_clip_model_preprocess() -> None:
         _assert_same(ours(image), theirs(image))
 
 
+def test_open_clip_feature_models_carry_their_preprocess() -> None:
+    from unifeat._feature_model import image_transform
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = unifeat.create_model(
+            "oc:ViT-B-32",
+            features_only=True,
+            layers=2,
+            width=64,
+            head_width=32,
+            image_size=64,
+            patch_size=16,
+        )
+    config = data_config(model)
+    assert config.source == "open_clip preprocess" and config.size == (64, 64)
+    theirs = image_transform(model)
+    for image in _images():
+        _assert_same(create_transform(config)(image), theirs(image))
+
+
 def test_random_init_models_get_the_documented_default() -> None:
     """Resize the shorter side to size / 0.875 (bicubic), center-crop, ImageNet mean and std."""
     from torchvision import transforms
@@ -195,6 +216,8 @@ def test_random_init_models_get_the_documented_default() -> None:
     ours = create_transform("tv:resnet18")
     for image in _images():
         _assert_same(ours(image), expected(image))
+    # A model made for another input size keeps its size.
+    assert data_config("tv:inception_v3", init_weights=False).input_size == (3, 299, 299)
 
 
 def test_data_config_of_models_follows_what_they_carry(tmp_path) -> None:
