@@ -148,31 +148,20 @@ def test_killed_runs_resume_to_exactly_the_uninterrupted_rows(
     assert 0 < report["written_by_rerun"] <= report["rows"]
 
 
+def _extract_arguments(images: Path, output: Path) -> list[str]:
+    """The command line of ``OPTIONS``."""
+    return [
+        "extract", "tv:resnet18", str(images), "-o", str(output), "--random-init",
+        "--out-indices", "-2", "-1", "--input-size", "32", "--batch-size", "4",
+        "--flush-every", "4", "--no-progress",
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_kills_at_random_moments(images: Path, uninterrupted: dict, tmp_path: Path) -> None:
     """kill -9 from outside, at random moments of the command line's run, three times."""
     output = tmp_path / "f.parquet"
-    command = [
-        sys.executable,
-        "-m",
-        "unifeat",
-        "extract",
-        "tv:resnet18",
-        str(images),
-        "-o",
-        str(output),
-        "--random-init",
-        "--out-indices",
-        "-2",
-        "-1",
-        "--input-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--flush-every",
-        "4",
-        "--no-progress",
-    ]
+    command = [sys.executable, "-m", "unifeat", *_extract_arguments(images, output)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     chance = random.Random(0)
     for _ in range(3):
@@ -198,24 +187,7 @@ def test_a_real_ctrl_c_exits_130_and_keeps_finished_rows(images: Path, tmp_path:
     output = tmp_path / "f.npy"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            slow,
-            "extract",
-            "tv:resnet18",
-            str(images),
-            "-o",
-            str(output),
-            "--random-init",
-            "--input-size",
-            "32",
-            "--batch-size",
-            "4",
-            "--flush-every",
-            "4",
-            "--no-progress",
-        ],
+        [sys.executable, "-c", slow, *_extract_arguments(images, output)],
         env=env,
         stderr=subprocess.PIPE,
         text=True,

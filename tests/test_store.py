@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -315,9 +316,8 @@ def test_merge_refuses_parts_computed_differently_or_unfinished(
         unifeat.merge_features([tmp_path / "a.part1of2.npy"], tmp_path / "b.npy")
 
 
-def test_ctrl_c_keeps_the_finished_rows(
-    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _ctrl_c_at_forward(number: int, monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Ctrl-C during forward ``number``; returns the undo."""
     from unifeat import _extract as module
 
     calls = {"n": 0}
@@ -325,11 +325,18 @@ def test_ctrl_c_keeps_the_finished_rows(
 
     def interrupted(self, pixels):  # type: ignore[no-untyped-def]
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == number:
             raise KeyboardInterrupt
         return original(self, pixels)
 
     monkeypatch.setattr(module.Embedder, "__call__", interrupted)
+    return lambda: monkeypatch.setattr(module.Embedder, "__call__", original)
+
+
+def test_ctrl_c_keeps_the_finished_rows(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    undo = _ctrl_c_at_forward(3, monkeypatch)
     out = tmp_path / "f.npy"
     with pytest.raises(KeyboardInterrupt):
         _extract(folder, out, batch_size=2, flush_every=1000)
@@ -341,7 +348,7 @@ def test_ctrl_c_keeps_the_finished_rows(
         "img6.png",
     ]
     assert not (tmp_path / "f.lock").exists()
-    monkeypatch.setattr(module.Embedder, "__call__", original)
+    undo()
     assert _extract(folder, out, batch_size=2).written == READABLE - 3
 
 
@@ -351,18 +358,7 @@ def test_ctrl_c_in_the_cli_exits_130_with_one_line(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from unifeat import _extract as module
-
-    calls = {"n": 0}
-    original = module.Embedder.__call__
-
-    def interrupted(self, pixels):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, pixels)
-
-    monkeypatch.setattr(module.Embedder, "__call__", interrupted)
+    _ctrl_c_at_forward(2, monkeypatch)
     args = [
         "extract",
         "tv:resnet18",
@@ -460,3 +456,36 @@ def test_bad_options_are_unifeat_errors_before_anything_is_written(
     with pytest.raises(unifeat.UnsupportedOptionError, match=message):
         _extract(folder, tmp_path / "f.safetensors", **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_passed_in_is_left_as_it_was(folder: Path, tmp_path: Path) -> None:
+    """Its mode, dtype and weights: bfloat16 runs on a copy, eval is undone."""
+    model = unifeat.create_model("tv:resnet18", features_only=True, out_indices=(-1,)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for dtype in ("float32", "bfloat16"):
+        unifeat.extract(
+            model, [folder], tmp_path / f"{dtype}.npy", dtype=dtype, input_size=(32, 32),
+            progress=False,
+        )  # fmt: skip
+        assert model.training
+        after = model.state_dict()
+        assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_outputs_of_unifeat_0_1_still_load(folder: Path, tmp_path: Path) -> None:
+    """The earlier layout: an index listing each shard's paths, no provenance."""
+    from safetensors.torch import save_file
+
+    rows = [str(folder / "img0.png"), str(folder / "img3.png")]
+    tensor = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    save_file(
+        {"level_4": tensor}, str(tmp_path / "f.00000.safetensors"), {"paths": json.dumps(rows)}
+    )
+    index = {"format": "unifeat-features/1", "pool": "avg", "backend": "torchvision"}
+    index["shards"] = [{"file": "f.00000.safetensors", "paths": rows}]
+    (tmp_path / "f.index.json").write_text(json.dumps(index))
+    features = unifeat.load_features(tmp_path / "f.index.json")
+    assert features["paths"] == rows and torch.equal(features["level_4"], tensor)
+    with pytest.raises(ProvenanceMismatchError, match="earlier unifeat"):
+        _extract(folder, tmp_path / "f.safetensors")
+    assert _extract(folder, tmp_path / "f.safetensors", overwrite=True).written == READABLE

@@ -11,6 +11,7 @@ mix rows computed differently.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import itertools
 import platform
@@ -197,6 +198,19 @@ def build_for_extraction(
             torch.manual_seed(seed)
             return as_feature_model(model, create_kwargs)
     return as_feature_model(model, create_kwargs)
+
+
+def _own_copy(
+    model: FeatureModel, device: torch.device, dtype: torch.dtype, channels_last: bool | None
+) -> FeatureModel:
+    """``model`` itself, or a copy where running it as asked would convert the
+    caller's module in place (another dtype, device or memory format); its
+    train/eval mode is restored after the run."""
+    first = next(iter(model.parameters()), None)
+    moves = first is not None and (first.device != device or first.dtype != dtype)
+    if moves or (channels_last if channels_last is not None else device.type == "cuda"):
+        return copy.deepcopy(model)
+    return model
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -545,10 +559,13 @@ def extract(
     if address is not None and engine != "ray":
         raise UnsupportedOptionError("address only applies to engine='ray'")
     name = model if isinstance(model, str) else None
+    was_training = model.training if isinstance(model, nn.Module) else False
     if pool == "cls" and isinstance(model, str):
         create_kwargs.setdefault("return_prefix_tokens", True)
     kwargs = dict(create_kwargs)
     feature_model = build_for_extraction(model, create_kwargs, random_init=random_init, seed=seed)
+    if not isinstance(model, str):
+        feature_model = _own_copy(feature_model, torch_device, torch_dtype, channels_last)
     config = _with_input_size(model_data_config(feature_model), input_size)
     record = provenance(
         feature_model,
@@ -574,6 +591,9 @@ def extract(
         ]
         batches_todo = aligned_batches(listed, set(todo), batch_size)
         skipped = sum(1 for p in listed if p in store.done)
+        running: dict[str, Any] = dict(
+            pool=pool, device=torch_device, dtype=torch_dtype, channels_last=channels_last
+        )
         if engine == "ray":
             from unifeat.ray import _ray_batches
 
@@ -581,25 +601,14 @@ def extract(
                 batches_todo,
                 feature_model,
                 config,
-                pool=pool,
-                device=torch_device,
-                dtype=torch_dtype,
-                channels_last=channels_last,
                 fast_decode=fast_decode,
                 address=address,
+                **running,
             )
         else:
-            embed = Embedder(
-                feature_model,
-                config,
-                pool=pool,
-                device=torch_device,
-                dtype=torch_dtype,
-                channels_last=channels_last,
-            )
             batches = _local_batches(
                 batches_todo,
-                embed,
+                Embedder(feature_model, config, **running),
                 num_workers=num_workers,
                 fast_decode=fast_decode,
             )
@@ -618,6 +627,8 @@ def extract(
     finally:
         # Ctrl-C or an error: what is finished is committed all the same.
         store.close(complete=completed)
+        if not isinstance(model, str):
+            model.train(was_training)
     return ExtractResult(
         index_path=paths.index,
         written=store.written,
