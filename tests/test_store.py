@@ -489,3 +489,18 @@ def test_outputs_of_unifeat_0_1_still_load(folder: Path, tmp_path: Path) -> None
     with pytest.raises(ProvenanceMismatchError, match="earlier unifeat"):
         _extract(folder, tmp_path / "f.safetensors")
     assert _extract(folder, tmp_path / "f.safetensors", overwrite=True).written == READABLE
+
+
+def test_decoding_workers_give_the_same_rows(folder: Path, tmp_path: Path, reference: dict) -> None:
+    import pickle
+
+    from unifeat._extract import _Decode, decoder
+
+    _extract(folder, tmp_path / "w.npy", num_workers=2)
+    features = unifeat.load_features(tmp_path / "w.npy")
+    assert features["paths"] == reference["paths"]
+    assert torch.equal(features["level_4"], reference["level_4"])
+    # Workers started by spawn (macOS, Windows) get the dataset pickled.
+    config = unifeat.data_config("tv:resnet18")
+    dataset = pickle.loads(pickle.dumps(_Decode(reference["paths"], decoder(config, True))))
+    assert dataset[0][1].shape == (224, 224, 3)

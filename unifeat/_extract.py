@@ -362,11 +362,26 @@ class Embedder:
 # -- the local engine -------------------------------------------------------------------
 
 
+class _Decoder:
+    """Path or bytes to the ``uint8`` ``(H, W, C)`` crop the model takes (a class,
+    not a closure: DataLoader workers started by spawn get it pickled)."""
+
+    def __init__(self, config: DataConfig, fast_decode: bool) -> None:
+        self.config = config
+        self.crop = geometry(config)
+        self.fast_decode = fast_decode
+
+    def _min_size(self, height: int, width: int) -> tuple[int, int]:
+        return resize_size(self.config, height, width)
+
+    def __call__(self, source: str | bytes) -> np.ndarray:
+        min_size = self._min_size if self.fast_decode else None
+        return self.crop(load_image(source, min_size=min_size))
+
+
 def decoder(config: DataConfig, fast_decode: bool) -> Callable[[str | bytes], np.ndarray]:
     """Path or bytes to the ``uint8`` ``(H, W, C)`` crop the model takes."""
-    crop = geometry(config)
-    min_size = (lambda h, w: resize_size(config, h, w)) if fast_decode else None
-    return lambda source: crop(load_image(source, min_size=min_size))
+    return _Decoder(config, fast_decode)
 
 
 class _Decode(torch.utils.data.Dataset):
