@@ -60,7 +60,7 @@ HF_SWIN = dict(
 )
 
 
-_INFO: dict[tuple[str, tuple[tuple[str, Any], ...]], unifeat.FeatureInfo] = {}
+_INFO: dict[tuple[str, str], unifeat.FeatureInfo] = {}
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class Case:
 
     def info(self, **options: Any) -> unifeat.FeatureInfo:
         """``unifeat.feature_info`` for this case (memoised: it is asked often)."""
-        key = (self.id, tuple(sorted(options.items())))
+        key = (self.id, repr(sorted(options.items())))
         if key not in _INFO:
             _INFO[key] = unifeat.feature_info(self.arg(), **self.kwargs, **options)
         return _INFO[key]
