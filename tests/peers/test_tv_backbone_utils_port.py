@@ -35,6 +35,7 @@ from tests.peers._models import (
     grad_numel,
     params,
     run_source,
+    tv_small_vit,
 )
 
 # Node names whose values are not tensors, or that torchvision leaves out of its
@@ -677,11 +678,9 @@ def test_truncated_node_names(case: Case) -> None:
 def test_non_tensor_node_is_returned_as_is() -> None:
     """``create_feature_extractor`` returns any node's value, tensor or not (ViT's
     ``self_attention`` gives a tuple); so does unifeat."""
-    source = torchvision.models.VisionTransformer(
-        image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32
-    ).eval()
+    source = tv_small_vit().eval()
     node = "encoder.layers.encoder_layer_0.self_attention"
-    x = torch.rand(1, 3, 32, 32)
+    x = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
         expected = create_feature_extractor(source, [node])(x)
         got = unifeat.create_model(source, features_only=True, return_nodes=[node]).eval()(x)
