@@ -24,7 +24,15 @@ import transformers
 from torch import nn
 
 import unifeat
-from tests.peers._models import HF_CONVNEXT, HF_RESNET, HF_SWIN, HF_TOKENS, Case, params
+from tests.peers._models import (
+    HF_CONVNEXT,
+    HF_RESNET,
+    HF_SWIN,
+    HF_TOKENS,
+    RETURN_NODES_BUGS,
+    Case,
+    params,
+)
 
 ONE_PER_BACKEND = ("timm-vit", "tv-mobilenet", "hf-resnet", "hf-vit", "fx-stagenet")
 
@@ -41,7 +49,19 @@ def _all(info: unifeat.FeatureInfo) -> list[int]:
 # -- test_config / test_backbone_common_attributes: stage names and the default selection ---
 
 
-@pytest.mark.parametrize("case", params(fast=ONE_PER_BACKEND))
+@pytest.mark.parametrize(
+    "case",
+    params(
+        marks={
+            "tv-vit": pytest.mark.xfail(
+                strict=True,
+                reason="BUG: a torchvision ViT's default out_indices are every block, not "
+                "the last 3 as in timm and transformers",
+            )
+        },
+        fast=ONE_PER_BACKEND,
+    ),
+)
 def test_stage_names_and_default_selection(case: Case) -> None:
     """Ports ``test_config``'s stage names and defaults and
     ``test_backbone_common_attributes``.
@@ -107,14 +127,20 @@ def test_out_indices_validation(case: Case) -> None:
     "case",
     params(
         where=lambda case: not case.tokens,
-        marks={"hf-resnet": BUG_HF_NO_RETURN_NODES, "hf-convnext": BUG_HF_NO_RETURN_NODES},
+        marks={
+            "hf-resnet": BUG_HF_NO_RETURN_NODES,
+            "hf-convnext": BUG_HF_NO_RETURN_NODES,
+            "hf-swin": BUG_HF_NO_RETURN_NODES,
+            **RETURN_NODES_BUGS,
+        },
         fast=("timm-resnet", "tv-mobilenet", "hf-resnet", "fx-stagenet"),
     ),
 )
 def test_out_features_match_out_indices(case: Case) -> None:
     """Ports ``test_config``'s ``out_features`` / ``out_indices`` alignment: naming the
     levels (transformers' ``out_features=["stage1", "stage3"]``; here their module
-    paths in ``return_nodes``) gives the same maps as their indices, and asking for
+    paths in ``return_nodes``) gives the same maps as their indices (nodes come as
+    they are, so Swin's are NHWC: docs/node-names.md), and asking for
     both is a ``ValueError`` (transformers: when they disagree; unifeat: always,
     ``return_nodes`` does not combine with ``out_indices``: docs/node-names.md)."""
     source = case.source().eval()
@@ -125,6 +151,8 @@ def test_out_features_match_out_indices(case: Case) -> None:
     x = case.input()
     with torch.no_grad():
         for named, indexed in zip(by_name(x), by_index(x), strict=True):
+            if named.shape != indexed.shape:  # nodes come as they are: Swin's NHWC
+                named = named.permute(0, 3, 1, 2)
             torch.testing.assert_close(named, indexed, rtol=0, atol=0)
     with pytest.raises(ValueError):
         case.build(source, return_nodes=names, out_indices=[0, 2])

@@ -20,6 +20,7 @@ from torchvision.models.feature_extraction import get_graph_node_names
 import unifeat
 from tests.peers._models import (
     CASES,
+    RETURN_NODES_BUGS,
     SLOW_CASES,
     Case,
     capture,
@@ -134,7 +135,6 @@ def test_forward_intermediates(case: Case) -> None:
             "timm-mixnet": BUG_FINAL_NOT_FORWARD_FEATURES,
             "timm-ghostnet": BUG_FINAL_NOT_FORWARD_FEATURES,
             "timm-rexnet": BUG_FINAL_NOT_FORWARD_FEATURES,
-            "timm-mobilenetv3": BUG_FINAL_NOT_FORWARD_FEATURES,
             "tv-vit": BUG_TOKEN_FINAL_IS_A_MAP,
             "tv-swin_t": BUG_FINAL_NOT_FORWARD_FEATURES,
             "hf-vit": BUG_TOKEN_FINAL_IS_A_MAP,
@@ -162,6 +162,9 @@ def test_forward_intermediates_final_is_forward_features(case: Case) -> None:
 @pytest.mark.parametrize(
     "case",
     params(
+        # transformers' Swin stages downsample inside the stage module, so its output
+        # is not the level; which "native layout" its final output has is open.
+        where=lambda case: case.id != "hf-swin",
         marks={
             "tv-vit": BUG_TOKEN_FINAL_IS_A_MAP,
             "hf-vit": BUG_TOKEN_FINAL_IS_A_MAP,
@@ -169,6 +172,11 @@ def test_forward_intermediates_final_is_forward_features(case: Case) -> None:
             "timm-vit": BUG_PRUNED_FINAL_NORMED,
             "timm-vit_tiny": BUG_PRUNED_FINAL_NORMED,
             "timm-deit-distilled": BUG_PRUNED_FINAL_NORMED,
+            "tv-swin_t": pytest.mark.xfail(
+                strict=True,
+                reason="BUG: after pruning a torchvision Swin, forward_intermediates' final "
+                "output is an NCHW map, not the stage's native NHWC output",
+            ),
         },
         fast=("timm-vit", "tv-mobilenet", "hf-vit", "fx-stagenet"),
     ),
@@ -229,7 +237,9 @@ def test_backward(case: Case) -> None:
 # -- test_model_forward_fx / test_model_backward_fx -------------------------------------
 
 _TRACEABLE = params(
-    where=lambda case: case.traceable, fast=("timm-vit", "tv-mobilenet", "fx-stagenet")
+    where=lambda case: case.traceable,
+    marks=RETURN_NODES_BUGS,
+    fast=("timm-vit", "tv-mobilenet", "fx-stagenet"),
 )
 
 
