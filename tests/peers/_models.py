@@ -122,7 +122,7 @@ CASES = [
     Case("timm-resnet", "timm:test_resnet", "timm"),
     Case("timm-vit", "timm:test_vit", "timm", kwargs=dict(img_size=64), tokens=True),
     Case("timm-efficientnet", "timm:test_efficientnet", "timm"),
-    Case("tv-mobilenet", "tv:mobilenet_v3_small", "torchvision", final_module="features"),
+    Case("tv-squeezenet", "tv:squeezenet1_1", "torchvision", final_module="features"),
     Case("tv-vit", tv_small_vit, "torchvision", size=224, tokens=True, final_module="encoder.ln"),
     Case(
         "hf-resnet",
@@ -185,6 +185,7 @@ SLOW_CASES = [
         tokens=True,
     ),
     Case("timm-instance-resnet", lambda: _timm("test_resnet"), "timm"),
+    Case("tv-mobilenet", "tv:mobilenet_v3_small", "torchvision", final_module="features"),
     Case("tv-resnet18", "tv:resnet18", "torchvision", final_module="layer4"),
     Case("tv-convnext_tiny", "tv:convnext_tiny", "torchvision", final_module="features"),
     Case("tv-swin_t", "tv:swin_t", "torchvision", size=224, final_module="norm"),
@@ -201,6 +202,8 @@ SLOW_CASES = [
     Case("hf-swin", "hf:swin", "hf", kwargs=HF_SWIN, traceable=False),
 ]
 """Heavier or repetitive cases: ``pytest -m slow``."""
+
+BY_ID = {case.id: case for case in [*CASES, *SLOW_CASES]}
 
 
 def _xfail_bug(reason: str) -> Any:

@@ -17,6 +17,7 @@ the docs say why. The maps themselves are compared with transformers' own
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ from tests.peers._models import (
     params,
 )
 
-ONE_PER_BACKEND = ("timm-vit", "tv-mobilenet", "hf-resnet", "hf-vit", "fx-stagenet")
+ONE_PER_BACKEND = ("timm-vit", "tv-squeezenet", "hf-resnet", "hf-vit", "fx-stagenet")
 
 BUG_HF_NO_RETURN_NODES = pytest.mark.xfail(
     strict=True,
@@ -133,7 +134,7 @@ def test_out_indices_validation(case: Case) -> None:
             "hf-swin": BUG_HF_NO_RETURN_NODES,
             **RETURN_NODES_BUGS,
         },
-        fast=("timm-resnet", "tv-mobilenet", "hf-resnet", "fx-stagenet"),
+        fast=("timm-resnet", "tv-squeezenet", "hf-resnet", "fx-stagenet"),
     ),
 )
 def test_out_features_match_out_indices(case: Case) -> None:
@@ -194,7 +195,7 @@ def test_backbone_outputs(case: Case) -> None:
     transformers, a list in unifeat: docs/levels.md), one per selected level, each
     ``shape[:2] == (batch, channels)`` (transformers' test wraps this in
     ``assertTrue``, which always passes; here it is asserted), at the level's
-    reduction."""
+    (nominal) reduction."""
     model = case.build(out_indices=len(case.info())).eval()
     x = case.input()
     with torch.no_grad():
@@ -206,7 +207,9 @@ def test_backbone_outputs(case: Case) -> None:
         maps, info.channels(), info.reduction(), strict=True
     ):
         assert tuple(feature_map.shape[:2]) == (x.shape[0], channels)
-        assert tuple(feature_map.shape[2:]) == (case.size // reduction, case.size // reduction)
+        # Nominal reductions: valid-padding stems are a pixel off (docs/feature-info.md).
+        for side in feature_map.shape[2:]:
+            assert case.size // reduction - 1 <= side <= math.ceil(case.size / reduction) + 1
 
 
 @pytest.mark.parametrize("case", params(fast=ONE_PER_BACKEND))

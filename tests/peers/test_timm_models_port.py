@@ -19,6 +19,7 @@ from torchvision.models.feature_extraction import get_graph_node_names
 
 import unifeat
 from tests.peers._models import (
+    BY_ID,
     CASES,
     RETURN_NODES_BUGS,
     SLOW_CASES,
@@ -32,7 +33,7 @@ from tests.peers._models import (
 
 # The default suite runs the cheapest case per backend for most checks (every case
 # of tests/peers/_models.py with -m slow), and more where a backend has a known bug.
-ONE_PER_BACKEND = ("timm-vit", "tv-mobilenet", "hf-resnet", "fx-stagenet")
+ONE_PER_BACKEND = ("timm-vit", "tv-squeezenet", "hf-resnet", "fx-stagenet")
 
 BUG_FINAL_NOT_FORWARD_FEATURES = pytest.mark.xfail(
     strict=True,
@@ -91,7 +92,9 @@ def test_forward_features(case: Case, output_fmt: str) -> None:
     _check_maps(outputs, channels, reductions, case.size, 1, output_fmt)
 
 
-@pytest.mark.parametrize("case", params(fast=ONE_PER_BACKEND))
+@pytest.mark.parametrize(
+    "case", params(fast=("timm-efficientnet", "tv-vit", "hf-convnext", "fx-stagenet"))
+)
 def test_forward_intermediates_features(case: Case) -> None:
     """Ports timm's ``test_model_forward_intermediates_features`` (features_only with
     ``feature_cls='getter'``, i.e. every level through ``forward_intermediates``):
@@ -140,7 +143,15 @@ def test_forward_intermediates(case: Case) -> None:
             "hf-vit": BUG_TOKEN_FINAL_IS_A_MAP,
             "hf-dinov2": BUG_TOKEN_FINAL_IS_A_MAP,
         },
-        fast=("timm-resnet", "timm-efficientnet", "tv-vit", "hf-resnet", "hf-vit", "fx-stagenet"),
+        fast=(
+            "timm-resnet",
+            "timm-efficientnet",
+            "tv-squeezenet",
+            "tv-vit",
+            "hf-resnet",
+            "hf-vit",
+            "fx-stagenet",
+        ),
     ),
 )
 def test_forward_intermediates_final_is_forward_features(case: Case) -> None:
@@ -178,7 +189,7 @@ def test_forward_intermediates_final_is_forward_features(case: Case) -> None:
                 "output is an NCHW map, not the stage's native NHWC output",
             ),
         },
-        fast=("timm-vit", "tv-mobilenet", "hf-vit", "fx-stagenet"),
+        fast=("timm-vit", "tv-squeezenet", "hf-vit", "fx-stagenet"),
     ),
 )
 def test_forward_intermediates_after_pruning(case: Case) -> None:
@@ -239,7 +250,7 @@ def test_backward(case: Case) -> None:
 _TRACEABLE = params(
     where=lambda case: case.traceable,
     marks=RETURN_NODES_BUGS,
-    fast=("timm-vit", "tv-mobilenet", "fx-stagenet"),
+    fast=("timm-resnet", "tv-squeezenet", "fx-stagenet"),
 )
 
 
@@ -284,7 +295,7 @@ def test_backward_fx(case: Case) -> None:
     "case",
     params(
         marks={c.id: BUG_NO_SCRIPT_REFUSAL for c in [*CASES, *SLOW_CASES]},
-        fast=ONE_PER_BACKEND,
+        fast=("timm-resnet", "tv-squeezenet", "hf-vit", "fx-stagenet"),
     ),
 )
 def test_features_torchscript_is_refused(case: Case) -> None:
@@ -305,9 +316,16 @@ def test_features_torchscript_is_refused(case: Case) -> None:
     [
         pytest.param("timm:resnet50", (0, 1, 2, 3, 4), id="timm-resnet50"),
         pytest.param("tv:resnet50", (0, 1, 2, 3, 4), id="tv-resnet50"),
-        pytest.param("timm:convnext_tiny", (0, 1, 2, 3), id="timm-convnext"),
-        pytest.param("tv:convnext_tiny", (0, 1, 2, 3), id="tv-convnext"),
-        pytest.param("timm:swin_tiny_patch4_window7_224", (0, 1, 2, 3), id="timm-swin"),
+        pytest.param(
+            "timm:convnext_tiny", (0, 1, 2, 3), id="timm-convnext", marks=pytest.mark.slow
+        ),
+        pytest.param("tv:convnext_tiny", (0, 1, 2, 3), id="tv-convnext", marks=pytest.mark.slow),
+        pytest.param(
+            "timm:swin_tiny_patch4_window7_224",
+            (0, 1, 2, 3),
+            id="timm-swin",
+            marks=pytest.mark.slow,
+        ),
         pytest.param("tv:swin_t", (0, 1, 2, 3), id="tv-swin"),
         pytest.param("timm:vit_base_patch16_224", (9, 10, 11), id="timm-vit"),
         pytest.param(
@@ -362,11 +380,11 @@ def test_out_indices_forms(case: Case) -> None:
 @pytest.mark.parametrize(
     ("case", "output_stride"),
     [
-        pytest.param(CASES[0], 16, id="timm-resnet-16"),
-        pytest.param(CASES[0], 8, id="timm-resnet-8", marks=pytest.mark.slow),
-        pytest.param(CASES[3], 16, id="tv-mobilenet-16"),
-        pytest.param(CASES[5], 16, id="hf-resnet-16"),
-        pytest.param(CASES[8], 4, id="fx-stagenet-4"),
+        pytest.param(BY_ID["timm-resnet"], 16, id="timm-resnet-16"),
+        pytest.param(BY_ID["timm-resnet"], 8, id="timm-resnet-8", marks=pytest.mark.slow),
+        pytest.param(BY_ID["tv-mobilenet"], 16, id="tv-mobilenet-16", marks=pytest.mark.slow),
+        pytest.param(BY_ID["hf-resnet"], 16, id="hf-resnet-16"),
+        pytest.param(BY_ID["fx-stagenet"], 4, id="fx-stagenet-4"),
     ],
 )
 def test_output_stride(case: Case, output_stride: int) -> None:

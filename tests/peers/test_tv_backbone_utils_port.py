@@ -67,7 +67,7 @@ BUG_SOURCE_MODES_CHANGED = pytest.mark.xfail(
 )
 
 HF_IDS = [c.id for c in [*CASES, *SLOW_CASES] if c.backend == "hf"]
-ONE_PER_BACKEND = ("timm-vit", "tv-mobilenet", "hf-vit", "fx-stagenet")
+ONE_PER_BACKEND = ("timm-resnet", "tv-squeezenet", "hf-vit", "fx-stagenet")
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def test_node_name_conventions() -> None:
     "case",
     params(
         where=lambda case: case.backend != "hf",
-        fast=("timm-resnet", "timm-vit", "tv-mobilenet", "tv-vit", "fx-stagenet"),
+        fast=("timm-resnet", "tv-squeezenet", "tv-vit", "fx-stagenet"),
     ),
 )
 def test_node_names_equal_torchvisions(case: Case) -> None:
@@ -221,7 +221,9 @@ def test_node_names_equal_torchvisions(case: Case) -> None:
     ``get_graph_node_names``'s, with timm's do-not-trace modules and functions as
     leaves for timm models (as timm's own FX tests trace them)."""
     source = case.source()
-    expected = get_graph_node_names(source, tracer_kwargs=_tracer_kwargs(case))
+    expected = get_graph_node_names(
+        source, tracer_kwargs=_tracer_kwargs(case), suppress_diff_warning=True
+    )
     assert unifeat.get_node_names(source) == tuple(expected)
     if not callable(case.model):  # by name: built on the meta device, same names
         assert unifeat.get_node_names(case.model, **case.kwargs) == tuple(expected)
@@ -303,7 +305,7 @@ def test_build_feature_extractor(case: Case) -> None:
             )
             for c in [*CASES, *SLOW_CASES]
         },
-        fast=("timm-vit", "tv-mobilenet", "tv-vit", "fx-stagenet"),
+        fast=("timm-resnet", "tv-squeezenet", "tv-vit", "fx-stagenet"),
     ),
 )
 def test_build_feature_extractor_failure_cases(case: Case) -> None:
@@ -435,7 +437,7 @@ def _timm(name: str) -> nn.Module:
             **{c.id: BUG_NO_SCRIPT_REFUSAL for c in [*CASES, *SLOW_CASES]},
             **{k: v for k, v in RETURN_NODES_BUGS.items() if k != "timm-swin"},
         },
-        fast=("timm-vit", "tv-mobilenet", "fx-stagenet"),
+        fast=("timm-resnet", "tv-squeezenet", "fx-stagenet"),
     ),
 )
 def test_scripting_is_refused(case: Case) -> None:
@@ -551,7 +553,7 @@ def test_eval_only_node_in_train_mode_is_a_unifeat_error() -> None:
             "tv-instance-resnet18": BUG_MODES_NOT_APPLIED,
             "tv-swin_t": BUG_MODES_NOT_APPLIED,  # its stochastic depth stays off
         },
-        fast=("tv-mobilenet", "fx-stagenet"),
+        fast=("fx-stagenet",),
     ),
 )
 def test_train_after_eval_build_equals_torchvisions_extractor(case: Case) -> None:
@@ -579,8 +581,10 @@ def test_train_after_eval_build_equals_torchvisions_extractor(case: Case) -> Non
 @pytest.mark.parametrize(
     "case",
     params(
+        # SqueezeNet has no norm layers to freeze.
+        where=lambda case: case.id != "tv-squeezenet",
         marks={c.id: BUG_SOURCE_MODES_CHANGED for c in [*CASES, *SLOW_CASES] if c.traceable},
-        fast=ONE_PER_BACKEND,
+        fast=("timm-resnet", "tv-vit", "hf-vit", "fx-stagenet"),
     ),
 )
 def test_source_modes_and_state_are_untouched(case: Case) -> None:
@@ -695,7 +699,7 @@ def test_library_leaf_modules_are_leaves() -> None:
     params(
         where=lambda case: case.backend in ("torchvision", "timm"),
         marks=RETURN_NODES_BUGS,
-        fast=("tv-mobilenet",),
+        fast=("tv-squeezenet",),
     ),
 )
 def test_truncated_node_names(case: Case) -> None:
