@@ -15,7 +15,6 @@ import math
 
 import pytest
 import torch
-from torchvision.models.feature_extraction import get_graph_node_names
 
 import unifeat
 from tests.peers._models import (
@@ -424,23 +423,3 @@ def test_pruned_model_feature_info_matches_forward() -> None:
     with torch.no_grad():
         outputs = model(torch.randn(1, 3, 96, 96))
     assert [o.shape[1] for o in outputs] == model.feature_info.channels()
-
-
-# -- node names (the FX tracing timm's tests do through torchvision) --------------------
-
-
-def test_timm_node_names_equal_torchvisions_with_timms_leaf_modules() -> None:
-    """timm's ``_create_fx_model`` traces with torchvision's ``get_graph_node_names``
-    and timm's do-not-trace modules and functions as leaves; unifeat's names for a
-    timm model are those."""
-    import timm
-    from timm.models import get_notrace_functions, get_notrace_modules
-
-    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2)
-    expected = get_graph_node_names(
-        model,
-        tracer_kwargs=dict(
-            leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions()
-        ),
-    )
-    assert unifeat.get_node_names(model) == tuple(expected)

@@ -58,7 +58,7 @@ BUG_NO_SCRIPT_REFUSAL = pytest.mark.xfail(
 BUG_MODES_NOT_APPLIED = pytest.mark.xfail(
     strict=True,
     reason="BUG: an FX feature model built from an eval-mode module and then put in train "
-    "mode reports training=True but runs its Dropout/BatchNorm in eval mode",
+    "mode reports training=True but runs Dropout/BatchNorm/StochasticDepth in eval mode",
 )
 BUG_SOURCE_MODES_CHANGED = pytest.mark.xfail(
     strict=True,
@@ -504,10 +504,7 @@ def test_train_eval(start: str) -> None:
     assert source.training == (start == "train")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a train-only node (listed by get_node_names) is refused by return_nodes",
-)
+@BUG_TRAIN_ONLY_NODE
 def test_train_only_node_works_in_train_mode() -> None:
     """``test_train_eval``'s ``train_return_nodes=["dropout", "add", "sub"]``: unifeat
     takes one ``return_nodes``, and a node that exists only in the train graph
@@ -717,11 +714,7 @@ def test_truncated_node_names(case: Case) -> None:
     assert torch.equal(by_prefix["out"], by_full["out"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: return_nodes refuses a node whose value is not a tensor (a tuple), which "
-    "torchvision returns as is",
-)
+@BUG_NON_TENSOR_NODE
 def test_non_tensor_node_is_returned_as_is() -> None:
     """``create_feature_extractor`` returns any node's value, tensor or not (ViT's
     ``self_attention`` gives a tuple); so does unifeat."""
