@@ -224,7 +224,7 @@ from tests.adversarial._support import TinyNet
 ORIGINAL = (nn.Module.__call__, nn.Module.__getattr__)
 
 
-def in_threads(call, threads=4, rounds=10):
+def in_threads(call, threads=4, rounds=16):
     call()  # imports and adapters first: only the concurrency is under test
     barrier, errors = threading.Barrier(threads), []
 
