@@ -22,7 +22,7 @@ from unifeat import UnifeatError
 from ._support import BACKENDS, Backend, param
 
 _FEW = settings(
-    max_examples=8,
+    max_examples=4,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
