@@ -1,4 +1,5 @@
-"""Contributor sessions: tests, consistency, backend, slow, bench, lint, typecheck, docs
+"""Contributor sessions: tests, consistency, backend, slow, ray, bench, throughput, lint,
+typecheck, docs
 (`nox -s NAME`; `nox -l` lists them).
 
 Environments are created with uv and reused between runs, so the multi-GB
@@ -59,6 +60,22 @@ def slow(session: nox.Session) -> None:
     """The heavier checks: more and larger architectures, torch.compile."""
     _install(session, "test")
     session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def ray(session: nox.Session) -> None:
+    """Extraction on a local Ray cluster (the [ray] extra): the Ray engine and stages
+    against the local engine."""
+    _install(session, "test,ray")
+    session.run("pytest", "-m", "ray", *session.posargs)
+
+
+@nox.session
+def throughput(session: nox.Session) -> None:
+    """Extraction throughput in images/s and --fast-decode's effect; writes
+    benchmarks/throughput.json (`nox -s throughput -- --quick` for a short run)."""
+    _install(session, "test,ray")
+    session.run("python", "benchmarks/throughput.py", *session.posargs)
 
 
 @nox.session

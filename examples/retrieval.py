@@ -1,6 +1,6 @@
 """Descriptor extraction over a folder and nearest-neighbour retrieval.
 
-Run: python examples/retrieval.py FOLDER [--model resnet50] [--query IMAGE]
+Run: python examples/retrieval.py FOLDER [--model resnet50] [--random-init]
 
 Extracts one pooled descriptor per image with ``unifeat.extract`` (resumable,
 sharded safetensors), L2-normalizes them, and prints each query's nearest
@@ -41,8 +41,10 @@ def main() -> None:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--output", default="descriptors.safetensors")
     parser.add_argument("-k", type=int, default=3)
+    parser.add_argument("--random-init", action="store_true", help="random weights (a demo)")
     args = parser.parse_args()
-    for query, hits in nearest(args.folder, args.output, args.model, args.k).items():
+    weights = {"random_init": True} if args.random_init else {"pretrained": True}
+    for query, hits in nearest(args.folder, args.output, args.model, args.k, **weights).items():
         print(query)
         for path, score in hits:
             print(f"    {score:.3f}  {path}")

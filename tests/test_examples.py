@@ -80,7 +80,12 @@ def test_retrieval_finds_the_near_duplicate(tmp_path):
         other = (torch.rand(64, 64, 3, generator=generator) * 255).to(torch.uint8)
         Image.fromarray(other.numpy()).save(tmp_path / f"other{i}.png")
     hits = retrieval["nearest"](
-        tmp_path, tmp_path / "d.safetensors", "tv:resnet18", k=1, input_size=(64, 64)
+        tmp_path,
+        tmp_path / "d.safetensors",
+        "tv:resnet18",
+        k=1,
+        input_size=(64, 64),
+        random_init=True,
     )
     assert hits[str(tmp_path / "a.png")][0][0] == str(tmp_path / "a2.png")
 

@@ -38,7 +38,7 @@ def test_cli_extract_writes_one_row_per_readable_image_and_resumes(
     images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "out" / "feats.safetensors"
-    common = ["tv:resnet18", str(images), "-o", str(output), "--input-size", "64"]
+    common = ["tv:resnet18", str(images), "-o", str(output), "--input-size", "64", "--random-init"]
     assert (
         _cli("extract", *common, "--out-indices", "-1", "-2", "--batch-size", "4", "--no-progress")
         == 0
@@ -132,6 +132,7 @@ def test_cls_pooling_for_token_models(images: Path, tmp_path: Path) -> None:
         pool="cls",
         out_indices=(-1,),
         progress=False,
+        random_init=True,
         **kwargs,
     )
     assert result.written == 6 and len(result.failed) == 1
@@ -146,6 +147,7 @@ def test_cls_pooling_for_token_models(images: Path, tmp_path: Path) -> None:
             "--pool",
             "cls",
             "--no-progress",
+            "--random-init",
         )
         == 2
     )
@@ -188,7 +190,17 @@ def test_nodes_cli_prints_torchvisions_names(capsys: pytest.CaptureFixture[str])
         (["extract", "tv:resnet18", "/no/such/dir", "-o", "x.safetensors"], 2, "no such image"),
         (["extract", "tv:resnet5O", "IMAGES", "-o", "OUT"], 2, "resnet50"),
         (["show", "tv:resnet18", "/no/such.png", "-o", "x.png"], 2, "no such image"),
-        (["extract", "tv:resnet18", "IMAGES", "-o", "OUT", "--device", "nope"], 1, "--debug"),
+        (
+            ["extract", "tv:resnet18", "IMAGES", "-o", "OUT", "--device", "nope"],
+            2,
+            "invalid device",
+        ),
+        # A failure while running (the output folder cannot be made): exit 1.
+        (
+            ["extract", "tv:resnet18", "IMAGES", "-o", "IMAGES/img0.png/f.npy", "--random-init"],
+            1,
+            "--debug",
+        ),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_codes(
@@ -202,6 +214,7 @@ def test_cli_errors_are_one_line_with_exit_codes(
     args = [
         str(images) if a == "IMAGES" else str(tmp_path / "o.st") if a == "OUT" else a for a in args
     ]
+    args = [a.replace("IMAGES", str(images)) for a in args]
     assert _cli(*args) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]

@@ -11,6 +11,7 @@ Backend libraries (timm, ...) are imported on first use, not here.
 """
 
 from unifeat._api import create_model, feature_info, get_node_names, list_models
+from unifeat._data import DataConfig, create_transform, data_config
 from unifeat._errors import (
     BackendUnavailableError,
     CheckpointError,
@@ -22,23 +23,26 @@ from unifeat._errors import (
     UnknownModelError,
     UnsupportedOptionError,
 )
-from unifeat._extract import ExtractResult, extract, load_features
+from unifeat._extract import ExtractResult, extract, load_features, load_matrix, merge_features
 from unifeat._feature_info import FeatureInfo, FeatureLevel
 from unifeat._feature_model import FeatureModel
 from unifeat._registry import register_backend
 from unifeat._show import plot_feature_maps
+from unifeat._store import StoreError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "CheckpointError",
+    "DataConfig",
     "ExtractResult",
     "FeatureInfo",
     "FeatureLevel",
     "FeatureModel",
     "InvalidIndicesError",
     "InvalidNodeError",
+    "StoreError",
     "TracingError",
     "UnifeatError",
     "UnknownBackendError",
@@ -46,11 +50,15 @@ __all__ = [
     "UnsupportedOptionError",
     "__version__",
     "create_model",
+    "create_transform",
+    "data_config",
     "extract",
     "feature_info",
     "get_node_names",
     "list_models",
     "load_features",
+    "load_matrix",
+    "merge_features",
     "plot_feature_maps",
     "register_backend",
 ]

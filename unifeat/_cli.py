@@ -7,13 +7,62 @@ import json
 import math
 import sys
 import traceback
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import torch
 
 import unifeat
 from unifeat._errors import UnifeatError, UnsupportedOptionError
+from unifeat._show import MAX_CHANNELS
+from unifeat._store import FORMATS
+
+MAX_INPUT_SIZE = 8192
+"""The largest --input-size side: a 3x8192x8192 float batch of one is 800 MB."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: expected {low} to {high}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _part(text: str) -> tuple[int, int]:
+    from unifeat._extract import parse_part
+
+    try:
+        part = parse_part(text)
+    except UnsupportedOptionError:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected I/N with 0 <= I < N, e.g. 0/4"
+        ) from None
+    assert part is not None
+    return part
+
+
+def _debug_option(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's default must not hide a --debug given before it.
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
+    )
+
 
 _EPILOG = """examples:
   unifeat info resnet50
@@ -21,13 +70,15 @@ _EPILOG = """examples:
   unifeat info convnext_tiny --output-stride 16 --input-size 512
   unifeat list 'convnext*' --backend timm
   unifeat nodes tv:resnet18 --filter 'layer4*'
-  unifeat extract resnet50 photos/ --output feats.safetensors --pool avg
+  unifeat extract resnet50 photos/ --pretrained --output feats.parquet --pool avg
+  unifeat extract resnet50 photos/ --pretrained -o feats.parquet --shard 0/4
+  unifeat merge -o feats.parquet
   unifeat show convnext_tiny cat.jpg --output grid.png --channels 8
 """
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="unifeat",
         description="Intermediate features of timm, torchvision and transformers models, "
         "through one API.",
@@ -35,8 +86,12 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"unifeat {unifeat.__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks on errors (also after COMMAND)"
+    )
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     info = commands.add_parser(
         "info",
@@ -53,10 +108,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="I",
         help="levels to select (negatives count from the end); default: the backend's default",
     )
-    info.add_argument("--output-stride", type=int, metavar="N", help="dilate to stride N")
+    info.add_argument(
+        "--output-stride", type=_int_range(1, 64), metavar="N", help="dilate to stride N"
+    )
     info.add_argument(
         "--input-size",
-        type=int,
+        type=_int_range(1, MAX_INPUT_SIZE),
         nargs="+",
         metavar="S",
         help="input height [width] for the output shapes; default: the "
@@ -84,26 +141,83 @@ def _parser() -> argparse.ArgumentParser:
 
     extract = commands.add_parser(
         "extract",
-        help="write pooled features of image files to safetensors",
-        description="Extract features of image files (folders are searched recursively) "
-        "with the model's own preprocessing, in batches, to safetensors shards plus an "
-        "index (OUTPUT with .index.json). A rerun with the same --output skips images "
-        "already written; unreadable images are reported and skipped.",
+        help="write pooled features of image files to safetensors, Parquet or npy",
+        description="Extract features of image files (folders are searched recursively, "
+        "symlinks followed) with the model's own preprocessing, in batches, to a crash-safe "
+        "store: shards plus an index (OUTPUT with .index.json) recording how the rows were "
+        "computed. A rerun with the same --output adds only what is missing, and refuses "
+        "to mix in rows computed differently; unreadable images are recorded and skipped. "
+        "By name, the weights must be asked for: --pretrained, --checkpoint or --random-init.",
     )
     extract.add_argument("model", help="model name")
     extract.add_argument("images", nargs="+", help="image files or folders")
     extract.add_argument(
-        "--output", "-o", required=True, help="output file, e.g. feats.safetensors"
+        "--output", "-o", required=True, help="output: feats.safetensors, feats.parquet, feats.npy"
+    )
+    extract.add_argument(
+        "--format", choices=FORMATS, help="output format; default: from the --output suffix"
     )
     extract.add_argument("--out-indices", type=int, nargs="+", metavar="I", help="levels")
     extract.add_argument(
         "--pool", choices=("avg", "max", "cls", "none"), default="avg", help="pooling per level"
     )
-    extract.add_argument("--batch-size", type=int, default=32, metavar="N")
+    extract.add_argument("--batch-size", type=_int_range(1, 65536), default=32, metavar="N")
     extract.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    extract.add_argument("--num-workers", type=int, default=0, metavar="N")
+    extract.add_argument(
+        "--num-workers",
+        type=_int_range(0, 1024),
+        default=0,
+        metavar="N",
+        help="processes decoding images",
+    )
+    extract.add_argument(
+        "--flush-every",
+        type=_int_range(1, 10_000_000),
+        default=1024,
+        metavar="N",
+        help="rows per shard: at most this many finished rows are lost to a kill -9 (default 1024)",
+    )
+    extract.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    extract.add_argument(
+        "--fast-decode", action="store_true", help="reduced-size JPEG decoding for large photos"
+    )
+    extract.add_argument("--overwrite", action="store_true", help="start the output over")
+    extract.add_argument(
+        "--retry-failed", action="store_true", help="retry images recorded as unreadable"
+    )
+    extract.add_argument(
+        "--shard",
+        type=_part,
+        metavar="I/N",
+        help="take part I of N (writes OUTPUT's stem + .partIofN; combine with unifeat merge)",
+    )
+    extract.add_argument("--engine", choices=("local", "ray"), default="local")
+    extract.add_argument(
+        "--address", help="Ray cluster for --engine ray: auto, ray://host:10001 (default: local)"
+    )
     extract.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_weight_options(extract)
+    extract.add_argument(
+        "--random-init", action="store_true", help="extract with random weights on purpose"
+    )
+    extract.add_argument(
+        "--seed", type=_int_range(0, 2**32 - 1), default=0, help="seed of --random-init"
+    )
+    _debug_option(extract)
+
+    merge = commands.add_parser(
+        "merge",
+        help="combine the parts written with extract --shard I/N",
+        description="Combine the parts of an extraction split with --shard I/N into one "
+        "output, rows sorted by path. Every part must be complete and computed the same way.",
+    )
+    merge.add_argument(
+        "parts", nargs="*", help="the parts' outputs; default: every OUTPUT.partIofN beside OUTPUT"
+    )
+    merge.add_argument("--output", "-o", required=True, help="the merged output")
+    merge.add_argument("--format", choices=FORMATS, help="default: from the --output suffix")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _debug_option(merge)
 
     show = commands.add_parser(
         "show",
@@ -115,14 +229,25 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("image", help="an image file")
     show.add_argument("--output", "-o", required=True, help="PNG file to write")
     show.add_argument("--level", type=int, nargs="+", metavar="I", help="levels to show")
-    show.add_argument("--channels", type=int, default=8, metavar="K", help="maps per level")
+    show.add_argument(
+        "--channels",
+        type=_int_range(1, MAX_CHANNELS),
+        default=8,
+        metavar="K",
+        help=f"maps per level (1 to {MAX_CHANNELS})",
+    )
     _add_weight_options(show)
+    _debug_option(show)
+    for command in (info, listing, nodes):
+        _debug_option(command)
     return parser
 
 
 def _add_weight_options(command: argparse.ArgumentParser) -> None:
     """Options of the commands that run a model on images."""
-    command.add_argument("--input-size", type=int, nargs="+", metavar="S", help="H [W]")
+    command.add_argument(
+        "--input-size", type=_int_range(1, MAX_INPUT_SIZE), nargs="+", metavar="S", help="H [W]"
+    )
     command.add_argument("--pretrained", action="store_true", help="load pretrained weights")
     command.add_argument("--checkpoint", metavar="FILE", help="a local state dict to load")
 
@@ -248,8 +373,8 @@ def _existing(paths: Sequence[str]) -> None:
 def _size(values: Sequence[int] | None) -> tuple[int, int] | None:
     if not values:
         return None
-    if len(values) > 2 or min(values) < 1:
-        raise UnsupportedOptionError(f"--input-size takes H [W] > 0, not {list(values)}")
+    if len(values) > 2:
+        raise _BadArgument(f"--input-size takes H [W], not {len(values)} values")
     return (values[0], values[-1])
 
 
@@ -263,27 +388,70 @@ def _build_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    from unifeat._extract import parse_device
+
     _existing(args.images)
+    if args.address is not None and args.engine != "ray":
+        raise _BadArgument("--address only applies with --engine ray")
+    try:
+        parse_device(args.device, here=args.engine == "local")
+    except UnsupportedOptionError as exc:
+        raise _BadArgument(f"--device: {exc}") from None
+    size = _size(args.input_size)
     options = _build_options(args)
-    if args.pool == "cls":
-        options["return_prefix_tokens"] = True
-    model = unifeat.create_model(args.model, features_only=True, **options)
     result = unifeat.extract(
-        model,
+        args.model,
         args.images,
         args.output,
         pool=args.pool,
         batch_size=args.batch_size,
         device=args.device,
         num_workers=args.num_workers,
-        input_size=_size(args.input_size),
+        format=args.format,
+        flush_every=args.flush_every,
+        input_size=size,
+        overwrite=args.overwrite,
+        retry_failed=args.retry_failed,
+        fast_decode=args.fast_decode,
+        dtype=args.dtype,
+        shard=args.shard,
+        engine=args.engine,
+        address=args.address,
         progress=not args.no_progress,
+        random_init=args.random_init,
+        seed=args.seed,
+        **options,
     )
     print(
         f"wrote {result.written} images ({result.skipped} already there, "
         f"{len(result.failed)} unreadable) to {result.index_path}"
     )
     return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    result = unifeat.merge_features(
+        args.parts, args.output, format=args.format, overwrite=args.overwrite
+    )
+    print(
+        f"merged {result.written} images ({len(result.failed)} unreadable) into {result.index_path}"
+    )
+    return 0
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves: for extract, how many rows are safely stored."""
+    if args.command != "extract":
+        return ""
+    from unifeat._store import StoreError, open_index, part_paths, store_paths
+
+    try:
+        paths = part_paths(store_paths(args.output, args.format), args.shard)
+        _, index = open_index(paths.index)
+    except (StoreError, UnsupportedOptionError):
+        return "; nothing was written"
+    rows = sum(int(shard.get("rows", 0)) for shard in index["shards"])
+    return f"; {rows} images are safely in {paths.display}, rerun the same command to go on"
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -305,7 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``unifeat`` command; returns the exit code.
 
     Exit codes: 0 success, 2 bad arguments (including unknown models or
-    invalid options), 1 anything that failed while running.
+    invalid options), 1 anything that failed while running, 130 interrupted
+    (Ctrl-C; what was finished is kept).
     """
     parser = _parser()
     args = parser.parse_args(argv)
@@ -314,17 +483,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "list": _list,
         "nodes": _nodes,
         "extract": _extract,
+        "merge": _merge,
         "show": _show,
     }[args.command]
+    debug = getattr(args, "debug", False)
     try:
         return run(args)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"unifeat {args.command}: interrupted{_interrupted(args)}", file=sys.stderr)
+        return 130
     except (UnifeatError, _BadArgument) as exc:
-        if args.debug:
+        if debug:
             traceback.print_exc()
         print(f"unifeat {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        if args.debug:
+        if debug:
             traceback.print_exc()
         print(
             f"unifeat {args.command}: error: {type(exc).__name__}: {exc} "

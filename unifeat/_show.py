@@ -13,6 +13,8 @@ TILE = 96
 """Side of one tile, in pixels."""
 LABEL = 14
 """Height of the caption above each row."""
+MAX_CHANNELS = 64
+"""The most maps per row: the picture is ``(channels + 1) * TILE`` pixels wide."""
 
 
 def plot_feature_maps(
@@ -35,11 +37,13 @@ def plot_feature_maps(
     Args:
         model: a feature model, or a name built with ``features_only=True``
             and ``create_kwargs``.
-        image: a file path or a PIL image.
+        image: a file path (read as ``unifeat extract`` reads images: EXIF
+            rotation applied, 16-bit and float images scaled) or a PIL image.
         output: where to save the PNG (optional).
         levels: level indices (over all levels); default: the model's ``out_indices``.
-        channels: maps per level.
-        input_size: ``(H, W)`` to preprocess to; default: the model's own.
+        channels: maps per level, 1 to 64.
+        input_size: ``(H, W)`` to preprocess to; default: the model's own. The
+            preprocessing is the model's :func:`unifeat.data_config`.
 
     Returns:
         The picture, a ``PIL.Image``.
@@ -53,15 +57,22 @@ def plot_feature_maps(
     """
     from PIL import Image, ImageDraw
 
-    from unifeat._extract import as_feature_model, preprocessing_for
+    from unifeat._data import create_transform, model_data_config, with_input_size
+    from unifeat._errors import UnsupportedOptionError
+    from unifeat._extract import as_feature_model
+    from unifeat._images import load_image
 
-    if channels < 1:
-        raise ValueError(f"channels={channels}: expected at least 1")
+    if isinstance(channels, bool) or not isinstance(channels, int):
+        raise UnsupportedOptionError(f"invalid channels={channels!r}: expected an integer")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise UnsupportedOptionError(
+            f"invalid channels={channels}: expected 1 to {MAX_CHANNELS} maps per level"
+        )
     model = as_feature_model(model, create_kwargs).eval()
     if isinstance(image, (str, Path)):
-        with Image.open(image) as opened:
-            image = opened.convert("RGB")
-    pixels = preprocessing_for(model, input_size)(image.convert("RGB")).unsqueeze(0)
+        image = load_image(image)
+    config = with_input_size(model_data_config(model), input_size)
+    pixels = create_transform(config)(image).unsqueeze(0)
     device = next(model.parameters(), torch.empty(0)).device
     chosen = tuple(levels) if levels is not None else model.feature_info.out_indices
     with torch.no_grad():

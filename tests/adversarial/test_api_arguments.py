@@ -1,0 +1,650 @@
+"""Category (a): argument types and values of every public function.
+
+``create_model``, ``feature_info``, ``get_node_names``, ``list_models``, the
+``FeatureInfo`` methods, ``forward_intermediates`` and
+``prune_intermediate_layers``, each given what a user might pass by mistake.
+Every row checks the exception class (a ``UnifeatError`` that is also the
+builtin a user catches) and the message: it names the bad value, the model and
+its backend, and what is valid. Nothing may print a traceback on the way.
+
+Options that ``create_model`` and ``feature_info`` share run through both, on
+every backend: they must refuse the same values the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import unifeat
+from unifeat import (
+    FeatureInfo,
+    InvalidIndicesError,
+    TracingError,
+    UnifeatError,
+    UnknownBackendError,
+    UnknownModelError,
+    UnsupportedOptionError,
+)
+
+from ._support import (
+    BACKENDS,
+    HF_TOKENS,
+    HF_VIT,
+    TIMM,
+    TV,
+    Backend,
+    bug,
+    eval_model,
+    maps_of,
+    param,
+    per_backend,
+    refused,
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_traceback_on_stderr(capfd: pytest.CaptureFixture[str]) -> Any:
+    """A refused call says so in its exception, never by printing a traceback."""
+    yield
+    assert "Traceback" not in capfd.readouterr().err
+
+
+# -- options shared by create_model and feature_info, on every backend -------------------
+
+# (row id, options, expected classes, message patterns); the backend's name is
+# added to the patterns except where the backend is the bad value.
+_VALID_STRIDES = {
+    "timm": r"supported values are [^:]*\b16\b",
+    "tv": r"supported values are [^:]*\b16\b",
+    "hf-resnet": r"supported values are [^:]*\b16\b",
+    "hf-vit": r"supported values are 8\b",
+    "module": r"supported values are [^:]*\b8\b",
+}
+OPTION_ROWS: list[tuple[str, dict[str, Any], Any, list[str]]] = [
+    (
+        "out_indices-out-of-range",
+        dict(out_indices=(99,)),
+        InvalidIndicesError,
+        [r"\b99\b", r"valid indices are 0\.\.\d+ or -\d+\.\.-1"],
+    ),
+    ("out_indices-zero", dict(out_indices=0), InvalidIndicesError, [r"=0\b", r"at least 1"]),
+    ("out_indices-duplicate", dict(out_indices=(0, 0)), InvalidIndicesError, [r"duplicate"]),
+    ("out_indices-empty", dict(out_indices=()), InvalidIndicesError, [r"empty"]),
+    ("out_indices-str", dict(out_indices=("a",)), InvalidIndicesError, [r"'a'", r"integers"]),
+    ("out_indices-bool", dict(out_indices=True), InvalidIndicesError, [r"\bTrue\b"]),
+    ("out_indices-float", dict(out_indices=1.5), InvalidIndicesError, [r"1\.5"]),
+    (
+        "output_stride-zero",
+        dict(output_stride=0),
+        UnsupportedOptionError,
+        [r"output_stride=0\b", r"greater than 0"],
+    ),
+    ("output_stride-unsupported", dict(output_stride=7), UnsupportedOptionError, [r"=7\b"]),
+    ("output_stride-str", dict(output_stride="16"), UnsupportedOptionError, [r"'16'"]),
+    ("output_stride-bool", dict(output_stride=True), UnsupportedOptionError, [r"=True\b"]),
+    (
+        "output_type",
+        dict(output_type="tuple"),
+        UnsupportedOptionError,
+        [r"output_type='tuple'", r"'list' or 'dict'"],
+    ),
+    (
+        "output_fmt",
+        dict(output_fmt="NLC"),
+        UnsupportedOptionError,
+        [r"output_fmt='NLC'", r"'NCHW' or 'NHWC'"],
+    ),
+    ("pretrained-str", dict(pretrained="yes"), UnsupportedOptionError, [r"pretrained='yes'"]),
+    (
+        "features_only-str",
+        dict(features_only="yes"),
+        UnsupportedOptionError,
+        [r"features_only='yes'"],
+    ),
+    (
+        "return_prefix_tokens-int",
+        dict(return_prefix_tokens=1),
+        UnsupportedOptionError,
+        [r"return_prefix_tokens=1\b"],
+    ),
+    (
+        "backend-unknown",
+        dict(backend="caffe"),
+        UnknownBackendError,
+        [r"'caffe'", r"known backends are 'timm', 'torchvision', 'hf' or 'fx'"],
+    ),
+    (
+        "checkpoint_path-int",
+        dict(checkpoint_path=123),
+        UnsupportedOptionError,
+        [r"checkpoint_path=123\b"],
+    ),
+]
+
+_NO_MODEL = "the form of out_indices is checked without naming the model or backend"
+_LAX_STRIDE = "output_stride is parsed in pydantic's lax mode: '16' and 16.0 are taken as 16"
+_BOOL_STRIDE = "output_stride=True is taken as 1 and the message says output_stride=1"
+_IGNORED = "feature_info accepts and ignores this option, which create_model refuses"
+_OPTION_BUGS: dict[tuple[str, str], str] = {
+    ("*", "out_indices-zero"): _NO_MODEL,
+    ("*", "out_indices-empty"): _NO_MODEL,
+    ("*", "out_indices-str"): _NO_MODEL,
+    ("*", "out_indices-bool"): _NO_MODEL,
+    ("*", "out_indices-float"): _NO_MODEL,
+    ("*", "output_stride-str"): _LAX_STRIDE,
+    ("*", "output_stride-bool"): _BOOL_STRIDE,
+    ("tv", "output_stride-unsupported"): (
+        "tv:resnet18 output_stride=7 says 'supported values are 32', but 4, 8 and 16 work"
+    ),
+}
+_FEATURE_INFO_BUGS = {
+    **_OPTION_BUGS,
+    **{
+        ("*", row): _IGNORED
+        for row in (
+            "output_type",
+            "output_fmt",
+            "pretrained-str",
+            "features_only-str",
+            "return_prefix_tokens-int",
+            "checkpoint_path-int",
+        )
+    },
+}
+
+
+def _option_patterns(backend: Backend, row_id: str, patterns: list[str]) -> list[str]:
+    found = list(patterns)
+    if row_id == "output_stride-unsupported":
+        found.append(_VALID_STRIDES[backend.id])
+    if row_id != "backend-unknown":
+        found.append(backend.named)
+    return found
+
+
+# Same code path whatever the backend, and a model build each: run on timm only.
+_TIMM_ONLY = {"out_indices-duplicate", "output_stride-str", "output_stride-bool"}
+_ROWS = [(row[0], row) for row in OPTION_ROWS if row[0] not in _TIMM_ONLY]
+_ROWS_TIMM = [(row[0], row) for row in OPTION_ROWS if row[0] in _TIMM_ONLY]
+
+
+@pytest.mark.parametrize(
+    ("backend", "row"),
+    per_backend(BACKENDS, _ROWS, _OPTION_BUGS) + per_backend([TIMM], _ROWS_TIMM, _OPTION_BUGS),
+)
+def test_create_model_refuses(backend: Backend, row: Any) -> None:
+    row_id, options, expected, patterns = row
+    refused(
+        lambda: backend.create(**options),
+        expected,
+        _option_patterns(backend, row_id, patterns),
+    )
+
+
+# feature_info drops these four before any backend sees them: one backend shows it.
+_FI_TIMM_ONLY = {"output_fmt", "pretrained-str", "features_only-str", "return_prefix_tokens-int"}
+_FI_ROWS = [row for row in _ROWS if row[0] not in _FI_TIMM_ONLY]
+_FI_ROWS_TIMM = _ROWS_TIMM + [row for row in _ROWS if row[0] in _FI_TIMM_ONLY]
+
+
+@pytest.mark.parametrize(
+    ("backend", "row"),
+    per_backend(BACKENDS, _FI_ROWS, _FEATURE_INFO_BUGS)
+    + per_backend([TIMM], _FI_ROWS_TIMM, _FEATURE_INFO_BUGS),
+)
+def test_feature_info_refuses(backend: Backend, row: Any) -> None:
+    row_id, options, expected, patterns = row
+    refused(
+        lambda: backend.info(**options),
+        expected,
+        _option_patterns(backend, row_id, patterns),
+    )
+
+
+# -- the model argument, get_node_names, list_models --------------------------------------
+
+_VALUE_NOT_TYPE = "the message names the argument's type, not its value"
+CALL_ROWS = [
+    param(
+        lambda: unifeat.create_model(123),
+        (UnifeatError, ValueError),
+        [r"\b123\b", r"model name or a torch\.nn\.Module"],
+        id="create_model-int",
+        bug_reason=_VALUE_NOT_TYPE,
+    ),
+    param(
+        lambda: unifeat.create_model(None),
+        (UnifeatError, ValueError),
+        [r"\bNone\b"],
+        id="create_model-None",
+        bug_reason=_VALUE_NOT_TYPE,
+    ),
+    param(
+        lambda: unifeat.create_model(nn.Conv2d),
+        (UnifeatError, ValueError),
+        [r"Conv2d", r"instance"],
+        id="create_model-class-not-instance",
+        bug_reason="a module class (not an instance) is reported as 'got type'",
+    ),
+    param(
+        lambda: unifeat.create_model(""),
+        UnknownModelError,
+        [r"unknown model ''", r"'timm', 'torchvision', 'hf' or 'fx'"],
+        id="create_model-empty-name",
+    ),
+    param(
+        lambda: unifeat.create_model("timm:"),
+        UnknownModelError,
+        [r"unknown model ''", r"'timm'"],
+        id="create_model-prefix-only",
+    ),
+    param(
+        lambda: unifeat.create_model(":resnet18"),
+        UnknownBackendError,
+        [r"unknown backend ''", r"known backends"],
+        id="create_model-empty-prefix",
+    ),
+    param(
+        lambda: unifeat.create_model("timm:resnet18", backend="tv"),
+        UnknownBackendError,
+        [r"'timm'", r"backend='tv'"],
+        id="create_model-conflicting-backends",
+    ),
+    param(
+        lambda: unifeat.create_model("hf:vit", pretrained=True, **HF_VIT),
+        UnsupportedOptionError,
+        [r"pretrained=True", r"'vit' \(backend 'hf'\)", r"hub id|local directory"],
+        id="create_model-hf-type-pretrained",
+    ),
+    param(
+        lambda: unifeat.create_model("tv:resnet18", return_nodes=["layer4"]),
+        UnsupportedOptionError,
+        [r"return_nodes", r"features_only=True", r"backend 'torchvision'"],
+        id="create_model-feature-option-without-features_only",
+    ),
+    param(
+        lambda: unifeat.feature_info(123),
+        (UnifeatError, ValueError),
+        [r"\b123\b"],
+        id="feature_info-int",
+        bug_reason=_VALUE_NOT_TYPE,
+    ),
+    param(
+        lambda: unifeat.feature_info("hf:vit", pretrained=True, **HF_VIT),
+        UnsupportedOptionError,
+        [r"pretrained=True", r"backend 'hf'"],
+        id="feature_info-hf-type-pretrained",
+        bug_reason="feature_info ignores pretrained=True on an hf model type; create_model refuses",
+    ),
+    param(
+        lambda: unifeat.get_node_names(123),
+        (UnifeatError, ValueError),
+        [r"\b123\b"],
+        id="get_node_names-int",
+        bug_reason=_VALUE_NOT_TYPE,
+    ),
+    param(
+        lambda: unifeat.get_node_names("hf:vit", **HF_VIT),
+        TracingError,
+        [r"'vit' \(backend 'hf'\)", r"out_indices"],
+        id="get_node_names-hf",
+    ),
+    param(
+        lambda: unifeat.get_node_names("no_such_model_xyz"),
+        UnknownModelError,
+        [r"'no_such_model_xyz'"],
+        id="get_node_names-unknown-model",
+    ),
+    param(
+        lambda: unifeat.get_node_names("resnet18", backend="caffe"),
+        UnknownBackendError,
+        [r"'caffe'", r"known backends"],
+        id="get_node_names-unknown-backend",
+    ),
+    param(
+        lambda: unifeat.list_models(123),
+        UnifeatError,
+        [r"\b123\b", r"pattern"],
+        id="list_models-int-pattern",
+        bug_reason="list_models(123) raises fnmatch's raw TypeError",
+    ),
+    param(
+        lambda: unifeat.list_models(b"res*"),
+        UnifeatError,
+        [r"b'res\*'", r"pattern"],
+        id="list_models-bytes-pattern",
+        bug_reason="list_models(b'res*') raises fnmatch's raw TypeError",
+    ),
+    param(
+        lambda: unifeat.list_models(backend="caffe"),
+        UnknownBackendError,
+        [r"'caffe'", r"known backends"],
+        id="list_models-unknown-backend",
+    ),
+    param(
+        lambda: unifeat.list_models(backend=3),
+        UnknownBackendError,
+        [r"\b3\b", r"known backends"],
+        id="list_models-int-backend",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "expected", "patterns"), CALL_ROWS)
+def test_call_refuses(call: Any, expected: Any, patterns: list[str]) -> None:
+    refused(call, expected, patterns)
+
+
+# -- a module unifeat cannot probe: a clear error and a quiet stderr ----------------------
+
+
+class GrayNet(nn.Module):
+    """Takes one-channel images: unifeat's three-channel shape probe cannot run it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU())
+        self.stage1 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage1(self.stem(x))
+
+
+_PROBE_TRACEBACKS = "torch prints a traceback per failed probe node to stderr before the error"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        param(
+            lambda: unifeat.create_model(GrayNet(), features_only=True),
+            id="create_model-gray-module",
+            bug_reason=_PROBE_TRACEBACKS,
+        ),
+        param(
+            lambda: unifeat.feature_info(GrayNet()),
+            id="feature_info-gray-module",
+            bug_reason=_PROBE_TRACEBACKS,
+        ),
+        param(
+            lambda: unifeat.create_model("tv:resnet18", features_only=True, output_stride=1),
+            id="create_model-tv-output_stride-1",
+            bug_reason=_PROBE_TRACEBACKS,
+        ),
+    ],
+)
+def test_refused_probe_prints_nothing(call: Any, capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(UnsupportedOptionError):
+        call()
+    assert capfd.readouterr().err == ""
+
+
+@bug("the probe error for a one-channel module suggests input_size=, not the channel count")
+def test_unprobeable_module_error_names_the_channels() -> None:
+    refused(
+        lambda: unifeat.create_model(GrayNet(), features_only=True),
+        UnsupportedOptionError,
+        [r"GrayNet", r"backend 'fx'", r"channel"],
+    )
+
+
+# -- FeatureInfo methods -----------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _info() -> FeatureInfo:
+    """tv:resnet18's five levels with (1, 2) selected (frozen: safe to share)."""
+    return TV.info(out_indices=(1, 2))
+
+
+_LEVELS = [dict(num_chs=c, reduction=r, module=m) for c, r, m in [(8, 2, "a"), (16, 4, "b")]]
+_LEVELS.append(dict(num_chs=32, reduction=8, module="c"))
+_RAW_INDEX = "FeatureInfo indexes its tuple directly: a bare IndexError/TypeError"
+_RAW_KEY = "an unknown field is a bare KeyError that lists no valid fields"
+_PYDANTIC = "from_dicts lets pydantic's ValidationError (or a TypeError) through"
+INFO_ROWS = [
+    param(
+        lambda info: info.from_other(0),
+        InvalidIndicesError,
+        [r"\b0\b", r"at least 1"],
+        id="from_other-zero",
+        bug_reason="FeatureInfo.from_other(0) raises a bare TypeError",
+    ),
+    param(
+        lambda info: info.from_other(-1),
+        InvalidIndicesError,
+        [r"-1\b", r"at least 1"],
+        id="from_other-negative-int",
+        bug_reason="FeatureInfo.from_other(-1) raises a bare TypeError",
+    ),
+    param(
+        lambda info: info.from_other((9,)),
+        InvalidIndicesError,
+        [r"\b9\b", r"0\.\.4 or -5\.\.-1"],
+        id="from_other-out-of-range",
+    ),
+    param(
+        lambda info: info.from_other(("a",)),
+        InvalidIndicesError,
+        [r"'a'"],
+        id="from_other-str",
+    ),
+    param(
+        lambda info: info.from_other((0, 0)),
+        InvalidIndicesError,
+        [r"duplicate"],
+        id="from_other-duplicate",
+    ),
+    param(lambda info: info.from_other(()), InvalidIndicesError, [r"empty"], id="from_other-empty"),
+    param(
+        lambda info: info.channels(99),
+        InvalidIndicesError,
+        [r"\b99\b", r"0\.\.4"],
+        id="channels-out-of-range",
+        bug_reason=_RAW_INDEX,
+    ),
+    param(
+        lambda info: info.channels([0, 99]),
+        InvalidIndicesError,
+        [r"\b99\b", r"0\.\.4"],
+        id="channels-list-out-of-range",
+        bug_reason=_RAW_INDEX,
+    ),
+    param(
+        lambda info: info.channels("x"),
+        InvalidIndicesError,
+        [r"'x'"],
+        id="channels-str",
+        bug_reason=_RAW_INDEX,
+    ),
+    param(
+        lambda info: info.channels(True),
+        InvalidIndicesError,
+        [r"\bTrue\b"],
+        id="channels-bool",
+        bug_reason="FeatureInfo.channels(True) silently answers level 1",
+    ),
+    param(
+        lambda info: info.reduction(-99),
+        InvalidIndicesError,
+        [r"-99\b", r"-5\.\.-1"],
+        id="reduction-out-of-range",
+        bug_reason=_RAW_INDEX,
+    ),
+    param(
+        lambda info: info.module_name(1.5),
+        InvalidIndicesError,
+        [r"1\.5"],
+        id="module_name-float",
+        bug_reason=_RAW_INDEX,
+    ),
+    param(
+        lambda info: info[99],
+        InvalidIndicesError,
+        [r"\b99\b", r"0\.\.4"],
+        id="getitem-out-of-range",
+        bug_reason=_RAW_INDEX,
+    ),
+    param(
+        lambda info: info.get("nokey"),
+        (UnifeatError, KeyError),
+        [r"'nokey'", r"num_chs"],
+        id="get-unknown-field",
+        bug_reason=_RAW_KEY,
+    ),
+    param(
+        lambda info: info.get_dicts(keys=["nokey"]),
+        (UnifeatError, KeyError),
+        [r"'nokey'", r"num_chs"],
+        id="get_dicts-unknown-field",
+        bug_reason=_RAW_KEY,
+    ),
+    param(
+        lambda info: FeatureInfo.from_dicts(_LEVELS, out_indices=(7,)),
+        InvalidIndicesError,
+        [r"\b7\b", r"0\.\.2 or -3\.\.-1"],
+        id="from_dicts-out-of-range",
+        bug_reason=_PYDANTIC,
+    ),
+    param(
+        lambda info: FeatureInfo.from_dicts(_LEVELS, out_indices=0),
+        InvalidIndicesError,
+        [r"\b0\b", r"at least 1"],
+        id="from_dicts-int-zero",
+        bug_reason=_PYDANTIC,
+    ),
+    param(
+        lambda info: FeatureInfo.from_dicts([]),
+        (UnifeatError, ValueError),
+        [r"at least one level"],
+        id="from_dicts-no-levels",
+        bug_reason=_PYDANTIC,
+    ),
+    param(
+        lambda info: FeatureInfo.from_dicts([dict(num_chs=1)]),
+        (UnifeatError, ValueError),
+        [r"reduction", r"module"],
+        id="from_dicts-missing-fields",
+        bug_reason=_PYDANTIC,
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "expected", "patterns"), INFO_ROWS)
+def test_feature_info_methods_refuse(call: Any, expected: Any, patterns: list[str]) -> None:
+    info = _info()
+    refused(lambda: call(info), expected, patterns)
+
+
+@bug("FeatureInfo.from_other(2) raises a bare TypeError; the index rule says 'the last 2 levels'")
+def test_from_other_takes_an_int_as_the_last_n_levels() -> None:
+    assert _info().from_other(2).out_indices == (3, 4)
+
+
+@bug("get_dicts(keys='num_chs') iterates the string and raises KeyError 'n'")
+def test_get_dicts_with_one_key_as_a_string() -> None:
+    info = _info()
+    try:
+        found = info.get_dicts(keys="num_chs")
+    except UnifeatError as error:
+        assert "'num_chs'" in str(error)
+    else:
+        assert found == [{"num_chs": 64}, {"num_chs": 128}]
+
+
+# -- forward_intermediates and prune_intermediate_layers, on every backend -----------------
+
+_X = torch.randn(1, 3, 32, 32)
+_NO_MODEL_INDICES = "the form of indices is checked without naming the model or backend"
+FORWARD_ROWS = [
+    ("indices-out-of-range", (dict(indices=99), InvalidIndicesError, [r"\b99\b", r"1\.\.\d"])),
+    ("indices-duplicate", (dict(indices=(0, 0)), InvalidIndicesError, [r"duplicate"])),
+    ("indices-str", (dict(indices=("a",)), InvalidIndicesError, [r"'a'"])),
+    (
+        "output_fmt",
+        (dict(output_fmt="NLC"), UnsupportedOptionError, [r"'NLC'", r"'NCHW' or 'NHWC'"]),
+    ),
+    (
+        "intermediates_only-str",
+        (dict(intermediates_only="yes"), UnsupportedOptionError, [r"intermediates_only='yes'"]),
+    ),
+    ("norm", (dict(norm=True), UnsupportedOptionError, [r"norm=True"])),
+]
+_FORWARD_BUGS = {
+    ("*", "indices-str"): _NO_MODEL_INDICES,
+    ("*", "output_fmt"): "forward_intermediates(output_fmt='NLC') silently returns NCHW",
+    ("*", "intermediates_only-str"): "forward_intermediates takes any truthy intermediates_only",
+}
+# timm's own forward_intermediates applies the final norm: norm=True is valid there.
+_NORM_BACKENDS = [b for b in BACKENDS if b.id != "timm"]
+
+
+@pytest.mark.parametrize(
+    ("backend", "row"),
+    per_backend(BACKENDS, [r for r in FORWARD_ROWS if r[0] != "norm"], _FORWARD_BUGS)
+    + per_backend(_NORM_BACKENDS, [r for r in FORWARD_ROWS if r[0] == "norm"]),
+)
+def test_forward_intermediates_refuses(backend: Backend, row: Any) -> None:
+    options, expected, patterns = row
+    model = eval_model(backend)
+    with torch.no_grad():
+        refused(
+            lambda: model.forward_intermediates(_X, **options),
+            expected,
+            [*patterns, backend.named],
+        )
+
+
+PRUNE_ROWS = [
+    ("indices-out-of-range", (99, InvalidIndicesError, [r"\b99\b", r"1\.\.\d"])),
+    ("indices-str", (("a",), InvalidIndicesError, [r"'a'"])),
+    ("indices-empty", ((), InvalidIndicesError, [r"empty"])),
+]
+_PRUNE_BUGS = {
+    ("*", "indices-str"): _NO_MODEL_INDICES,
+    ("*", "indices-empty"): _NO_MODEL_INDICES,
+}
+
+
+@pytest.mark.parametrize(("backend", "row"), per_backend(BACKENDS, PRUNE_ROWS, _PRUNE_BUGS))
+def test_prune_refuses_and_leaves_the_model_as_it_was(backend: Backend, row: Any) -> None:
+    indices, expected, patterns = row
+    model, info, before = _prune_subject(backend)
+    refused(lambda: model.prune_intermediate_layers(indices), expected, [*patterns, backend.named])
+    assert model.feature_info == info
+    with torch.no_grad():
+        after = maps_of(model(_X))
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+@functools.cache
+def _prune_subject(backend: Backend) -> tuple[Any, FeatureInfo, list[torch.Tensor]]:
+    """One model per backend for the refused prunes, with what it gave before them."""
+    model = backend.create(out_indices=(0, -1)).eval()
+    with torch.no_grad():
+        return model, model.feature_info, maps_of(model(_X))
+
+
+def test_hf_return_prefix_tokens_needs_a_token_model() -> None:
+    """A control row: the hf CNN refuses prefix tokens, the hf ViT gives them."""
+    refused(
+        lambda: unifeat.create_model(
+            "hf:resnet",
+            features_only=True,
+            return_prefix_tokens=True,
+            embedding_size=8,
+            hidden_sizes=[16, 32, 48, 64],
+            depths=[1, 1, 1, 1],
+        ),
+        UnsupportedOptionError,
+        [r"return_prefix_tokens=True", r"'resnet' \(backend 'hf'\)", r"token model"],
+    )
+    model = HF_TOKENS.create(return_prefix_tokens=True).eval()
+    with torch.no_grad():
+        ((feature_map, prefix),) = model(_X)[:1]
+    assert prefix.shape == (1, 1, 32) and feature_map.shape == (1, 32, 4, 4)

@@ -1,0 +1,395 @@
+"""Category (b): what ``**model_kwargs`` and ``return_nodes`` may carry.
+
+Unknown constructor kwargs of timm and torchvision models are refused before
+anything is built, with close matches; transformers config kwargs are checked
+against the config class's fields (a typo is an error, not a default); kwargs
+given with a module instance, which has no constructor to take them, are
+refused rather than dropped; ``return_nodes`` of the wrong type is a unifeat
+error. Each row runs through every public entry that takes kwargs:
+``create_model`` with and without ``features_only``, ``feature_info`` and
+``get_node_names``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import unifeat
+from unifeat import InvalidNodeError, TracingError, UnifeatError, UnsupportedOptionError
+
+from ._support import (
+    BACKENDS,
+    HF_RESNET,
+    HF_TOKENS,
+    HF_VIT,
+    MODULE,
+    TIMM,
+    TV,
+    Backend,
+    TinyNet,
+    bug,
+    param,
+    refused,
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_traceback_on_stderr(capfd: pytest.CaptureFixture[str]) -> Any:
+    yield
+    assert "Traceback" not in capfd.readouterr().err
+
+
+Entry = Callable[..., Any]
+ENTRIES: dict[str, Entry] = {
+    "create-features": lambda model, **kw: unifeat.create_model(model, features_only=True, **kw),
+    "create-full": lambda model, **kw: unifeat.create_model(model, **kw),
+    "feature_info": unifeat.feature_info,
+    "get_node_names": unifeat.get_node_names,
+}
+# transformers models have no node names: get_node_names refuses them whatever the kwargs.
+_NO_NODES = frozenset({"get_node_names"})
+
+
+def _rows(
+    name: str,
+    rows: list[tuple[str, dict[str, Any], Any, list[str], str | None]],
+    skip: frozenset[str] = frozenset(),
+) -> list[Any]:
+    return [
+        param(
+            name,
+            kwargs,
+            expected,
+            patterns,
+            entry,
+            id=f"{name}-{entry}-{row_id}",
+            bug_reason=reason,
+        )
+        for row_id, kwargs, expected, patterns, reason in rows
+        for entry in ENTRIES
+        if entry not in skip
+    ]
+
+
+_UNKNOWN = "unknown constructor kwargs reach the constructor: a raw TypeError, no close match"
+_HF_TYPO = "transformers config kwargs are not checked: a typo silently builds the default"
+_RAW_VALUE = "a bad constructor kwarg value escapes as the library's raw exception"
+NAME_ROWS = [
+    *_rows(
+        "timm:resnet18",
+        [
+            (
+                "unknown-kwarg",
+                dict(num_clases=3),
+                UnsupportedOptionError,
+                [r"'num_clases'", r"'resnet18' \(backend 'timm'\)", r"num_classes"],
+                _UNKNOWN,
+            ),
+            (
+                "bad-kwarg-value",
+                dict(num_classes="a"),
+                UnsupportedOptionError,
+                [r"num_classes", r"'a'", r"backend 'timm'"],
+                _RAW_VALUE,
+            ),
+        ],
+    ),
+    *_rows(
+        "tv:resnet18",
+        [
+            (
+                "unknown-kwarg",
+                dict(num_clases=3),
+                UnsupportedOptionError,
+                [r"'num_clases'", r"'resnet18' \(backend 'torchvision'\)", r"num_classes"],
+                _UNKNOWN,
+            ),
+            (
+                "bad-kwarg-value",
+                dict(num_classes=-1),
+                UnsupportedOptionError,
+                [r"num_classes", r"-1", r"backend 'torchvision'"],
+                _RAW_VALUE,
+            ),
+        ],
+    ),
+    *_rows(
+        "hf:vit",
+        [
+            (
+                "config-typo",
+                {
+                    **{k: v for k, v in HF_VIT.items() if k != "num_hidden_layers"},
+                    "num_hiden_layers": 2,
+                },
+                UnsupportedOptionError,
+                [r"'num_hiden_layers'", r"'vit' \(backend 'hf'\)", r"num_hidden_layers"],
+                _HF_TYPO,
+            ),
+            (
+                "config-bad-type",
+                {**HF_VIT, "hidden_size": "a"},
+                UnsupportedOptionError,
+                [r"hidden_size", r"'a'", r"backend 'hf'"],
+                "transformers' StrictDataclassFieldValidationError escapes",
+            ),
+            (
+                "config-bad-value",
+                {**HF_VIT, "hidden_size": -1},
+                UnsupportedOptionError,
+                [r"hidden_size", r"-1", r"backend 'hf'"],
+                "a negative hidden_size fails deep in torch with a raw RuntimeError",
+            ),
+            (
+                "config-not-a-config",
+                {**HF_VIT, "config": 3},
+                UnsupportedOptionError,
+                [r"config=", r"PretrainedConfig", r"backend 'hf'"],
+                None,
+            ),
+        ],
+        skip=_NO_NODES,
+    ),
+    *_rows(
+        "hf:resnet",
+        [
+            (
+                "config-typo",
+                {**HF_RESNET, "hiden_act": "relu"},
+                UnsupportedOptionError,
+                [r"'hiden_act'", r"'resnet' \(backend 'hf'\)", r"hidden_act"],
+                _HF_TYPO,
+            ),
+        ],
+        skip=_NO_NODES,
+    ),
+]
+
+
+# Only the full model: the feature paths would download the weights (meta builds
+# pass weights= through to torchvision), which no test may do.
+NAME_ROWS.append(
+    param(
+        "tv:resnet18",
+        dict(weights="DEFAULT"),
+        UnsupportedOptionError,
+        [r"weights", r"pretrained=True", r"backend 'torchvision'"],
+        "create-full",
+        id="tv:resnet18-create-full-weights-kwarg",
+        bug_reason="weights= reaches torchvision twice: a raw 'multiple values' TypeError",
+    )
+)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "expected", "patterns", "entry"), NAME_ROWS)
+def test_name_kwargs_refused(
+    name: str, kwargs: dict[str, Any], expected: Any, patterns: list[str], entry: str
+) -> None:
+    refused(lambda: ENTRIES[entry](name, **kwargs), expected, patterns)
+
+
+@pytest.mark.parametrize(
+    ("backend", "kwargs"),
+    [
+        pytest.param(TIMM, dict(num_classes=3, drop_rate=0.1), id="timm"),
+        pytest.param(TV, dict(num_classes=3), id="tv"),
+        pytest.param(HF_TOKENS, dict(hidden_act="gelu"), id="hf-vit"),
+        pytest.param(MODULE, dict(input_size=(48, 64)), id="module-input_size"),
+    ],
+)
+def test_valid_kwargs_still_accepted(backend: Backend, kwargs: dict[str, Any]) -> None:
+    """Controls: a fix that refuses unknown kwargs must keep accepting these."""
+    model = backend.arg()
+    extra = backend.kwargs if isinstance(model, str) else {}
+    info = unifeat.feature_info(model, **extra, **kwargs)
+    built = unifeat.create_model(backend.arg(), features_only=True, **extra, **kwargs)
+    assert built.feature_info == info
+
+
+# -- kwargs given with a module instance ----------------------------------------------------
+
+_DROPPED = "kwargs given with a module instance are silently dropped"
+MODULE_KWARG_ROWS = [
+    param(
+        backend,
+        dict(bogus=1),
+        entry,
+        id=f"{backend.id}-{entry}-unknown-kwarg",
+        bug_reason=_DROPPED,
+    )
+    for backend in BACKENDS
+    for entry in ENTRIES
+    if not (backend.backend == "hf" and entry in _NO_NODES)
+] + [
+    param(
+        backend,
+        dict(train_return_nodes=["layer1"], eval_return_nodes=["layer1"]),
+        entry,
+        id=f"{backend.id}-{entry}-train_return_nodes",
+        bug_reason=_DROPPED,
+    )
+    for backend in (TV, MODULE)
+    for entry in ENTRIES
+]
+
+
+@pytest.mark.parametrize(("backend", "kwargs", "entry"), MODULE_KWARG_ROWS)
+def test_module_instance_kwargs_refused(
+    backend: Backend, kwargs: dict[str, Any], entry: str
+) -> None:
+    name = next(iter(kwargs))
+    refused(
+        lambda: ENTRIES[entry](backend.source(), **kwargs),
+        UnsupportedOptionError,
+        [rf"'?{name}'?", backend.named],
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "pattern"),
+    [
+        param(-5, r"input_size=-5\b", id="negative", bug_reason=_RAW_VALUE),
+        param("a", r"input_size='a'", id="str", bug_reason=_RAW_VALUE),
+        param(
+            (0, 32),
+            r"input_size=\(0, 32\)",
+            id="zero",
+            bug_reason="input_size=(0, 32) is reported as a failed probe run, with a traceback",
+        ),
+    ],
+)
+def test_module_input_size_refused(size: Any, pattern: str) -> None:
+    refused(
+        lambda: unifeat.feature_info(TinyNet(), input_size=size),
+        UnsupportedOptionError,
+        [pattern, r"module TinyNet \(backend 'fx'\)"],
+    )
+
+
+class _Gate(nn.Module):
+    """Data-dependent control flow: FX cannot trace through it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.sum() > 0 else -x
+
+
+class GatedNet(TinyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = _Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.stage1(self.gate(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_untraceable_module_names_the_way_out() -> None:
+    refused(
+        lambda: unifeat.create_model(GatedNet(), features_only=True),
+        TracingError,
+        [r"module GatedNet \(backend 'fx'\)", r"control flow", r"leaf_modules"],
+    )
+
+
+@bug("the TracingError suggests tracer_kwargs={'leaf_modules': ...}, which is silently dropped")
+def test_the_suggested_tracer_kwargs_work() -> None:
+    model = unifeat.create_model(
+        GatedNet(), features_only=True, tracer_kwargs={"leaf_modules": [_Gate]}
+    )
+    assert model.feature_info.channels() == [8, 16, 32]
+
+
+# -- return_nodes ----------------------------------------------------------------------
+
+_FI_NODES = "feature_info passes return_nodes to the model constructor (a raw TypeError)"
+_FI_NODES_HF = "feature_info silently ignores return_nodes on an hf model (create refuses)"
+_FX_BACKENDS = (TIMM, TV, MODULE)
+RETURN_NODE_ROWS = [
+    (
+        "int",
+        3,
+        (UnifeatError, ValueError),
+        [r"return_nodes=3\b", r"list|dict"],
+        "return_nodes=3 raises a raw TypeError ('int' object is not iterable)",
+    ),
+    ("int-entry", [1], (UnifeatError, ValueError), [r"return_nodes", r"\b1\b"], None),
+    ("unknown-node", ["nope"], InvalidNodeError, [r"'nope'", r"get_node_names"], None),
+]
+
+
+def _return_node_params() -> list[Any]:
+    params = []
+    for backend in _FX_BACKENDS:
+        for row_id, nodes, expected, patterns, reason in RETURN_NODE_ROWS:
+            for entry in ("create-features", "feature_info"):
+                if entry != "feature_info":
+                    why = reason
+                elif backend is MODULE:
+                    why = "feature_info silently ignores return_nodes on a module instance"
+                else:
+                    why = _FI_NODES
+                params.append(
+                    param(
+                        backend,
+                        nodes,
+                        expected,
+                        patterns,
+                        entry,
+                        id=f"{backend.id}-{entry}-{row_id}",
+                        bug_reason=why,
+                    )
+                )
+    for backend in (HF_TOKENS,):
+        for entry in ("create-features", "feature_info"):
+            params.append(
+                param(
+                    backend,
+                    ["layers.0"],
+                    UnsupportedOptionError,
+                    [r"return_nodes is not available", r"backend 'hf'"],
+                    entry,
+                    id=f"{backend.id}-{entry}-any",
+                    bug_reason=_FI_NODES_HF if entry == "feature_info" else None,
+                )
+            )
+    return params
+
+
+@pytest.mark.parametrize(
+    ("backend", "nodes", "expected", "patterns", "entry"), _return_node_params()
+)
+def test_return_nodes_refused(
+    backend: Backend, nodes: Any, expected: Any, patterns: list[str], entry: str
+) -> None:
+    model = backend.arg()
+    extra = backend.kwargs if isinstance(model, str) else {}
+    refused(
+        lambda: ENTRIES[entry](model, return_nodes=nodes, **extra),
+        expected,
+        [*patterns, backend.named],
+    )
+
+
+@pytest.mark.parametrize(
+    ("backend", "nodes"),
+    [
+        param(TIMM, ["layer2", "layer4"], id="timm", bug_reason=_FI_NODES),
+        param(TV, ["layer2", "layer4"], id="tv", bug_reason=_FI_NODES),
+        param(
+            MODULE,
+            ["stage1", "stage2"],
+            id="module",
+            bug_reason="feature_info ignores return_nodes on a module instance: automatic levels",
+        ),
+    ],
+)
+def test_feature_info_takes_return_nodes_as_create_model_does(
+    backend: Backend, nodes: list[str]
+) -> None:
+    built = backend.create(return_nodes=nodes)
+    assert backend.info(return_nodes=nodes) == built.feature_info

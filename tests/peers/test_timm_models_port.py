@@ -1,0 +1,425 @@
+"""timm's own feature-extraction tests (``tests/test_models.py``, ``tests/test_prune.py``
+of huggingface/pytorch-image-models), ported to run against unifeat as a black box
+on every backend they apply to.
+
+timm checks its models one by one over ``list_models()``; here each check runs on
+a few small random-init models per backend (``tests/peers/_models.py``), more
+with ``-m slow``. Where unifeat deliberately differs from timm the test asserts
+unifeat's documented behaviour and its docstring says what timm asserts and
+which docs page says why.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import unifeat
+from tests.peers._models import (
+    BY_ID,
+    CASES,
+    RETURN_NODES_BUGS,
+    SLOW_CASES,
+    Case,
+    capture,
+    first_tensor,
+    grad_numel,
+    params,
+    run_source,
+)
+
+# The default suite runs the cheapest case per backend for most checks (every case
+# of tests/peers/_models.py with -m slow), and more where a backend has a known bug.
+ONE_PER_BACKEND = ("timm-vit", "tv-squeezenet", "hf-resnet", "fx-stagenet")
+
+BUG_FINAL_NOT_FORWARD_FEATURES = pytest.mark.xfail(
+    strict=True,
+    reason="BUG: forward_intermediates' final output is the deepest level map, not what the "
+    "source's forward_features gives (head conv / final norm / token layout missing)",
+)
+BUG_TOKEN_FINAL_IS_A_MAP = pytest.mark.xfail(
+    strict=True,
+    reason="BUG: forward_intermediates' final output of a ViT-style model is the last level "
+    "as an NCHW map, not the deepest block's tokens [B, L, C]",
+)
+BUG_PRUNED_FINAL_NORMED = pytest.mark.xfail(
+    strict=True,
+    reason="BUG: after prune_intermediate_layers, a timm ViT's forward_intermediates final "
+    "output still goes through the final norm",
+)
+BUG_NO_SCRIPT_REFUSAL = pytest.mark.xfail(
+    strict=True,
+    reason="BUG: torch.jit.script of a feature model fails with TorchScript's own error, not "
+    "unifeat's UnsupportedOptionError pointing to torch.compile/torch.export",
+)
+
+
+def _spatial_axes(output_fmt: str) -> tuple[int, tuple[int, int]]:
+    return (1, (2, 3)) if output_fmt == "NCHW" else (3, (1, 2))
+
+
+def _check_maps(maps, channels, reductions, size, batch, output_fmt="NCHW") -> None:
+    """The per-map assertions timm's feature tests share."""
+    feat_axis, (h_axis, w_axis) = _spatial_axes(output_fmt)
+    assert len(maps) == len(channels)
+    for expected, reduction, out in zip(channels, reductions, maps, strict=True):
+        assert out.shape[feat_axis] == expected
+        assert out.shape[h_axis] <= math.ceil(size / reduction) + 1
+        assert out.shape[w_axis] <= math.ceil(size / reduction) + 1
+        assert out.shape[0] == batch
+        assert not torch.isnan(out).any()
+
+
+# -- test_model_forward_features / test_model_forward_intermediates_features ------------
+
+
+@pytest.mark.parametrize("output_fmt", ["NCHW", pytest.param("NHWC", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", params())
+def test_forward_features(case: Case, output_fmt: str) -> None:
+    """Ports timm's ``test_model_forward_features``: a features_only model with the
+    default levels gives at least 3 maps, one per ``feature_info.channels()``, with
+    those channels on the format's channel axis, at most ``ceil(size / reduction) + 1``
+    wide, the batch size kept, and no NaN."""
+    model = case.build(output_fmt=output_fmt).eval()
+    channels = model.feature_info.channels()
+    reductions = model.feature_info.reduction()
+    assert len(channels) >= 3
+    with torch.no_grad():
+        outputs = model(case.input(batch=1))
+    _check_maps(outputs, channels, reductions, case.size, 1, output_fmt)
+
+
+@pytest.mark.parametrize(
+    "case", params(fast=("timm-efficientnet", "tv-vit", "hf-convnext", "fx-stagenet"))
+)
+def test_forward_intermediates_features(case: Case) -> None:
+    """Ports timm's ``test_model_forward_intermediates_features`` (features_only with
+    ``feature_cls='getter'``, i.e. every level through ``forward_intermediates``):
+    asking for every level gives one map per level with its channels and size."""
+    levels = len(case.info())
+    model = case.build(out_indices=levels).eval()
+    assert model.feature_info.out_indices == tuple(range(levels))
+    with torch.no_grad():
+        outputs = model(case.input(batch=1))
+    info = model.feature_info
+    _check_maps(outputs, info.channels(), info.reduction(), case.size, 1)
+
+
+# -- test_model_forward_intermediates ----------------------------------------------------
+
+
+@pytest.mark.parametrize("case", params(fast=("timm-resnet", "tv-vit", "hf-vit", "fx-stagenet")))
+def test_forward_intermediates(case: Case) -> None:
+    """Ports the intermediates half of timm's ``test_model_forward_intermediates``:
+    ``final, intermediates = forward_intermediates(x, output_fmt='NCHW')`` gives at
+    least 3 maps (every level here), each with its level's channels and size.
+    (timm calls it on the full model; unifeat's feature models have the method and
+    ``indices=None`` means their ``out_indices``: docs/levels.md#the-index-rule.)"""
+    levels = len(case.info())
+    model = case.build(out_indices=levels).eval()
+    info = model.feature_info
+    assert len(info.channels()) >= 3
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(case.input(batch=1), output_fmt="NCHW")
+    assert isinstance(final, torch.Tensor) and final.shape[0] == 1
+    _check_maps(intermediates, info.channels(), info.reduction(), case.size, 1)
+
+
+@pytest.mark.parametrize(
+    "case",
+    params(
+        where=lambda case: case.backend == "timm" or case.final_module is not None,
+        marks={
+            "timm-efficientnet": BUG_FINAL_NOT_FORWARD_FEATURES,
+            "timm-efficientnet_b0": BUG_FINAL_NOT_FORWARD_FEATURES,
+            "timm-mixnet": BUG_FINAL_NOT_FORWARD_FEATURES,
+            "timm-ghostnet": BUG_FINAL_NOT_FORWARD_FEATURES,
+            "timm-rexnet": BUG_FINAL_NOT_FORWARD_FEATURES,
+            "tv-vit": BUG_TOKEN_FINAL_IS_A_MAP,
+            "tv-swin_t": BUG_FINAL_NOT_FORWARD_FEATURES,
+            "hf-vit": BUG_TOKEN_FINAL_IS_A_MAP,
+            "hf-dinov2": BUG_TOKEN_FINAL_IS_A_MAP,
+        },
+        fast=(
+            "timm-resnet",
+            "timm-efficientnet",
+            "tv-squeezenet",
+            "tv-vit",
+            "hf-resnet",
+            "hf-vit",
+            "fx-stagenet",
+        ),
+    ),
+)
+def test_forward_intermediates_final_is_forward_features(case: Case) -> None:
+    """Ports the last assertion of timm's ``test_model_forward_intermediates``: the
+    final output of ``forward_intermediates`` equals the model's own
+    ``forward_features(x)`` (timm), or its analogue, the unpooled output of the
+    source's final feature module (torchvision, transformers, plain modules) —
+    after the final norm, in the model's native layout."""
+    source = case.source().eval()
+    model = case.build(source, out_indices=len(case.info())).eval()
+    x = case.input()
+    with torch.no_grad():
+        final, _ = model.forward_intermediates(x)
+        expected = case.forward_features(source, x)
+    assert final.shape == expected.shape
+    torch.testing.assert_close(final, expected)
+
+
+@pytest.mark.parametrize(
+    "case",
+    params(
+        # transformers' Swin stages downsample inside the stage module, so its output
+        # is not the level; which "native layout" its final output has is open.
+        where=lambda case: case.id != "hf-swin",
+        marks={
+            "tv-vit": BUG_TOKEN_FINAL_IS_A_MAP,
+            "hf-vit": BUG_TOKEN_FINAL_IS_A_MAP,
+            "hf-dinov2": BUG_TOKEN_FINAL_IS_A_MAP,
+            "timm-vit": BUG_PRUNED_FINAL_NORMED,
+            "timm-vit_tiny": BUG_PRUNED_FINAL_NORMED,
+            "timm-deit-distilled": BUG_PRUNED_FINAL_NORMED,
+            "tv-swin_t": pytest.mark.xfail(
+                strict=True,
+                reason="BUG: after pruning a torchvision Swin, forward_intermediates' final "
+                "output is an NCHW map, not the stage's native NHWC output",
+            ),
+        },
+        fast=("timm-vit", "tv-squeezenet", "hf-vit", "fx-stagenet"),
+    ),
+)
+def test_forward_intermediates_after_pruning(case: Case) -> None:
+    """Ports timm's pruning semantics (``prune_intermediate_layers`` then
+    ``forward_intermediates``, as timm's getter feature models use them): once pruned
+    to level 1, the intermediates are those of the unpruned model, and the final
+    output is the output of level 1's block in the native layout, without the final
+    norm. Asking for a pruned level is an error (timm would return the output of
+    the ``Identity`` left in its place: docs/levels.md#indices-on-pruned-models)."""
+    source = case.source().eval()
+    model = case.build(source, out_indices=len(case.info())).eval()
+    x = case.input()
+    with torch.no_grad():
+        full = model(x)
+        assert model.prune_intermediate_layers((0, 1)) == [0, 1]
+        final, intermediates = model.forward_intermediates(x)
+        block = model.feature_info.module_name(1)
+        with capture(source, [block]) as seen:
+            run_source(source, x)
+    assert len(intermediates) == 2
+    for got, expected in zip(intermediates, full[:2], strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(final, first_tensor(seen[block]), rtol=0, atol=0)
+    with pytest.raises(unifeat.InvalidIndicesError, match="pruned"):
+        model.forward_intermediates(x, indices=(2,))
+
+
+# -- test_model_backward -----------------------------------------------------------------
+
+
+def _reference_grad_numel(case: Case, source: torch.nn.Module, modules: list[str]) -> int:
+    """Parameter elements that feed the levels' modules in the source's own forward."""
+    with capture(source, modules) as seen:
+        run_source(source, case.input())
+    sum(first_tensor(seen[name]).float().mean() for name in modules).backward()
+    return grad_numel(source.parameters())
+
+
+@pytest.mark.parametrize("case", params(fast=(*ONE_PER_BACKEND, "hf-vit")))
+def test_backward(case: Case) -> None:
+    """Ports timm's ``test_model_backward``: in train mode, a backward from the
+    outputs reaches every parameter, and nothing is NaN. A feature model holds some
+    parameters that feed no requested level (timm's ViT final norm, kept for
+    ``forward_intermediates(norm=True)``), so the count is checked against the
+    parameters that feed the same levels in the source's own forward."""
+    model = case.build(out_indices=(0, -1)).train()
+    outputs = model(case.input())
+    sum(out.float().mean() for out in outputs).backward()
+    assert all(not torch.isnan(out).any() for out in outputs)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    reference = case.source().train()
+    modules = model.feature_info.module_name()
+    assert grad_numel(model.parameters()) == _reference_grad_numel(case, reference, modules)
+
+
+# -- test_model_forward_fx / test_model_backward_fx -------------------------------------
+
+_TRACEABLE = params(
+    where=lambda case: case.traceable,
+    marks=RETURN_NODES_BUGS,
+    fast=("timm-resnet", "tv-squeezenet", "fx-stagenet"),
+)
+
+
+@pytest.mark.parametrize("case", _TRACEABLE)
+def test_forward_fx(case: Case) -> None:
+    """Ports timm's ``test_model_forward_fx``: a feature model returning the graph's
+    last eval node gives exactly the model's own output. (timm builds it with
+    torchvision's ``create_feature_extractor``; here the node comes from
+    ``unifeat.get_node_names`` and goes to ``return_nodes``.)"""
+    source = case.source().eval()
+    _, eval_nodes = unifeat.get_node_names(source)
+    model = case.build(source, return_nodes=[eval_nodes[-1]]).eval()
+    x = case.input(batch=1)
+    with torch.no_grad():
+        outputs = model(x)
+        expected = source(x)
+    assert list(outputs) == [eval_nodes[-1]]
+    assert torch.equal(outputs[eval_nodes[-1]], expected)
+    assert not torch.isnan(expected).any()
+
+
+@pytest.mark.parametrize("case", _TRACEABLE)
+def test_backward_fx(case: Case) -> None:
+    """Ports timm's ``test_model_backward_fx``: in train mode, the last train node's
+    output backpropagates to every parameter of the model (all of them feed the
+    logits), with no NaN."""
+    source = case.source().train()
+    train_nodes, _ = unifeat.get_node_names(source)
+    model = case.build(source, return_nodes=[train_nodes[-1]]).train()
+    (logits,) = model(case.input()).values()
+    logits.mean().backward()
+    assert logits.shape[-1] == source(case.input()).shape[-1]
+    assert not torch.isnan(logits).any()
+    numel = sum(p.numel() for p in source.parameters())
+    assert grad_numel(model.parameters()) == numel
+
+
+# -- test_model_forward_torchscript_with_features_fx --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case",
+    params(
+        marks={c.id: BUG_NO_SCRIPT_REFUSAL for c in [*CASES, *SLOW_CASES]},
+        fast=("timm-resnet", "tv-squeezenet", "hf-vit", "fx-stagenet"),
+    ),
+)
+def test_features_torchscript_is_refused(case: Case) -> None:
+    """Ports timm's ``test_model_forward_torchscript_with_features_fx``, which scripts
+    a features_only model and runs it. unifeat deliberately refuses TorchScript with
+    an ``UnsupportedOptionError`` pointing to ``torch.compile`` / ``torch.export``
+    (the decided contract of issue 12; a difference from timm and torchvision)."""
+    model = case.build().eval()
+    with pytest.raises(unifeat.UnsupportedOptionError, match=r"torch\.(compile|export)"):
+        torch.jit.script(model)
+
+
+# -- feature_info defaults and out_indices (test_model_forward_features' levels) ---------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        pytest.param("timm:resnet50", (0, 1, 2, 3, 4), id="timm-resnet50"),
+        pytest.param("tv:resnet50", (0, 1, 2, 3, 4), id="tv-resnet50"),
+        pytest.param(
+            "timm:convnext_tiny", (0, 1, 2, 3), id="timm-convnext", marks=pytest.mark.slow
+        ),
+        pytest.param("tv:convnext_tiny", (0, 1, 2, 3), id="tv-convnext", marks=pytest.mark.slow),
+        pytest.param(
+            "timm:swin_tiny_patch4_window7_224",
+            (0, 1, 2, 3),
+            id="timm-swin",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param("tv:swin_t", (0, 1, 2, 3), id="tv-swin"),
+        pytest.param("timm:vit_base_patch16_224", (9, 10, 11), id="timm-vit"),
+        pytest.param(
+            "tv:vit_b_16",
+            (9, 10, 11),
+            id="tv-vit",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="BUG: tv:vit_b_16's default out_indices are all 12 blocks, not the "
+                "last 3 as in timm and transformers",
+            ),
+        ),
+        pytest.param("hf:vit", (9, 10, 11), id="hf-vit"),
+    ],
+)
+def test_default_levels(name: str, expected: tuple[int, ...]) -> None:
+    """Ports the level count timm's ``test_model_forward_features`` asserts of the
+    default features_only model (at least 3 levels) and timm's defaults themselves:
+    every level of a hierarchical net, the last 3 blocks of a plain ViT — the same
+    in every backend (docs/levels.md#the-index-rule)."""
+    info = unifeat.feature_info(name)
+    assert info.out_indices == expected
+    assert len(info.channels()) >= 3
+
+
+@pytest.mark.parametrize("case", params(fast=ONE_PER_BACKEND))
+def test_out_indices_forms(case: Case) -> None:
+    """Ports timm's ``features_only(out_indices=...)`` semantics: an int n is the last
+    n levels, negatives count from the end, and each output has its level's
+    channels. timm keeps ``(3, 1)`` unordered and drops duplicates silently; unifeat
+    sorts into depth order and refuses duplicates and out-of-range values
+    (docs/backends/timm.md#differences-from-timms-features_only,
+    docs/levels.md#the-index-rule)."""
+    n = len(case.info())
+    assert case.info(out_indices=2).out_indices == (n - 2, n - 1)
+    assert case.info(out_indices=(-1, 0)).out_indices == (0, n - 1)
+    assert case.info(out_indices=(-n,)).out_indices == (0,)
+    for bad in [(n,), (0, -n), (-n - 1,)]:
+        with pytest.raises(unifeat.InvalidIndicesError):
+            case.build(out_indices=bad)
+    model = case.build(out_indices=(n - 1, 0)).eval()
+    assert model.feature_info.out_indices == (0, n - 1)
+    with torch.no_grad():
+        first, last = model(case.input(batch=1))
+    all_channels = case.info().channels(list(range(n)))
+    assert [first.shape[1], last.shape[1]] == [all_channels[0], all_channels[-1]]
+
+
+# -- output_stride ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "output_stride"),
+    [
+        pytest.param(BY_ID["timm-resnet"], 16, id="timm-resnet-16"),
+        pytest.param(BY_ID["timm-resnet"], 8, id="timm-resnet-8", marks=pytest.mark.slow),
+        pytest.param(BY_ID["tv-mobilenet"], 16, id="tv-mobilenet-16", marks=pytest.mark.slow),
+        pytest.param(BY_ID["hf-resnet"], 16, id="hf-resnet-16"),
+        pytest.param(BY_ID["fx-stagenet"], 4, id="fx-stagenet-4"),
+    ],
+)
+def test_output_stride(case: Case, output_stride: int) -> None:
+    """Ports timm's ``features_only(output_stride=...)``: the reductions stop at the
+    output stride, the maps are that large, and ``feature_info`` answers the same
+    as the model built with the option."""
+    native = case.info().reduction()
+    model = case.build(output_stride=output_stride, out_indices=len(native)).eval()
+    info = model.feature_info
+    assert info.reduction() == [min(r, output_stride) for r in native]
+    assert case.info(output_stride=output_stride, out_indices=len(native)) == info
+    with torch.no_grad():
+        outputs = model(case.input(batch=1))
+    _check_maps(outputs, info.channels(), info.reduction(), case.size, 1)
+    assert outputs[-1].shape[-1] == case.size // output_stride
+
+
+@pytest.mark.parametrize("case", params(where=lambda case: case.tokens))
+def test_output_stride_of_a_token_model(case: Case) -> None:
+    """timm raises ``TypeError`` for ``output_stride`` on a ViT even at its patch
+    size; unifeat accepts the patch size as a no-op and refuses other values with
+    ``UnsupportedOptionError`` (docs/backends/timm.md#differences-from-timms-features_only,
+    docs/output-stride.md)."""
+    patch = case.info().reduction()[-1]
+    assert case.info(output_stride=patch) == case.info()
+    with pytest.raises(unifeat.UnsupportedOptionError, match="output_stride"):
+        case.build(output_stride=patch // 2)
+
+
+# -- tests/test_prune.py -------------------------------------------------------------------
+
+
+def test_pruned_model_feature_info_matches_forward() -> None:
+    """Ports timm's ``test_pruned_feature_info_matches_forward`` (``tests/test_prune.py``):
+    a channel-pruned timm model (new widths) reports the channels its maps have."""
+    model = unifeat.create_model("timm:efficientnet_b1_pruned", features_only=True).eval()
+    with torch.no_grad():
+        outputs = model(torch.randn(1, 3, 96, 96))
+    assert [o.shape[1] for o in outputs] == model.feature_info.channels()

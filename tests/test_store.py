@@ -1,0 +1,506 @@
+"""The extraction store: formats, provenance, resume rules, locking, failures, parts and merge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import unifeat
+from unifeat._cli import main
+from unifeat._store import ProvenanceMismatchError, StoreLockedError, _Lock, store_paths
+
+# One image per forward: CPU kernels may give other last bits for other batch
+# sizes, and these tests compare rows exactly across formats, parts and runs.
+SMALL = dict(
+    random_init=True, out_indices=(-2, -1), input_size=(32, 32), progress=False, batch_size=1
+)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Nine readable images of odd sizes, one corrupt, one truncated."""
+    root = tmp_path_factory.mktemp("store") / "images"
+    (root / "nested").mkdir(parents=True)
+    generator = np.random.RandomState(0)
+    for i in range(9):
+        pixels = (generator.rand(30 + 3 * i, 41, 3) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / ("nested" if i % 3 else "") / f"img{i}.png")
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    data = (root / "img0.png").read_bytes()
+    (root / "truncated.png").write_bytes(data[: len(data) // 2])
+    return root
+
+
+READABLE = 9
+
+
+def _extract(folder: Path, output: Path, **kwargs: object) -> unifeat.ExtractResult:
+    return unifeat.extract("tv:resnet18", [folder], output, **{**SMALL, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def reference(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("reference") / "ref.safetensors"
+    _extract(folder, out)
+    return unifeat.load_features(out)
+
+
+@pytest.mark.parametrize("storage", ["safetensors", "parquet", "npy"])
+def test_every_format_holds_the_same_rows(
+    storage: str, folder: Path, tmp_path: Path, reference: dict
+) -> None:
+    result = _extract(folder, tmp_path / f"f.{storage}", flush_every=4)
+    assert (result.written, result.skipped, len(result.failed)) == (READABLE, 0, 2)
+    features = unifeat.load_features(tmp_path / f"f.{storage}")
+    assert features["paths"] == reference["paths"]
+    for level in ("level_3", "level_4"):
+        assert torch.equal(features[level], reference[level])
+    assert [Path(p).name for p, _ in features["failed"]] == ["corrupt.jpg", "truncated.png"]
+    assert features["provenance"]["weights"] == reference["provenance"]["weights"]
+    # flush_every=4: three shards, and the index names exactly them.
+    index = json.loads((tmp_path / "f.index.json").read_text())
+    assert [s["rows"] for s in index["shards"]] == [4, 4, 1] and index["complete"]
+
+
+def test_parquet_schema_pyarrow_and_pandas(folder: Path, tmp_path: Path, reference: dict) -> None:
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _extract(folder, tmp_path / "f.parquet", flush_every=100)
+    shard = tmp_path / "f.00000.parquet"
+    table = pq.read_table(shard)
+    assert table.schema.field("path").type == pa.string()
+    assert table.schema.field("level_4").type == pa.list_(pa.float32(), 512)
+    assert table.schema.field("level_3").type == pa.list_(pa.float32(), 256)
+    provenance = json.loads(table.schema.metadata[b"unifeat"])
+    assert provenance == unifeat.load_features(tmp_path / "f.parquet")["provenance"]
+    assert provenance["pool"] == "avg" and provenance["out_indices"] == [3, 4]
+    assert provenance["data_config"] == unifeat.data_config("tv:resnet18").model_copy(
+        update={"input_size": (3, 32, 32)}
+    ).model_dump(mode="json") | {"source": provenance["data_config"]["source"]}
+    frame = pd.read_parquet(shard)
+    assert list(frame["path"]) == reference["paths"]
+    assert np.array_equal(np.stack(frame["level_4"].to_list()), reference["level_4"].numpy())
+    # FixedSizeList values are one float32 buffer: a (N, D) view without copies.
+    column = table["level_4"].chunk(0)
+    view = column.values.to_numpy(zero_copy_only=True).reshape(len(column), 512)
+    assert np.array_equal(view, reference["level_4"].numpy())
+
+
+def test_parquet_whole_maps_use_a_tensor_column(folder: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    _extract(folder, tmp_path / "maps.parquet", pool="none", out_indices=(-1,))
+    table = pq.read_table(tmp_path / "maps.00000.parquet")
+    assert str(table.schema.field("level_4").type).startswith("extension<arrow.fixed_shape_tensor")
+    maps = unifeat.load_features(tmp_path / "maps.parquet")["level_4"]
+    assert maps.shape == (READABLE, 512, 1, 1)
+    pooled = unifeat.load_features(
+        _extract(folder, tmp_path / "p.npy", out_indices=(-1,)).index_path
+    )
+    assert torch.allclose(maps.mean(dim=(2, 3)), pooled["level_4"])
+
+
+def test_npy_shards_memory_map_and_load_matrix(
+    folder: Path, tmp_path: Path, reference: dict
+) -> None:
+    _extract(folder, tmp_path / "f.npy", flush_every=5)
+    mapped = np.load(tmp_path / "f.00000.level_4.npy", mmap_mode="r")
+    assert isinstance(mapped, np.memmap) and mapped.shape == (5, 512)
+    matrix = unifeat.load_matrix(tmp_path / "f.npy", level=4)
+    assert matrix.dtype == np.float32 and matrix.flags["C_CONTIGUOUS"]
+    assert np.array_equal(matrix, reference["level_4"].numpy())
+    # Nearest neighbours by inner product, as a FAISS IndexFlatIP would give.
+    normed = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    assert (np.argmax(normed @ normed.T, axis=1) == np.arange(len(matrix))).all()
+    with pytest.raises(unifeat.UnsupportedOptionError, match="'level_3' or 'level_4'"):
+        unifeat.load_matrix(tmp_path / "f.npy")
+    with pytest.raises(unifeat.UnsupportedOptionError, match="no 'level_1'"):
+        unifeat.load_matrix(tmp_path / "f.npy", level=1)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"out_indices": (-1,)}, "out_indices"),
+        ({"pool": "max"}, 'pool: stored "avg", now "max"'),
+        ({"input_size": (48, 48)}, "data_config"),
+        ({"seed": 1}, "weights"),
+        ({"dtype": "bfloat16"}, "dtype"),
+        ({"fast_decode": True}, "fast_decode"),
+    ],
+)
+def test_resume_with_other_settings_is_refused_naming_the_difference(
+    change: dict, named: str, folder: Path, tmp_path: Path
+) -> None:
+    _extract(folder, tmp_path / "f.safetensors", flush_every=100)
+    with pytest.raises(ProvenanceMismatchError, match="--overwrite") as caught:
+        _extract(folder, tmp_path / "f.safetensors", **change)
+    assert named in str(caught.value)
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, unifeat.StoreError)
+    # Nothing was changed by the refused run.
+    assert len(unifeat.load_features(tmp_path / "f.safetensors")["paths"]) == READABLE
+
+
+def test_another_model_is_refused_and_overwrite_starts_over(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "f.npy"
+    _extract(folder, out, flush_every=4)
+    with pytest.raises(ProvenanceMismatchError, match=r"model: stored \"tv:resnet18\""):
+        unifeat.extract("timm:resnet18", [folder], out, **SMALL)
+    result = unifeat.extract("timm:resnet18", [folder], out, overwrite=True, **SMALL)
+    assert result.written == READABLE
+    features = unifeat.load_features(out)
+    assert features["provenance"]["model"] == "timm:resnet18"
+    assert len(features["paths"]) == READABLE
+    # The first run's three shards are gone, not just forgotten.
+    assert sorted(p.name for p in tmp_path.glob("f.*.paths.npy")) == ["f.00000.paths.npy"]
+
+
+def test_failed_images_are_recorded_and_retried_only_when_asked(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (20, 20), "red").save(images / "good.png")
+    (images / "late.png").write_bytes(b"half-uploaded")
+    out = tmp_path / "f.parquet"
+    first = _extract(images, out)
+    assert [Path(p).name for p, _ in first.failed] == ["late.png"]
+    assert "cannot identify image file" in first.failed[0][1]
+    Image.new("RGB", (20, 20), "blue").save(images / "late.png")  # the upload finished
+    again = _extract(images, out)
+    assert (again.written, again.skipped, len(again.failed)) == (0, 1, 1)
+    retried = _extract(images, out, retry_failed=True)
+    assert (retried.written, retried.failed) == (1, [])
+    features = unifeat.load_features(out)
+    assert [Path(p).name for p in features["paths"]] == ["good.png", "late.png"]
+    assert features["failed"] == []
+
+
+def test_a_second_writer_is_refused(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "f.safetensors"
+    holder = _Lock(store_paths(out).lock, "f")
+    tmp_path.mkdir(exist_ok=True)
+    holder.acquire()
+    try:
+        with pytest.raises(StoreLockedError, match=r"pid \d+ on host"):
+            _extract(folder, out)
+        # A writer in another process is refused the same way, with exit code 2.
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "unifeat",
+                "extract",
+                "tv:resnet18",
+                str(folder),
+                "-o",
+                str(out),
+                "--random-init",
+                "--input-size",
+                "32",
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "being written by another process" in lines[0]
+    finally:
+        holder.release()
+    assert _extract(folder, out).written == READABLE
+
+
+def test_writers_in_threads_one_wins(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "f.npy"
+    outcomes: list[object] = []
+    model = unifeat.create_model("tv:resnet18", features_only=True, out_indices=(-1,))
+
+    def run() -> None:
+        try:
+            result = unifeat.extract(model, [folder], out, input_size=(32, 32), progress=False)
+            outcomes.append(result.written)
+        except StoreLockedError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    written = [o for o in outcomes if isinstance(o, int)]
+    assert sum(written) == READABLE  # one ran, or both ran one after the other
+    assert len(unifeat.load_features(out)["paths"]) == READABLE
+
+
+def test_a_stale_lock_is_taken_over(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "f.lock").write_text(json.dumps({"pid": 999999, "host": "gone", "since": "x"}))
+    assert _extract(folder, tmp_path / "f.npy").written == READABLE
+    assert "took over the stale lock" in capsys.readouterr().err
+    assert not (tmp_path / "f.lock").exists()
+
+
+def test_leftovers_of_a_killed_run_are_removed_not_read(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "f.safetensors"
+    _extract(folder, out, flush_every=5)
+    # A shard renamed into place but never committed, and half-written temporaries.
+    (tmp_path / "f.00002.safetensors").write_bytes(b"garbage")
+    (tmp_path / ".f.00003.safetensors.tmp-1-ab").write_bytes(b"half")
+    (tmp_path / ".f.index.json.tmp-1-cd").write_bytes(b"{")
+    assert len(unifeat.load_features(out)["paths"]) == READABLE  # the index is the truth
+    assert _extract(folder, out).written == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "f.00000.safetensors",
+        "f.00001.safetensors",
+        "f.index.json",
+    ]
+
+
+def test_a_damaged_index_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "f.index.json").write_text("{ not json")
+    with pytest.raises(unifeat.StoreError, match="not valid JSON"):
+        unifeat.load_features(tmp_path / "f.safetensors")
+    with pytest.raises(unifeat.StoreError, match="no extraction output"):
+        unifeat.load_features(tmp_path / "nothing.parquet")
+
+
+def test_parts_cover_every_image_once_and_merge_reproduces_one_run(
+    folder: Path, tmp_path: Path, reference: dict
+) -> None:
+    for i in range(3):
+        _extract(folder, tmp_path / "f.parquet", shard=f"{i}/3")
+    parts = [unifeat.load_features(tmp_path / f"f.part{i}of3.parquet") for i in range(3)]
+    covered = sorted(p for part in parts for p in part["paths"])
+    assert covered == sorted(reference["paths"]) and len(set(covered)) == READABLE
+    assert all(part["paths"] for part in parts)
+    failed = sorted(f for part in parts for f, _ in part["failed"])
+    assert [Path(p).name for p in failed] == ["corrupt.jpg", "truncated.png"]
+    with pytest.raises(unifeat.StoreError, match=r"parts 2/3 .* missing"):
+        unifeat.merge_features(
+            [tmp_path / "f.part0of3.parquet", tmp_path / "f.part1of3.parquet"],
+            tmp_path / "m.parquet",
+        )
+    assert main(["merge", "-o", str(tmp_path / "f.safetensors")]) == 0
+    merged = unifeat.load_features(tmp_path / "f.safetensors")
+    assert merged["paths"] == reference["paths"]
+    for level in ("level_3", "level_4"):
+        assert torch.equal(merged[level], reference[level])
+    assert len(merged["failed"]) == 2 and merged["provenance"]["shard"] is None
+
+
+def test_merge_refuses_parts_computed_differently_or_unfinished(
+    folder: Path, tmp_path: Path
+) -> None:
+    _extract(folder, tmp_path / "a.npy", shard="0/2")
+    _extract(folder, tmp_path / "a.npy", shard="1/2", pool="max")
+    with pytest.raises(unifeat.StoreError, match="pool"):
+        unifeat.merge_features([], tmp_path / "a.npy")
+    _extract(folder, tmp_path / "a.npy", shard="1/2", pool="max", overwrite=False)
+    index = tmp_path / "a.part1of2.index.json"
+    record = json.loads(index.read_text())
+    record["complete"] = False
+    index.write_text(json.dumps(record))
+    with pytest.raises(unifeat.StoreError, match="incomplete"):
+        unifeat.merge_features([tmp_path / "a.part1of2.npy"], tmp_path / "b.npy")
+
+
+def _ctrl_c_at_forward(number: int, monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Ctrl-C during forward ``number``; returns the undo."""
+    from unifeat import _extract as module
+
+    calls = {"n": 0}
+    original = module.Embedder.__call__
+
+    def interrupted(self, pixels):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == number:
+            raise KeyboardInterrupt
+        return original(self, pixels)
+
+    monkeypatch.setattr(module.Embedder, "__call__", interrupted)
+    return lambda: monkeypatch.setattr(module.Embedder, "__call__", original)
+
+
+def test_ctrl_c_keeps_the_finished_rows(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    undo = _ctrl_c_at_forward(3, monkeypatch)
+    out = tmp_path / "f.npy"
+    with pytest.raises(KeyboardInterrupt):
+        _extract(folder, out, batch_size=2, flush_every=1000)
+    # The two finished batches (corrupt.jpg, img0 | img3, img6: three images),
+    # committed although the shard was not full.
+    assert [Path(p).name for p in unifeat.load_features(out)["paths"]] == [
+        "img0.png",
+        "img3.png",
+        "img6.png",
+    ]
+    assert not (tmp_path / "f.lock").exists()
+    undo()
+    assert _extract(folder, out, batch_size=2).written == READABLE - 3
+
+
+def test_ctrl_c_in_the_cli_exits_130_with_one_line(
+    folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _ctrl_c_at_forward(2, monkeypatch)
+    args = [
+        "extract",
+        "tv:resnet18",
+        str(folder),
+        "-o",
+        str(tmp_path / "f.parquet"),
+        "--random-init",
+        "--input-size",
+        "32",
+        "--batch-size",
+        "3",
+        "--no-progress",
+    ]
+    assert main(args) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if "skipped" not in line]
+    assert err == [
+        # The first batch: corrupt.jpg, img0, img3.
+        f"unifeat extract: interrupted; 2 images are safely in {tmp_path / 'f.parquet'}, "
+        "rerun the same command to go on"
+    ]
+
+
+def test_whole_maps_are_flushed_by_size(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pool='none' never holds more than the byte budget, whatever flush_every says."""
+    from unifeat import _store
+
+    monkeypatch.setattr(_store, "MAX_BUFFER_BYTES", 3 * 512 * 4 + 1)
+    _extract(folder, tmp_path / "m.npy", pool="none", out_indices=(-1,), batch_size=1)
+    index = json.loads((tmp_path / "m.index.json").read_text())
+    assert [s["rows"] for s in index["shards"]] == [4, 4, 1]
+
+
+def test_random_weights_by_name_must_be_asked_for(folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(unifeat.UnsupportedOptionError, match=r"refusing to extract .* random"):
+        unifeat.extract("tv:resnet18", [folder], tmp_path / "f.npy")
+    with pytest.raises(unifeat.UnknownModelError, match="resnet18"):
+        unifeat.extract("tv:resnet1B", [folder], tmp_path / "f.npy")
+    with pytest.raises(unifeat.UnsupportedOptionError, match="contradicts"):
+        unifeat.extract(
+            "tv:resnet18", [folder], tmp_path / "f.npy", pretrained=True, random_init=True
+        )
+    assert main(["extract", "tv:resnet18", str(folder), "-o", str(tmp_path / "g.npy")]) == 2
+    assert not (tmp_path / "f.index.json").exists()
+
+
+def test_nhwc_and_dict_models_give_the_same_descriptors(
+    folder: Path, tmp_path: Path, reference: dict
+) -> None:
+    torch.manual_seed(0)
+    base = unifeat.create_model("tv:resnet18", features_only=True, out_indices=(-2, -1))
+    results = {}
+    for options in ({}, {"output_fmt": "NHWC"}, {"output_type": "dict"}):
+        model = unifeat.create_model(
+            base.model, features_only=True, out_indices=(-2, -1), **options
+        )
+        out = tmp_path / f"{'_'.join(options) or 'plain'}.npy"
+        unifeat.extract(model, [folder], out, input_size=(32, 32), progress=False)
+        results[out.stem] = unifeat.load_features(out)
+    for name, features in results.items():
+        assert features["level_4"].shape == (READABLE, 512), name
+        assert torch.equal(features["level_4"], results["plain"]["level_4"]), name
+        assert torch.equal(features["level_3"], results["plain"]["level_3"]), name
+
+
+def test_bfloat16_is_close_to_float32(folder: Path, tmp_path: Path, reference: dict) -> None:
+    _extract(folder, tmp_path / "bf.npy", dtype="bfloat16")
+    half = unifeat.load_features(tmp_path / "bf.npy")
+    assert half["level_4"].dtype == torch.float32 and half["provenance"]["dtype"] == "bfloat16"
+    cosine = torch.nn.functional.cosine_similarity(half["level_4"], reference["level_4"])
+    assert cosine.min() > 0.99
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"pool": "median"}, "invalid pool='median'"),
+        ({"batch_size": 0}, "invalid batch_size=0"),
+        ({"flush_every": -1}, "invalid flush_every=-1"),
+        ({"num_workers": -1}, "invalid num_workers=-1"),
+        ({"device": "gpu"}, "invalid device 'gpu'"),
+        ({"dtype": "int8"}, "invalid dtype='int8'"),
+        ({"shard": "3/3"}, "invalid shard='3/3'"),
+        ({"shard": "a/b"}, "invalid shard='a/b'"),
+        ({"engine": "spark"}, "invalid engine='spark'"),
+        ({"format": "csv"}, "invalid format='csv'"),
+        ({"input_size": (32, -1)}, r"invalid input_size=\(32, -1\)"),
+        ({"address": "auto"}, "address only applies"),
+    ],
+)
+def test_bad_options_are_unifeat_errors_before_anything_is_written(
+    kwargs: dict, message: str, folder: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(unifeat.UnsupportedOptionError, match=message):
+        _extract(folder, tmp_path / "f.safetensors", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_passed_in_is_left_as_it_was(folder: Path, tmp_path: Path) -> None:
+    """Its mode, dtype and weights: bfloat16 runs on a copy, eval is undone."""
+    model = unifeat.create_model("tv:resnet18", features_only=True, out_indices=(-1,)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for dtype in ("float32", "bfloat16"):
+        unifeat.extract(
+            model, [folder], tmp_path / f"{dtype}.npy", dtype=dtype, input_size=(32, 32),
+            progress=False,
+        )  # fmt: skip
+        assert model.training
+        after = model.state_dict()
+        assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_outputs_of_unifeat_0_1_still_load(folder: Path, tmp_path: Path) -> None:
+    """The earlier layout: an index listing each shard's paths, no provenance."""
+    from safetensors.torch import save_file
+
+    rows = [str(folder / "img0.png"), str(folder / "img3.png")]
+    tensor = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    save_file(
+        {"level_4": tensor}, str(tmp_path / "f.00000.safetensors"), {"paths": json.dumps(rows)}
+    )
+    index = {"format": "unifeat-features/1", "pool": "avg", "backend": "torchvision"}
+    index["shards"] = [{"file": "f.00000.safetensors", "paths": rows}]
+    (tmp_path / "f.index.json").write_text(json.dumps(index))
+    features = unifeat.load_features(tmp_path / "f.index.json")
+    assert features["paths"] == rows and torch.equal(features["level_4"], tensor)
+    with pytest.raises(ProvenanceMismatchError, match="earlier unifeat"):
+        _extract(folder, tmp_path / "f.safetensors")
+    assert _extract(folder, tmp_path / "f.safetensors", overwrite=True).written == READABLE
+
+
+def test_decoding_workers_give_the_same_rows(folder: Path, tmp_path: Path, reference: dict) -> None:
+    import pickle
+
+    from unifeat._extract import _Decode, decoder
+
+    _extract(folder, tmp_path / "w.npy", num_workers=2)
+    features = unifeat.load_features(tmp_path / "w.npy")
+    assert features["paths"] == reference["paths"]
+    assert torch.equal(features["level_4"], reference["level_4"])
+    # Workers started by spawn (macOS, Windows) get the dataset pickled.
+    config = unifeat.data_config("tv:resnet18")
+    dataset = pickle.loads(pickle.dumps(_Decode(reference["paths"], decoder(config, True))))
+    assert dataset[0][1].shape == (224, 224, 3)
