@@ -24,7 +24,6 @@ import unifeat
 from unifeat import (
     FeatureInfo,
     InvalidIndicesError,
-    TracingError,
     UnifeatError,
     UnknownBackendError,
     UnknownModelError,
@@ -116,7 +115,7 @@ OPTION_ROWS: list[tuple[str, dict[str, Any], Any, list[str]]] = [
         "backend-unknown",
         dict(backend="caffe"),
         UnknownBackendError,
-        [r"'caffe'", r"known backends are 'timm', 'torchvision', 'hf' or 'fx'"],
+        [r"'caffe'", r"known backends are 'timm', 'torchvision', 'hf', 'open_clip' or 'fx'"],
     ),
     (
         "checkpoint_path-int",
@@ -138,23 +137,10 @@ _OPTION_BUGS: dict[tuple[str, str], str] = {
     ("*", "out_indices-float"): _NO_MODEL,
     ("*", "output_stride-str"): _LAX_STRIDE,
     ("*", "output_stride-bool"): _BOOL_STRIDE,
-    ("tv", "output_stride-unsupported"): (
-        "tv:resnet18 output_stride=7 says 'supported values are 32', but 4, 8 and 16 work"
-    ),
 }
 _FEATURE_INFO_BUGS = {
     **_OPTION_BUGS,
-    **{
-        ("*", row): _IGNORED
-        for row in (
-            "output_type",
-            "output_fmt",
-            "pretrained-str",
-            "features_only-str",
-            "return_prefix_tokens-int",
-            "checkpoint_path-int",
-        )
-    },
+    **{("*", row): _IGNORED for row in ("features_only-str",)},
 }
 
 
@@ -234,7 +220,7 @@ CALL_ROWS = [
     param(
         lambda: unifeat.create_model(""),
         UnknownModelError,
-        [r"unknown model ''", r"'timm', 'torchvision', 'hf' or 'fx'"],
+        [r"unknown model ''", r"'timm', 'torchvision', 'hf', 'open_clip' or 'fx'"],
         id="create_model-empty-name",
     ),
     param(
@@ -279,7 +265,6 @@ CALL_ROWS = [
         UnsupportedOptionError,
         [r"pretrained=True", r"backend 'hf'"],
         id="feature_info-hf-type-pretrained",
-        bug_reason="feature_info ignores pretrained=True on an hf model type; create_model refuses",
     ),
     param(
         lambda: unifeat.get_node_names(123),
@@ -287,12 +272,6 @@ CALL_ROWS = [
         [r"\b123\b"],
         id="get_node_names-int",
         bug_reason=_VALUE_NOT_TYPE,
-    ),
-    param(
-        lambda: unifeat.get_node_names("hf:vit", **HF_VIT),
-        TracingError,
-        [r"'vit' \(backend 'hf'\)", r"out_indices"],
-        id="get_node_names-hf",
     ),
     param(
         lambda: unifeat.get_node_names("no_such_model_xyz"),
@@ -311,14 +290,12 @@ CALL_ROWS = [
         UnifeatError,
         [r"\b123\b", r"pattern"],
         id="list_models-int-pattern",
-        bug_reason="list_models(123) raises fnmatch's raw TypeError",
     ),
     param(
         lambda: unifeat.list_models(b"res*"),
         UnifeatError,
         [r"b'res\*'", r"pattern"],
         id="list_models-bytes-pattern",
-        bug_reason="list_models(b'res*') raises fnmatch's raw TypeError",
     ),
     param(
         lambda: unifeat.list_models(backend="caffe"),
@@ -577,11 +554,11 @@ FORWARD_ROWS = [
 ]
 _FORWARD_BUGS = {
     ("*", "indices-str"): _NO_MODEL_INDICES,
-    ("*", "output_fmt"): "forward_intermediates(output_fmt='NLC') silently returns NCHW",
     ("*", "intermediates_only-str"): "forward_intermediates takes any truthy intermediates_only",
 }
-# timm's own forward_intermediates applies the final norm: norm=True is valid there.
-_NORM_BACKENDS = [b for b in BACKENDS if b.id != "timm"]
+# norm=True applies the model's final norm to the levels (docs/levels.md): valid where
+# the model has one whose width fits them (timm's models, a transformers ViT).
+_NORM_BACKENDS = [b for b in BACKENDS if b.id not in ("timm", "hf-vit")]
 
 
 @pytest.mark.parametrize(

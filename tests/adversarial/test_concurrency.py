@@ -31,13 +31,10 @@ from ._support import BACKENDS, Backend, eval_model, maps_of, param
 
 THREADS = 4
 ROUNDS = 6
-_PER_CALL_STATE = "the hf runner keeps per-call state on the module (hooks write self._captured)"
 
 
-def _params(reason_for_hf: str = _PER_CALL_STATE) -> list[Any]:
-    return [
-        param(b, id=b.id, bug_reason=reason_for_hf if b.backend == "hf" else None) for b in BACKENDS
-    ]
+def _params() -> list[Any]:
+    return [param(b, id=b.id) for b in BACKENDS]
 
 
 def _in_threads(calls: list[Callable[[], Any]], rounds: int = ROUNDS) -> list[list[Any]]:
@@ -160,10 +157,7 @@ def cpu_replicate(network: nn.Module, copies: int) -> list[nn.Module]:
     return [replicas[j][0] for j in range(copies)]
 
 
-_REPLICA = "hf hooks are bound to the original module: a replica's call finds no levels"
-
-
-@pytest.mark.parametrize("backend", _params(_REPLICA))
+@pytest.mark.parametrize("backend", _params())
 def test_data_parallel_replicas_one_after_another(backend: Backend) -> None:
     model = eval_model(backend)
     inputs = _inputs()[:2]
@@ -173,7 +167,7 @@ def test_data_parallel_replicas_one_after_another(backend: Backend) -> None:
             assert _same(maps_of(replica(x)), maps)
 
 
-@pytest.mark.parametrize("backend", _params(_REPLICA))
+@pytest.mark.parametrize("backend", _params())
 def test_data_parallel_replicas_in_threads(backend: Backend) -> None:
     model = eval_model(backend)
     inputs = _inputs()

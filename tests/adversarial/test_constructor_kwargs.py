@@ -51,8 +51,6 @@ ENTRIES: dict[str, Entry] = {
     "feature_info": unifeat.feature_info,
     "get_node_names": unifeat.get_node_names,
 }
-# transformers models have no node names: get_node_names refuses them whatever the kwargs.
-_NO_NODES = frozenset({"get_node_names"})
 
 
 def _rows(
@@ -76,8 +74,6 @@ def _rows(
     ]
 
 
-_UNKNOWN = "unknown constructor kwargs reach the constructor: a raw TypeError, no close match"
-_HF_TYPO = "transformers config kwargs are not checked: a typo silently builds the default"
 _RAW_VALUE = "a bad constructor kwarg value escapes as the library's raw exception"
 NAME_ROWS = [
     *_rows(
@@ -88,7 +84,7 @@ NAME_ROWS = [
                 dict(num_clases=3),
                 UnsupportedOptionError,
                 [r"'num_clases'", r"'resnet18' \(backend 'timm'\)", r"num_classes"],
-                _UNKNOWN,
+                None,
             ),
             (
                 "bad-kwarg-value",
@@ -107,7 +103,7 @@ NAME_ROWS = [
                 dict(num_clases=3),
                 UnsupportedOptionError,
                 [r"'num_clases'", r"'resnet18' \(backend 'torchvision'\)", r"num_classes"],
-                _UNKNOWN,
+                None,
             ),
             (
                 "bad-kwarg-value",
@@ -129,7 +125,7 @@ NAME_ROWS = [
                 },
                 UnsupportedOptionError,
                 [r"'num_hiden_layers'", r"'vit' \(backend 'hf'\)", r"num_hidden_layers"],
-                _HF_TYPO,
+                None,
             ),
             (
                 "config-bad-type",
@@ -153,7 +149,6 @@ NAME_ROWS = [
                 None,
             ),
         ],
-        skip=_NO_NODES,
     ),
     *_rows(
         "hf:resnet",
@@ -163,10 +158,9 @@ NAME_ROWS = [
                 {**HF_RESNET, "hiden_act": "relu"},
                 UnsupportedOptionError,
                 [r"'hiden_act'", r"'resnet' \(backend 'hf'\)", r"hidden_act"],
-                _HF_TYPO,
+                None,
             ),
         ],
-        skip=_NO_NODES,
     ),
 ]
 
@@ -213,25 +207,21 @@ def test_valid_kwargs_still_accepted(backend: Backend, kwargs: dict[str, Any]) -
 
 # -- kwargs given with a module instance ----------------------------------------------------
 
-_DROPPED = "kwargs given with a module instance are silently dropped"
 MODULE_KWARG_ROWS = [
     param(
         backend,
         dict(bogus=1),
         entry,
         id=f"{backend.id}-{entry}-unknown-kwarg",
-        bug_reason=_DROPPED,
     )
     for backend in BACKENDS
     for entry in ENTRIES
-    if not (backend.backend == "hf" and entry in _NO_NODES)
 ] + [
     param(
         backend,
         dict(train_return_nodes=["layer1"], eval_return_nodes=["layer1"]),
         entry,
         id=f"{backend.id}-{entry}-train_return_nodes",
-        bug_reason=_DROPPED,
     )
     for backend in (TV, MODULE)
     for entry in ENTRIES
@@ -253,14 +243,9 @@ def test_module_instance_kwargs_refused(
 @pytest.mark.parametrize(
     ("size", "pattern"),
     [
-        param(-5, r"input_size=-5\b", id="negative", bug_reason=_RAW_VALUE),
-        param("a", r"input_size='a'", id="str", bug_reason=_RAW_VALUE),
-        param(
-            (0, 32),
-            r"input_size=\(0, 32\)",
-            id="zero",
-            bug_reason="input_size=(0, 32) is reported as a failed probe run, with a traceback",
-        ),
+        param(-5, r"input_size=-5\b", id="negative"),
+        param("a", r"input_size='a'", id="str"),
+        param((0, 32), r"input_size=\(0, 32\)", id="zero"),
     ],
 )
 def test_module_input_size_refused(size: Any, pattern: str) -> None:
@@ -306,58 +291,22 @@ def test_the_suggested_tracer_kwargs_work() -> None:
 
 # -- return_nodes ----------------------------------------------------------------------
 
-_FI_NODES = "feature_info passes return_nodes to the model constructor (a raw TypeError)"
-_FI_NODES_HF = "feature_info silently ignores return_nodes on an hf model (create refuses)"
-_FX_BACKENDS = (TIMM, TV, MODULE)
+# Every backend: FX node names where the model traces, module paths where it does not.
+_NODE_BACKENDS = (TIMM, TV, HF_TOKENS, MODULE)
 RETURN_NODE_ROWS = [
-    (
-        "int",
-        3,
-        (UnifeatError, ValueError),
-        [r"return_nodes=3\b", r"list|dict"],
-        "return_nodes=3 raises a raw TypeError ('int' object is not iterable)",
-    ),
-    ("int-entry", [1], (UnifeatError, ValueError), [r"return_nodes", r"\b1\b"], None),
-    ("unknown-node", ["nope"], InvalidNodeError, [r"'nope'", r"get_node_names"], None),
+    ("int", 3, (UnifeatError, ValueError), [r"return_nodes=3\b", r"list|dict"]),
+    ("int-entry", [1], (UnifeatError, ValueError), [r"return_nodes", r"\b1\b"]),
+    ("unknown-node", ["nope"], InvalidNodeError, [r"'nope'", r"get_node_names"]),
 ]
 
 
 def _return_node_params() -> list[Any]:
-    params = []
-    for backend in _FX_BACKENDS:
-        for row_id, nodes, expected, patterns, reason in RETURN_NODE_ROWS:
-            for entry in ("create-features", "feature_info"):
-                if entry != "feature_info":
-                    why = reason
-                elif backend is MODULE:
-                    why = "feature_info silently ignores return_nodes on a module instance"
-                else:
-                    why = _FI_NODES
-                params.append(
-                    param(
-                        backend,
-                        nodes,
-                        expected,
-                        patterns,
-                        entry,
-                        id=f"{backend.id}-{entry}-{row_id}",
-                        bug_reason=why,
-                    )
-                )
-    for backend in (HF_TOKENS,):
-        for entry in ("create-features", "feature_info"):
-            params.append(
-                param(
-                    backend,
-                    ["layers.0"],
-                    UnsupportedOptionError,
-                    [r"return_nodes is not available", r"backend 'hf'"],
-                    entry,
-                    id=f"{backend.id}-{entry}-any",
-                    bug_reason=_FI_NODES_HF if entry == "feature_info" else None,
-                )
-            )
-    return params
+    return [
+        param(backend, nodes, expected, patterns, entry, id=f"{backend.id}-{entry}-{row_id}")
+        for backend in _NODE_BACKENDS
+        for row_id, nodes, expected, patterns in RETURN_NODE_ROWS
+        for entry in ("create-features", "feature_info")
+    ]
 
 
 @pytest.mark.parametrize(
@@ -378,14 +327,11 @@ def test_return_nodes_refused(
 @pytest.mark.parametrize(
     ("backend", "nodes"),
     [
-        param(TIMM, ["layer2", "layer4"], id="timm", bug_reason=_FI_NODES),
-        param(TV, ["layer2", "layer4"], id="tv", bug_reason=_FI_NODES),
-        param(
-            MODULE,
-            ["stage1", "stage2"],
-            id="module",
-            bug_reason="feature_info ignores return_nodes on a module instance: automatic levels",
-        ),
+        param(TIMM, ["layer2", "layer4"], id="timm"),
+        param(TV, ["layer2", "layer4"], id="tv"),
+        param(MODULE, ["stage1", "stage2"], id="module"),
+        # transformers models do not trace: their return_nodes are module paths.
+        param(HF_TOKENS, ["layers.1", "layers.3"], id="hf-vit"),
     ],
 )
 def test_feature_info_takes_return_nodes_as_create_model_does(

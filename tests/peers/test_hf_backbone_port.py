@@ -289,9 +289,11 @@ def test_dinov2_maps_equal_dinov2_backbone() -> None:
     output of block ``k - 1`` as a map: unifeat's level ``k - 1``, value for value
     (index ``i`` is block ``i``, not ``AutoBackbone``'s stage ``i`` whose ``stem`` is
     0: docs/backends/hf.md#levels)."""
-    model = unifeat.create_model("hf:dinov2", features_only=True, out_indices=4, **HF_TOKENS).eval()
+    # Dinov2Config sizes its MLP by mlp_ratio; it has no intermediate_size field.
+    config = {**{k: v for k, v in HF_TOKENS.items() if k != "intermediate_size"}, "mlp_ratio": 2}
+    model = unifeat.create_model("hf:dinov2", features_only=True, out_indices=4, **config).eval()
     backbone = _backbone(
-        transformers.Dinov2Config, transformers.Dinov2Backbone, HF_TOKENS, apply_layernorm=False
+        transformers.Dinov2Config, transformers.Dinov2Backbone, config, apply_layernorm=False
     )
     _load_trunk(backbone, model)
     x = torch.randn(2, 3, 64, 64)

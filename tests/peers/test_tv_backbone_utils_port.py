@@ -617,7 +617,8 @@ def test_source_modes_and_state_are_untouched(case: Case) -> None:
 # -- test_leaf_module_and_function -----------------------------------------------------------------
 
 
-def _leaf_function(x: Any) -> int:
+# Public name: FX auto-wraps only functions whose global name has no leading underscore.
+def leaf_function(x: Any) -> int:
     return int(x)
 
 
@@ -634,21 +635,16 @@ class _WithLeaf(nn.Module):
         self.leaf_module = _LeafModule()
 
     def forward(self, x: Tensor) -> Tensor:
-        _leaf_function(x.shape[0])
+        leaf_function(x.shape[0])
         return self.leaf_module(self.conv(x))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the TracingError says to pass tracer_kwargs={'leaf_modules': [...]}, but "
-    "create_model and get_node_names drop tracer_kwargs",
-)
 def test_leaf_module_and_function() -> None:
     """Ports ``test_leaf_module_and_function``: a module and a function FX cannot trace
     through, made a leaf module and an auto-wrapped function, give one node each
     (no ``relu`` inside the leaf), and the extractor runs forward and backward in
     train mode. unifeat's ``TracingError`` points to ``tracer_kwargs`` for this."""
-    tracer_kwargs = {"leaf_modules": [_LeafModule], "autowrap_functions": [_leaf_function]}
+    tracer_kwargs = {"leaf_modules": [_LeafModule], "autowrap_functions": [leaf_function]}
     _, eval_nodes = unifeat.get_node_names(_WithLeaf(), tracer_kwargs=tracer_kwargs)
     assert "relu" not in eval_nodes and "leaf_module" in eval_nodes
     model = unifeat.create_model(
@@ -659,12 +655,20 @@ def test_leaf_module_and_function() -> None:
     assert grad_numel(model.parameters()) == sum(p.numel() for p in model.parameters())
 
 
-def test_untraceable_module_is_a_tracing_error() -> None:
+def test_untraceable_module_falls_back_to_module_paths() -> None:
     """The other half of ``test_leaf_module_and_function``: without the leaf
-    declarations the module does not trace, which unifeat reports as its
-    ``TracingError`` naming the failing operation (docs/backends/fx.md)."""
-    with pytest.raises(unifeat.TracingError, match="int"):
-        unifeat.create_model(_WithLeaf(), features_only=True, return_nodes=["leaf_module"])
+    declarations the module does not trace. Where torchvision stops, unifeat serves
+    module paths by forward hooks (docs/node-names.md): ``leaf_module`` is one, and
+    its output is what the module computes."""
+    source = _WithLeaf().eval()
+    train_nodes, eval_nodes = unifeat.get_node_names(source)
+    assert train_nodes == eval_nodes and "leaf_module" in eval_nodes and "conv" in eval_nodes
+    model = unifeat.create_model(source, features_only=True, return_nodes=["leaf_module"]).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)["leaf_module"], source.leaf_module(source.conv(x)))
+    with pytest.raises(unifeat.InvalidNodeError, match="relu"):
+        unifeat.create_model(source, features_only=True, return_nodes=["relu"])
 
 
 def test_library_leaf_modules_are_leaves() -> None:

@@ -170,7 +170,7 @@ class Adapter:
         self._refuse_instance_kwargs(plan)
         source = self.source_on_meta(plan)
         size = self.input_size(plan, source)
-        finder = self._finder(plan, source, size, self.node_finder(plan))
+        finder = self._finder(plan, source, size, self.node_finder(plan), need_levels=False)
         if isinstance(finder, GraphFinder):
             return finder.node_names()
         names = finder.node_names()
@@ -233,10 +233,19 @@ class Adapter:
         )
 
     def _finder(
-        self, plan: BuildPlan, source: nn.Module, size: tuple[int, int, int], kind: FinderKind
+        self,
+        plan: BuildPlan,
+        source: nn.Module,
+        size: tuple[int, int, int],
+        kind: FinderKind,
+        *,
+        need_levels: bool = True,
     ) -> Finder:
         """The finder of ``kind``; a graph that does not trace falls back to hooks on
-        the model's block list, and the tracing error stands where that fails too."""
+        the model's block list, and the tracing error stands where that fails too.
+
+        Module paths (``return_nodes``, node names) need no block list: only
+        automatic levels do (``need_levels``)."""
         if kind == "graph":
             try:
                 return GraphFinder(
@@ -249,7 +258,7 @@ class Adapter:
             except TracingError as untraceable:
                 try:
                     hooks = self._hook_finder(plan, source, size)
-                    if plan.return_nodes is None:
+                    if need_levels and plan.return_nodes is None:
                         hooks.levels()
                     return hooks
                 except UnsupportedOptionError:

@@ -112,20 +112,32 @@ def generic_dilation(
             f"output_stride={output_stride} is larger than the native stride {native} of "
             f"{context}: {supported_message([native, *also_supported])}"
         )
+
+    def reaches(stride: int) -> bool:
+        try:
+            found = remeasure(plan_dilation(ops, stride, context=context))
+        except UnsupportedOptionError:
+            return False
+        return max(level.reduction for level in found) == stride
+
+    def working() -> str:
+        # Only on the error path: each candidate is one more weightless build.
+        candidates = {level.reduction for level in levels if level.reduction > 1}
+        found = [stride for stride in sorted(candidates) if stride == native or reaches(stride)]
+        return supported_message([*found, *also_supported])
+
     changes = plan_dilation(ops, output_stride, context=context)
     try:
         dilated = list(remeasure(changes))
     except UnsupportedOptionError:
         raise UnsupportedOptionError(
             f"output_stride={output_stride} is not supported by {context}: once dilated, its "
-            "branches no longer produce maps of matching sizes (valid padding); "
-            f"{supported_message([native, *also_supported])}"
+            f"branches no longer produce maps of matching sizes (valid padding); {working()}"
         ) from None
     reached = max(level.reduction for level in dilated)
     if reached != output_stride:
         raise UnsupportedOptionError(
-            f"output_stride={output_stride} is not supported by {context}: it downsamples "
-            f"outside conv and pool modules (reached {reached}); "
-            f"{supported_message([native, *also_supported])}"
+            f"output_stride={output_stride} is not supported by {context}: dilating its "
+            f"strided convs and pools gives a stride of {reached}; {working()}"
         )
     return changes, dilated
