@@ -62,7 +62,7 @@ def create_model(
     checkpoint_path: str | Path | None = None,
     return_prefix_tokens: bool = False,
     return_nodes: Sequence[str] | Mapping[str, str] | None = None,
-    input_size: int | tuple[int, int] | None = None,
+    input_size: int | tuple[int, int] | tuple[int, int, int] | None = None,
     tracer_kwargs: Mapping[str, Any] | None = None,
     **model_kwargs: Any,
 ) -> nn.Module:
@@ -100,7 +100,8 @@ def create_model(
             dict; full (``"layer4.2.relu_2"``) or truncated (``"layer4"`` = its
             last node) names. FX node names where the model traces, module
             paths where it does not (transformers); see :func:`get_node_names`.
-        input_size: ``(H, W)`` (or one int) at which levels are measured;
+        input_size: ``(H, W)`` (or one int) at which levels are measured,
+            or ``(C, H, W)`` for a module taking other than 3 channels;
             default: the model's own input size.
         tracer_kwargs: torchvision's tracer options for models cut from FX
             graphs: ``leaf_modules``, ``autowrap_modules``, ``autowrap_functions``.
@@ -143,7 +144,7 @@ def feature_info(
     checkpoint_path: str | Path | None = None,
     return_prefix_tokens: bool = False,
     return_nodes: Sequence[str] | Mapping[str, str] | None = None,
-    input_size: int | tuple[int, int] | None = None,
+    input_size: int | tuple[int, int] | tuple[int, int, int] | None = None,
     tracer_kwargs: Mapping[str, Any] | None = None,
     **model_kwargs: Any,
 ) -> FeatureInfo:
@@ -164,12 +165,12 @@ def feature_info(
         >>> unifeat.feature_info("tv:vit_b_16").out_indices
         (9, 10, 11)
     """
+    plan = _plan_from({**locals(), "features_only": True})
     if features_only is not True:
         raise UnsupportedOptionError(
             f"feature_info describes feature models, so features_only={features_only!r} does "
-            "not apply: leave it out"
+            f"not apply to {plan.label}: leave it out"
         )
-    plan = _plan_from(locals())
     return _registry.get_adapter(plan.backend).describe(plan)
 
 
@@ -215,7 +216,7 @@ def get_node_names(
     checkpoint_path: str | Path | None = None,
     return_prefix_tokens: bool = False,
     return_nodes: Sequence[str] | Mapping[str, str] | None = None,
-    input_size: int | tuple[int, int] | None = None,
+    input_size: int | tuple[int, int] | tuple[int, int, int] | None = None,
     tracer_kwargs: Mapping[str, Any] | None = None,
     **model_kwargs: Any,
 ) -> tuple[list[str], list[str]]:

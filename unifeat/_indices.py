@@ -17,19 +17,21 @@ IndexSpec = int | tuple[int, ...] | None
 """``None`` (backend default), ``n`` (the last n levels) or explicit indices."""
 
 
-def _as_int(value: object, what: str) -> int:
+def _as_int(value: object, what: str, where: str) -> int:
     # bool is an int subclass, but out_indices=True is always a mistake.
     if isinstance(value, bool):
-        raise InvalidIndicesError(f"{what} must be integers, got {value!r}")
+        raise InvalidIndicesError(f"{what} must be integers{where}, got {value!r}")
     try:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise InvalidIndicesError(
-            f"{what} must be integers, got {value!r} ({type(value).__name__})"
+            f"{what} must be integers{where}, got {value!r} ({type(value).__name__})"
         ) from None
 
 
-def check_index_spec(value: object, what: str = "out_indices") -> IndexSpec:
+def check_index_spec(
+    value: object, what: str = "out_indices", context: str | None = None
+) -> IndexSpec:
     """Validate the form of an index request and return it canonical.
 
     Accepts ``None``, a positive int ``n`` (the last ``n`` levels) or a
@@ -39,23 +41,28 @@ def check_index_spec(value: object, what: str = "out_indices") -> IndexSpec:
     (1, -1)
     >>> check_index_spec(2)
     2
+
+    ``context`` names the model in messages (``'resnet50' (backend 'timm')``).
     """
+    where = f" for {context}" if context else ""
     if value is None:
         return None
     if isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping)):
-        indices = tuple(_as_int(v, what) for v in value)
+        indices = tuple(_as_int(v, what, where) for v in value)
         if not indices:
-            raise InvalidIndicesError(f"{what} is empty ({value!r}); ask for at least one level")
+            raise InvalidIndicesError(
+                f"{what} is empty ({value!r}){where}; ask for at least one level"
+            )
         return indices
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise InvalidIndicesError(
             f"{what} must be None, a positive int (the last n levels) or a sequence "
-            f"of ints, got {value!r} ({type(value).__name__})"
+            f"of ints{where}, got {value!r} ({type(value).__name__})"
         )
-    count = _as_int(value, what)
+    count = _as_int(value, what, where)
     if count < 1:
         raise InvalidIndicesError(
-            f"{what}={count!r} asks for the last {count} levels; an int {what} must "
+            f"{what}={count!r}{where} asks for the last {count} levels; an int {what} must "
             "be at least 1 (use a sequence such as (-1,) to pick by position)"
         )
     return count
@@ -86,9 +93,9 @@ def normalize_indices(
     >>> normalize_indices(None, 12, default=3)
     (9, 10, 11)
     """
-    spec = check_index_spec(spec, what)
+    spec = check_index_spec(spec, what, context)
     if spec is None:
-        spec = check_index_spec(default, what)
+        spec = check_index_spec(default, what, context)
         if spec is None:
             return tuple(range(num_levels))
     if isinstance(spec, int):

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from torch import nn
 
 from unifeat._errors import InvalidNodeError, UnsupportedOptionError, format_choices
@@ -40,14 +40,15 @@ class BuildPlan(BaseModel):
     checkpoint_path: Path | None = None
     features_only: StrictBool = False
     out_indices: IndexSpec = None
-    output_stride: int | None = Field(default=None, gt=0)
+    # Strict: '16', 16.0 and True are mistakes, not 16, 16 and 1.
+    output_stride: StrictInt | None = Field(default=None, gt=0)
     output_type: OutputType | None = None
     """``None``: a dict where ``return_nodes`` gives keys, else a list."""
     output_fmt: OutputFormat = "NCHW"
     return_prefix_tokens: StrictBool = False
     return_nodes: tuple[str, ...] | dict[str, str] | None = None
-    input_size: tuple[int, int] | None = None
-    """``(H, W)`` levels are measured at; ``None``: the model's own."""
+    input_size: tuple[int, int] | tuple[int, int, int] | None = None
+    """``(H, W)`` or ``(C, H, W)`` levels are measured at; ``None``: the model's own."""
     tracer_kwargs: dict[str, Any] | None = None
     """torchvision's tracer options for graph backends (``leaf_modules``, ...)."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -73,7 +74,7 @@ _TRACER_OPTIONS = ("leaf_modules", "autowrap_modules", "autowrap_functions")
 def make_plan(**options: Any) -> BuildPlan:
     """Validate ``options`` into a plan, raising unifeat errors that name the value."""
     context = _label(options.get("model_name"), options.get("module"), options.get("backend"))
-    options["out_indices"] = check_index_spec(options.get("out_indices"))
+    options["out_indices"] = check_index_spec(options.get("out_indices"), context=context)
     options["return_nodes"] = _check_return_nodes(options.get("return_nodes"), context)
     options["input_size"] = _check_input_size(options.get("input_size"), context)
     options["tracer_kwargs"] = _check_tracer_kwargs(options.get("tracer_kwargs"), context)
@@ -126,7 +127,9 @@ def _check_return_nodes(nodes: object, context: str) -> tuple[str, ...] | dict[s
     )
 
 
-def _check_input_size(size: object, context: str) -> tuple[int, int] | None:
+def _check_input_size(
+    size: object, context: str
+) -> tuple[int, int] | tuple[int, int, int] | None:
     if size is None:
         return None
     values = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
@@ -136,9 +139,10 @@ def _check_input_size(size: object, context: str) -> tuple[int, int] | None:
         or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
     ):
         raise UnsupportedOptionError(
-            f"invalid input_size={size!r} for {context}: expected a positive int or (height, width)"
+            f"invalid input_size={size!r} for {context}: expected a positive int, "
+            "(height, width) or (channels, height, width)"
         )
-    return int(values[-2]), int(values[-1])
+    return tuple(int(v) for v in values)  # type: ignore[return-value]
 
 
 def _check_tracer_kwargs(options: object, context: str) -> dict[str, Any] | None:

@@ -142,15 +142,6 @@ TOKEN_ROWS: list[tuple[str, Row]] = [
     ),
 ]
 _REFUSED_BUGS = {
-    ("*", "channels-1"): _RAW,
-    ("*", "channels-4"): _RAW,
-    ("*", "rank-3"): _RAW,
-    ("*", "rank-5"): _RAW,
-    ("*", "not-a-tensor"): _RAW,
-    ("*", "other-device"): _RAW,
-    ("*", "uint8"): _RAW,
-    (HF_TOKENS.id, "uint8"): "hf casts a uint8 image to float silently: features of 0..255 pixels",
-    ("*", "forward_intermediates-channels-1"): _RAW,
     (HF_TOKENS.id, "below-patch-size"): _RAW,
     (
         TIMM_TOKENS.id,
@@ -213,12 +204,11 @@ def test_empty_batch(backend: Backend) -> None:
     assert [tuple(m.shape) for m in empty] == [(0, *m.shape[1:]) for m in one]
 
 
-_RAW_DTYPE = "float64 input on a float32 model: torch's raw 'expected scalar type' error"
 
 
 @pytest.mark.parametrize(
     "backend",
-    [param(b, id=b.id, bug_reason=None if b is HF_TOKENS else _RAW_DTYPE) for b in ALL],
+    [param(b, id=b.id) for b in ALL],
 )
 def test_float64_input(backend: Backend) -> None:
     x = torch.randn(2, 3, 32, 32)

@@ -194,7 +194,8 @@ SLOW_CASES = [
         "hf-dinov2",
         "hf:dinov2",
         "hf",
-        kwargs=HF_TOKENS,
+        # Dinov2Config sizes its MLP by mlp_ratio; it has no intermediate_size field.
+        kwargs={**{k: v for k, v in HF_TOKENS.items() if k != "intermediate_size"}, "mlp_ratio": 2},
         tokens=True,
         final_module="layernorm",
         traceable=False,

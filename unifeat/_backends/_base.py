@@ -148,10 +148,7 @@ class Adapter:
 
     def input_size(self, plan: BuildPlan, source: nn.Module) -> tuple[int, int, int]:
         """The one input size of a build: ``input_size=`` where given, else the model's own."""
-        channels, height, width = self.native_input_size(plan, source)
-        if plan.input_size is not None:
-            height, width = plan.input_size
-        return channels, height, width
+        return _with_input_size(self.native_input_size(plan, source), plan)
 
     def describe(self, plan: BuildPlan) -> FeatureInfo:
         """The feature levels ``plan`` would give, without allocating weights.
@@ -314,11 +311,12 @@ class Adapter:
         info = _levels.feature_info(
             levels, plan.out_indices, context=plan.label, default=native.default
         )
-        channels, height, width = native.input_size
-        if plan.input_size is not None:
-            height, width = plan.input_size
         return Layout(
-            levels, info, (channels, height, width), native.spec, build_kwargs=build_kwargs
+            levels,
+            info,
+            _with_input_size(native.input_size, plan),
+            native.spec,
+            build_kwargs=build_kwargs,
         )
 
     @staticmethod
@@ -393,3 +391,12 @@ class Adapter:
         if plan.checkpoint_path is not None:
             load_checkpoint(source, plan.checkpoint_path, context=plan.label)
         return source
+
+
+def _with_input_size(native: tuple[int, int, int], plan: BuildPlan) -> tuple[int, int, int]:
+    """``input_size=`` over the model's own: ``(H, W)`` keeps its channels."""
+    if plan.input_size is None:
+        return native
+    if len(plan.input_size) == 3:
+        return plan.input_size
+    return native[0], plan.input_size[0], plan.input_size[1]

@@ -136,8 +136,12 @@ def generic_dilation(
         ) from None
     reached = max(level.reduction for level in dilated)
     if reached != output_stride:
+        why = (
+            f"it downsamples outside conv and pool modules (reached {reached})"
+            if any(level.reduction == output_stride for level in levels)
+            else f"dilating its strided convs and pools gives a stride of {reached}"
+        )
         raise UnsupportedOptionError(
-            f"output_stride={output_stride} is not supported by {context}: dilating its "
-            f"strided convs and pools gives a stride of {reached}; {working()}"
+            f"output_stride={output_stride} is not supported by {context}: {why}; {working()}"
         )
     return changes, dilated

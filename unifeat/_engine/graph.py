@@ -25,6 +25,7 @@ level's grid: the input of the global pooling, after the final norm.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,7 +35,6 @@ from typing import Any
 import torch
 import torchvision
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models.feature_extraction import NodePathTracer
 
 from unifeat._engine.dilation import SPATIAL_OPS
@@ -222,11 +222,63 @@ def propagate_shapes(
     return shapes
 
 
+@dataclass(frozen=True)
+class _TensorShape:
+    shape: tuple[int, ...]
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs a graph and records each node's output shape(s) in ``node.meta``.
+
+    Our own rather than torch's ``ShapeProp``, which prints a traceback to stderr
+    for every node that fails before raising: a probe that fails must fail quietly,
+    with one unifeat error.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, fake_mode: Any = None) -> None:
+        super().__init__(graph_module)
+        self.fake_mode = fake_mode
+
+    def run_node(self, n: fx.Node) -> Any:
+        if self.fake_mode is not None:
+            from torch._dispatch.python import enable_python_dispatcher
+
+            with self.fake_mode, enable_python_dispatcher():
+                result = super().run_node(n)
+        else:
+            result = super().run_node(n)
+        found = _shapes_in(result)
+        if found is not None:
+            n.meta["tensor_meta"] = found
+        return result
+
+    def propagate(self, example: Tensor) -> Any:
+        return self.run(example)
+
+
+def _shapes_in(value: Any) -> Any:
+    """A tensor's shape, or the same structure of shapes for a tuple or list."""
+    if isinstance(value, Tensor):
+        return _TensorShape(tuple(value.shape))
+    if isinstance(value, (tuple, list)):
+        inner = [_shapes_in(item) for item in value]
+        return tuple(inner) if any(item is not None for item in inner) else None
+    return None
+
+
 def _quiet_shape_prop(graph_module: fx.GraphModule, mode: Any, example: Tensor) -> None:
-    ShapeProp(graph_module, fake_mode=mode).propagate(example)
+    # Fake tensors log every op that fails on the meta device, with a traceback;
+    # the failure itself becomes one unifeat error, so the log says nothing new.
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        _ShapeRecorder(graph_module, fake_mode=mode).propagate(example)
+    finally:
+        logger.setLevel(level)
 
 
-class _MetaShapeProp(ShapeProp):
+class _MetaShapeProp(_ShapeRecorder):
     """Shape propagation with a shortcut for attention whose weights are not asked
     for: its output has the query's shape. Running ``nn.MultiheadAttention`` op by op
     on the meta device was half of ``feature_info("tv:vit_h_14")``."""
@@ -273,7 +325,8 @@ def shapes_of(
         raise UnsupportedOptionError(
             f"could not run {context} on a 2x{channels}x{height}x{width} input to find its "
             f"levels ({type(exc).__name__}: {_first_line(exc)}); for a module of your own, "
-            "pass input_size=(H, W)"
+            "pass the input it takes: input_size=(H, W), or input_size=(C, H, W) for "
+            f"other than {channels} channels"
         ) from None
     finally:
         _restore_modes(modes)

@@ -279,7 +279,51 @@ class FeatureModel(nn.Module):
 
     # -- the timm-style interface -----------------------------------------------------------
 
+    def check_input(self, x: object) -> None:
+        """Refuse an input the model cannot take, naming it and what the model takes.
+
+        Checked here, once for every backend, so that no library's own error (or
+        worse, a silent cast or crop) reaches the caller.
+        """
+        if not isinstance(x, Tensor):
+            raise UnsupportedOptionError(
+                f"{self._context} takes a torch.Tensor of shape (N, C, H, W), "
+                f"got a {type(x).__name__}"
+            )
+        shape = "x".join(str(d) for d in x.shape)
+        channels = self.input_size[0]
+        if x.dim() != 4:
+            raise UnsupportedOptionError(
+                f"{self._context} takes a 4-D (N, C, H, W) batch, got a {x.dim()}-D input of "
+                f"shape {shape}"
+            )
+        if x.shape[1] != channels:
+            raise UnsupportedOptionError(
+                f"{self._context} takes {channels} input channels, got an input of shape "
+                f"{shape} ({x.shape[1]} channels)"
+            )
+        reference = next(self.model.parameters(), None)
+        if reference is None:
+            return
+        if x.device != reference.device:
+            raise UnsupportedOptionError(
+                f"the input is on {x.device.type} but {self._context} is on "
+                f"{reference.device.type}: move one of them (x.to(...) or model.to(...))"
+            )
+        if not x.is_floating_point():
+            raise UnsupportedOptionError(
+                f"{self._context} takes a float input, got {str(x.dtype).removeprefix('torch.')}:"
+                " scale and normalize it first (unifeat.create_transform gives the recipe)"
+            )
+        if x.dtype != reference.dtype and not torch.is_autocast_enabled(x.device.type):
+            ours, theirs = (str(t).removeprefix("torch.") for t in (x.dtype, reference.dtype))
+            raise UnsupportedOptionError(
+                f"the input is {ours} but {self._context} is {theirs}: convert the input "
+                f"(x.to({theirs})) or the model, or run under torch.autocast"
+            )
+
     def forward(self, x: Tensor) -> Features:
+        self.check_input(x)
         indices = self.feature_info.out_indices
         maps, _ = self._runner.run(
             self.model,
@@ -329,6 +373,12 @@ class FeatureModel(nn.Module):
             raise UnsupportedOptionError(
                 f"invalid output_fmt={output_fmt!r} for {self._context}: expected 'NCHW' or 'NHWC'"
             )
+        for flag, value in (("intermediates_only", intermediates_only), ("norm", norm)):
+            if not isinstance(value, bool):
+                raise UnsupportedOptionError(
+                    f"invalid {flag}={value!r} for {self._context}: expected True or False"
+                )
+        self.check_input(x)
         if norm and self._runner.final_norm is not None:
             raise UnsupportedOptionError(
                 f"norm=True is not available for {self._context}: {self._runner.final_norm}"
