@@ -127,9 +127,7 @@ def _check_return_nodes(nodes: object, context: str) -> tuple[str, ...] | dict[s
     )
 
 
-def _check_input_size(
-    size: object, context: str
-) -> tuple[int, int] | tuple[int, int, int] | None:
+def _check_input_size(size: object, context: str) -> tuple[int, int] | tuple[int, int, int] | None:
     if size is None:
         return None
     values = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size

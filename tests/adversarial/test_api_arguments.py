@@ -126,7 +126,6 @@ OPTION_ROWS: list[tuple[str, dict[str, Any], Any, list[str]]] = [
 ]
 
 
-
 def _option_patterns(backend: Backend, row_id: str, patterns: list[str]) -> list[str]:
     found = list(patterns)
     if row_id == "output_stride-unsupported":
@@ -163,8 +162,7 @@ _FI_ROWS_TIMM = _ROWS_TIMM + [row for row in _ROWS if row[0] in _FI_TIMM_ONLY]
 
 @pytest.mark.parametrize(
     ("backend", "row"),
-    per_backend(BACKENDS, _FI_ROWS)
-    + per_backend([TIMM], _FI_ROWS_TIMM),
+    per_backend(BACKENDS, _FI_ROWS) + per_backend([TIMM], _FI_ROWS_TIMM),
 )
 def test_feature_info_refuses(backend: Backend, row: Any) -> None:
     row_id, options, expected, patterns = row

@@ -204,8 +204,6 @@ def test_empty_batch(backend: Backend) -> None:
     assert [tuple(m.shape) for m in empty] == [(0, *m.shape[1:]) for m in one]
 
 
-
-
 @pytest.mark.parametrize(
     "backend",
     [param(b, id=b.id) for b in ALL],
