@@ -78,6 +78,17 @@ def make_plan(**options: Any) -> BuildPlan:
     options["return_nodes"] = _check_return_nodes(options.get("return_nodes"), context)
     options["input_size"] = _check_input_size(options.get("input_size"), context)
     options["tracer_kwargs"] = _check_tracer_kwargs(options.get("tracer_kwargs"), context)
+    split = [
+        k
+        for k in ("train_return_nodes", "eval_return_nodes")
+        if k in options.get("model_kwargs", {})
+    ]
+    if split:
+        raise UnsupportedOptionError(
+            f"{' and '.join(split)} are options of torchvision's create_feature_extractor, not "
+            f"of {context}: unifeat takes one return_nodes for both modes, in which a node "
+            "of only one graph is served in that mode (docs/node-names.md)"
+        )
     try:
         plan = BuildPlan(**options)
     except ValidationError as exc:

@@ -187,11 +187,7 @@ def test_cnn_sizes_give_ceil_size_over_reduction(backend: Backend, size: tuple[i
 
 @pytest.mark.parametrize(
     "backend",
-    [param(b, id=b.id) for b in CNNS]
-    + [
-        param(b, id=b.id, bug_reason="a token model's empty batch fails in a raw reshape")
-        for b in TOKENS
-    ],
+    [param(b, id=b.id) for b in [*CNNS, *TOKENS]],
 )
 def test_empty_batch(backend: Backend) -> None:
     one = _run(backend, torch.randn(1, 3, 32, 32))

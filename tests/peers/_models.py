@@ -211,26 +211,10 @@ def _xfail_bug(reason: str) -> Any:
     return pytest.mark.xfail(strict=True, reason=f"BUG: {reason}")
 
 
-BUG_NON_TENSOR_NODE = _xfail_bug(
-    "return_nodes refuses a node whose value is not a tensor (a tuple, an int), which "
-    "torchvision returns as is"
-)
 BUG_TRAIN_ONLY_NODE = _xfail_bug(
     "a train-only node (listed by get_node_names) is refused by return_nodes"
 )
 RETURN_NODES_BUGS = {
-    "timm-rexnet": _xfail_bug(
-        "return_nodes on a timm model built in train mode with BatchNorm after global "
-        "pooling (RexNet's SE) fails: the shape probe runs a batch of 1 in train mode"
-    ),
-    "timm-vit_tiny": _xfail_bug(
-        "return_nodes on a timm ViT built with img_size=64 fails: the shape probe uses "
-        "pretrained_cfg's 224, not the model's size"
-    ),
-    "timm-deit-distilled": _xfail_bug(
-        "return_nodes on a timm ViT built with img_size=64 fails: the shape probe uses "
-        "pretrained_cfg's 224, not the model's size"
-    ),
     "timm-swin": _xfail_bug(
         "return_nodes on timm Swin: the feature model's state_dict has FX tensor constants "
         "(model._tensor_constant0..3) the source's has not, so the source's weights do not load"

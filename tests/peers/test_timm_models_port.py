@@ -19,9 +19,7 @@ import torch
 import unifeat
 from tests.peers._models import (
     BY_ID,
-    CASES,
     RETURN_NODES_BUGS,
-    SLOW_CASES,
     Case,
     capture,
     first_tensor,
@@ -33,27 +31,6 @@ from tests.peers._models import (
 # The default suite runs the cheapest case per backend for most checks (every case
 # of tests/peers/_models.py with -m slow), and more where a backend has a known bug.
 ONE_PER_BACKEND = ("timm-vit", "tv-squeezenet", "hf-resnet", "fx-stagenet")
-
-BUG_FINAL_NOT_FORWARD_FEATURES = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: forward_intermediates' final output is the deepest level map, not what the "
-    "source's forward_features gives (head conv / final norm / token layout missing)",
-)
-BUG_TOKEN_FINAL_IS_A_MAP = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: forward_intermediates' final output of a ViT-style model is the last level "
-    "as an NCHW map, not the deepest block's tokens [B, L, C]",
-)
-BUG_PRUNED_FINAL_NORMED = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after prune_intermediate_layers, a timm ViT's forward_intermediates final "
-    "output still goes through the final norm",
-)
-BUG_NO_SCRIPT_REFUSAL = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: torch.jit.script of a feature model fails with TorchScript's own error, not "
-    "unifeat's UnsupportedOptionError pointing to torch.compile/torch.export",
-)
 
 
 def _spatial_axes(output_fmt: str) -> tuple[int, tuple[int, int]]:
@@ -131,17 +108,6 @@ def test_forward_intermediates(case: Case) -> None:
     "case",
     params(
         where=lambda case: case.backend == "timm" or case.final_module is not None,
-        marks={
-            "timm-efficientnet": BUG_FINAL_NOT_FORWARD_FEATURES,
-            "timm-efficientnet_b0": BUG_FINAL_NOT_FORWARD_FEATURES,
-            "timm-mixnet": BUG_FINAL_NOT_FORWARD_FEATURES,
-            "timm-ghostnet": BUG_FINAL_NOT_FORWARD_FEATURES,
-            "timm-rexnet": BUG_FINAL_NOT_FORWARD_FEATURES,
-            "tv-vit": BUG_TOKEN_FINAL_IS_A_MAP,
-            "tv-swin_t": BUG_FINAL_NOT_FORWARD_FEATURES,
-            "hf-vit": BUG_TOKEN_FINAL_IS_A_MAP,
-            "hf-dinov2": BUG_TOKEN_FINAL_IS_A_MAP,
-        },
         fast=(
             "timm-resnet",
             "timm-efficientnet",
@@ -175,35 +141,22 @@ def test_forward_intermediates_final_is_forward_features(case: Case) -> None:
         # transformers' Swin stages downsample inside the stage module, so its output
         # is not the level; which "native layout" its final output has is open.
         where=lambda case: case.id != "hf-swin",
-        marks={
-            "tv-vit": BUG_TOKEN_FINAL_IS_A_MAP,
-            "hf-vit": BUG_TOKEN_FINAL_IS_A_MAP,
-            "hf-dinov2": BUG_TOKEN_FINAL_IS_A_MAP,
-            "timm-vit": BUG_PRUNED_FINAL_NORMED,
-            "timm-vit_tiny": BUG_PRUNED_FINAL_NORMED,
-            "timm-deit-distilled": BUG_PRUNED_FINAL_NORMED,
-            "tv-swin_t": pytest.mark.xfail(
-                strict=True,
-                reason="BUG: after pruning a torchvision Swin, forward_intermediates' final "
-                "output is an NCHW map, not the stage's native NHWC output",
-            ),
-        },
         fast=("timm-vit", "tv-squeezenet", "hf-vit", "fx-stagenet"),
     ),
 )
 def test_forward_intermediates_after_pruning(case: Case) -> None:
     """Ports timm's pruning semantics (``prune_intermediate_layers`` then
     ``forward_intermediates``, as timm's getter feature models use them): once pruned
-    to level 1, the intermediates are those of the unpruned model, and the final
-    output is the output of level 1's block in the native layout, without the final
-    norm. Asking for a pruned level is an error (timm would return the output of
-    the ``Identity`` left in its place: docs/levels.md#indices-on-pruned-models)."""
+    to level 1, the intermediates are those of the unpruned model, and with
+    ``prune_norm=True`` the final output is the output of level 1's block in the
+    native layout. Asking for a pruned level is an error (timm would return the
+    output of the ``Identity`` left in its place: docs/levels.md#indices-on-pruned-models)."""
     source = case.source().eval()
     model = case.build(source, out_indices=len(case.info())).eval()
     x = case.input()
     with torch.no_grad():
         full = model(x)
-        assert model.prune_intermediate_layers((0, 1)) == [0, 1]
+        assert model.prune_intermediate_layers((0, 1), prune_norm=True) == [0, 1]
         final, intermediates = model.forward_intermediates(x)
         block = model.feature_info.module_name(1)
         with capture(source, [block]) as seen:
@@ -214,6 +167,29 @@ def test_forward_intermediates_after_pruning(case: Case) -> None:
     torch.testing.assert_close(final, first_tensor(seen[block]), rtol=0, atol=0)
     with pytest.raises(unifeat.InvalidIndicesError, match="pruned"):
         model.forward_intermediates(x, indices=(2,))
+
+
+@pytest.mark.parametrize(
+    "case", params(where=lambda case: case.backend == "timm", fast=("timm-vit",))
+)
+def test_pruned_final_output_is_timms(case: Case) -> None:
+    """Without ``prune_norm`` timm keeps the final norm after pruning and applies it
+    to the final output (docs/levels.md): the same call on timm's own model gives
+    the same tensors."""
+    import copy
+
+    source = case.source().eval()
+    reference = copy.deepcopy(source)
+    model = case.build(source, out_indices=len(case.info())).eval()
+    x = case.input()
+    with torch.no_grad():
+        model.prune_intermediate_layers((0, 1))
+        final, maps = model.forward_intermediates(x)
+        reference.prune_intermediate_layers((0, 1))
+        their_final, theirs = reference.forward_intermediates(x, indices=(0, 1))
+    torch.testing.assert_close(final, their_final, rtol=0, atol=0)
+    for ours, their_map in zip(maps, theirs, strict=True):
+        torch.testing.assert_close(ours, their_map, rtol=0, atol=0)
 
 
 # -- test_model_backward -----------------------------------------------------------------
@@ -293,7 +269,6 @@ def test_backward_fx(case: Case) -> None:
 @pytest.mark.parametrize(
     "case",
     params(
-        marks={c.id: BUG_NO_SCRIPT_REFUSAL for c in [*CASES, *SLOW_CASES]},
         fast=("timm-resnet", "tv-squeezenet", "hf-vit", "fx-stagenet"),
     ),
 )
@@ -327,16 +302,7 @@ def test_features_torchscript_is_refused(case: Case) -> None:
         ),
         pytest.param("tv:swin_t", (0, 1, 2, 3), id="tv-swin"),
         pytest.param("timm:vit_base_patch16_224", (9, 10, 11), id="timm-vit"),
-        pytest.param(
-            "tv:vit_b_16",
-            (9, 10, 11),
-            id="tv-vit",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: tv:vit_b_16's default out_indices are all 12 blocks, not the "
-                "last 3 as in timm and transformers",
-            ),
-        ),
+        pytest.param("tv:vit_b_16", (9, 10, 11), id="tv-vit"),
         pytest.param("hf:vit", (9, 10, 11), id="hf-vit"),
     ],
 )

@@ -28,7 +28,6 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import unifeat
 from tests.peers._models import (
-    BUG_NON_TENSOR_NODE,
     BUG_TRAIN_ONLY_NODE,
     CASES,
     RETURN_NODES_BUGS,
@@ -45,26 +44,6 @@ from tests.peers._models import (
 # samples because backward through them fails; the same filter as its test.
 _NON_TENSOR_NAMES = ("getitem", "floordiv", "size", "chunk", "_assert", "eq", "dim", "getattr")
 
-BUG_HF_NO_NODE_NAMES = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: get_node_names and return_nodes refuse transformers models (TracingError / "
-    "UnsupportedOptionError) instead of using module paths",
-)
-BUG_NO_SCRIPT_REFUSAL = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: torch.jit.script of a feature model fails with TorchScript's own error, not "
-    "unifeat's UnsupportedOptionError pointing to torch.compile/torch.export",
-)
-BUG_MODES_NOT_APPLIED = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an FX feature model built from an eval-mode module and then put in train "
-    "mode reports training=True but runs Dropout/BatchNorm/StochasticDepth in eval mode",
-)
-BUG_SOURCE_MODES_CHANGED = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: get_node_names/create_model switch a passed-in module's frozen (eval) "
-    "submodules back to train mode",
-)
 
 HF_IDS = [c.id for c in [*CASES, *SLOW_CASES] if c.backend == "hf"]
 ONE_PER_BACKEND = ("timm-resnet", "tv-squeezenet", "hf-vit", "fx-stagenet")
@@ -94,6 +73,13 @@ def _assert_same(got: Any, expected: Any) -> None:
             _assert_same(a, b)
     else:
         assert got == expected
+
+
+def _detached(value: Any) -> Any:
+    """A node's value without its graph: a tensor, or a tuple of them (ViT's attention)."""
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    return value.detach() if isinstance(value, Tensor) else value
 
 
 def _aggregate(outputs: Mapping[str, Any]) -> Tensor:
@@ -233,7 +219,6 @@ def test_node_names_equal_torchvisions(case: Case) -> None:
     "case",
     params(
         where=lambda case: case.backend == "hf",
-        marks=dict.fromkeys(HF_IDS, BUG_HF_NO_NODE_NAMES),
         fast=("hf-vit",),
     ),
 )
@@ -255,13 +240,7 @@ def test_node_names_of_untraceable_models_are_module_paths(case: Case) -> None:
 @pytest.mark.parametrize(
     "case",
     params(
-        marks={
-            **dict.fromkeys(HF_IDS, BUG_HF_NO_NODE_NAMES),
-            **RETURN_NODES_BUGS,
-            # The samples include a tuple node (ViT's self_attention), an int (Swin's mod).
-            "tv-vit": BUG_NON_TENSOR_NODE,
-            "timm-swin": BUG_NON_TENSOR_NODE,
-        },
+        marks=RETURN_NODES_BUGS,
         fast=ONE_PER_BACKEND,
     ),
 )
@@ -296,15 +275,6 @@ def test_build_feature_extractor(case: Case) -> None:
     "case",
     params(
         where=lambda case: case.traceable,
-        marks={
-            c.id: pytest.mark.xfail(
-                strict=True,
-                reason="BUG: torchvision-style train_return_nodes/eval_return_nodes are not "
-                "refused with a unifeat error (silently dropped for torchvision and plain "
-                "modules; timm's raw TypeError for timm names)",
-            )
-            for c in [*CASES, *SLOW_CASES]
-        },
         fast=("timm-resnet", "tv-squeezenet", "tv-vit", "fx-stagenet"),
     ),
 )
@@ -344,9 +314,6 @@ def test_build_feature_extractor_failure_cases(case: Case) -> None:
     "case",
     params(
         marks={
-            **dict.fromkeys(HF_IDS, BUG_HF_NO_NODE_NAMES),
-            **RETURN_NODES_BUGS,
-            "tv-vit": BUG_NON_TENSOR_NODE,  # self_attention's tuple among the samples
             "timm-swin": BUG_TRAIN_ONLY_NODE,  # drop_path's train-only mul
         },
         fast=ONE_PER_BACKEND,
@@ -378,7 +345,7 @@ def test_forward_backward(case: Case) -> None:
         with torch.no_grad():
             expected = reference(x)
         for node in nodes:
-            _assert_same(outputs[node].detach(), expected[node])
+            _assert_same(_detached(outputs[node]), expected[node])
 
 
 # -- test_feature_extraction_methods_equivalence -----------------------------------------------
@@ -433,10 +400,6 @@ def _timm(name: str) -> nn.Module:
     "case",
     params(
         where=lambda case: case.traceable,
-        marks={
-            **{c.id: BUG_NO_SCRIPT_REFUSAL for c in [*CASES, *SLOW_CASES]},
-            **{k: v for k, v in RETURN_NODES_BUGS.items() if k != "timm-swin"},
-        },
         fast=("timm-resnet", "tv-squeezenet", "fx-stagenet"),
     ),
 )
@@ -487,7 +450,7 @@ def _check_mode(model: nn.Module, mode: str) -> None:
 
 @pytest.mark.parametrize(
     "start",
-    ["train", pytest.param("eval", marks=BUG_MODES_NOT_APPLIED)],
+    ["train", "eval"],
 )
 def test_train_eval(start: str) -> None:
     """Ports ``test_train_eval``: an extractor starts in its source's mode, leaves the
@@ -504,7 +467,6 @@ def test_train_eval(start: str) -> None:
     assert source.training == (start == "train")
 
 
-@BUG_TRAIN_ONLY_NODE
 def test_train_only_node_works_in_train_mode() -> None:
     """``test_train_eval``'s ``train_return_nodes=["dropout", "add", "sub"]``: unifeat
     takes one ``return_nodes``, and a node that exists only in the train graph
@@ -520,11 +482,6 @@ def test_train_only_node_works_in_train_mode() -> None:
     assert out["add"].item() == 100 and out["sub"].item() == 100
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an eval-only return node used in train mode fails with a bare KeyError, "
-    "not a unifeat error",
-)
 def test_eval_only_node_in_train_mode_is_a_unifeat_error() -> None:
     """``test_train_eval``'s ``eval_return_nodes=["dropout", "mul", "sub"]``: the
     eval-only node works in eval mode; in train mode, where the node does not
@@ -543,13 +500,6 @@ def test_eval_only_node_in_train_mode_is_a_unifeat_error() -> None:
     "case",
     params(
         where=lambda case: case.backend in ("torchvision", "fx") and not case.tokens,
-        marks={
-            "fx-stagenet": BUG_MODES_NOT_APPLIED,
-            "tv-mobilenet": BUG_MODES_NOT_APPLIED,
-            "tv-resnet18": BUG_MODES_NOT_APPLIED,
-            "tv-instance-resnet18": BUG_MODES_NOT_APPLIED,
-            "tv-swin_t": BUG_MODES_NOT_APPLIED,  # its stochastic depth stays off
-        },
         fast=("fx-stagenet",),
     ),
 )
@@ -580,7 +530,6 @@ def test_train_after_eval_build_equals_torchvisions_extractor(case: Case) -> Non
     params(
         # SqueezeNet has no norm layers to freeze.
         where=lambda case: case.id != "tv-squeezenet",
-        marks={c.id: BUG_SOURCE_MODES_CHANGED for c in [*CASES, *SLOW_CASES] if c.traceable},
         fast=("timm-resnet", "tv-vit", "hf-vit", "fx-stagenet"),
     ),
 )
@@ -603,12 +552,17 @@ def test_source_modes_and_state_are_untouched(case: Case) -> None:
     }
     if case.traceable:
         unifeat.get_node_names(source)
-    model = case.build(source).train()
-    model(case.input())
+    model = case.build(source)
+    # Building changes nothing; a module passed in then shares its parameters and
+    # buffers with the feature model (docs/api.md), so training forwards of the
+    # feature model (which .train() puts wholly in train mode) update its statistics.
+    assert all(torch.equal(state[k], v) for k, v in source.state_dict().items())
+    model.train()(case.input())
     model.eval()(case.input())
     assert {n: m.training for n, m in source.named_modules()} == modes
     assert {n: p.requires_grad for n, p in source.named_parameters()} == grads
-    assert all(torch.equal(state[k], v) for k, v in source.state_dict().items())
+    if not callable(case.model):
+        assert all(torch.equal(state[k], v) for k, v in source.state_dict().items())
     assert {
         n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in source.named_modules()
     } == hooks
@@ -718,7 +672,6 @@ def test_truncated_node_names(case: Case) -> None:
     assert torch.equal(by_prefix["out"], by_full["out"])
 
 
-@BUG_NON_TENSOR_NODE
 def test_non_tensor_node_is_returned_as_is() -> None:
     """``create_feature_extractor`` returns any node's value, tensor or not (ViT's
     ``self_attention`` gives a tuple); so does unifeat."""

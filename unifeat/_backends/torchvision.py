@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from unifeat._backends._base import Adapter, refuse_unknown_kwargs
+from unifeat._backends._base import Adapter, refuse_unknown_kwargs, unknown_keyword
 from unifeat._errors import UnsupportedOptionError, format_choices
 from unifeat._options import BuildPlan
 
@@ -112,6 +112,19 @@ class TorchvisionAdapter(Adapter):
             raise UnsupportedOptionError(
                 f"torchvision could not build {plan.label} with {dict(plan.model_kwargs)}: {exc}"
             ) from None
+
+    def check_kwargs(self, plan: BuildPlan) -> None:
+        # Some classes (MobileNetV3, ConvNeXt, ...) take **kwargs and ignore them:
+        # a typo would build the default model. Their builders forward every
+        # keyword to the class, so the named parameters of both are the valid ones.
+        if plan.module is not None or not plan.model_kwargs:
+            return
+        accepted = self._accepted(plan)
+        if not accepted:
+            return
+        for name in plan.model_kwargs:
+            if name not in accepted:
+                unknown_keyword(name, plan, accepted)
 
     def _accepted(self, plan: BuildPlan) -> list[str]:
         """The keyword arguments a model's builder and class take."""

@@ -28,6 +28,7 @@ import copy
 import logging
 import math
 import sys
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,6 +153,13 @@ class _FastNodePathTracer(NodePathTracer):
             self._latest_suffix[base] = int(digits)
 
 
+# torch.fx's tracer patches nn.Module.__call__/__getattr__ process-wide while it
+# traces, and a trace or shape pass flips the source's train/eval flags until it
+# restores them: two at once would break each other or leave a caller's module in
+# the wrong mode. Builds are rare and short next to forwards, so they take turns.
+_SOURCE_LOCK = threading.RLock()
+
+
 def _modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
     return [(m, m.training) for m in module.modules()]
 
@@ -170,8 +178,15 @@ def trace(
 ) -> Trace:
     """Trace ``module`` in train or eval mode; every submodule's mode is restored
     afterwards, whatever happens (a caller's frozen norm layers stay frozen)."""
-    modes = _modes(module)
     tracer = _FastNodePathTracer(**tracer_kwargs(extra_tracer_kwargs))
+    with _SOURCE_LOCK:
+        return _trace_locked(module, tracer, train=train, context=context)
+
+
+def _trace_locked(
+    module: nn.Module, tracer: _FastNodePathTracer, *, train: bool, context: str
+) -> Trace:
+    modes = _modes(module)
     try:
         module.train(train)
         graph = tracer.trace(module)
@@ -317,6 +332,14 @@ def shapes_of(
     channels, height, width = input_size
     on_meta = _is_meta(source)
     example = torch.empty(2, channels, height, width, device="meta" if on_meta else "cpu")
+    with _SOURCE_LOCK:
+        return _shapes_locked(graph_module, example, on_meta, context=context)
+
+
+def _shapes_locked(
+    graph_module: fx.GraphModule, example: Tensor, on_meta: bool, *, context: str
+) -> dict[fx.Node, Any]:
+    channels, height, width = example.shape[1:]
     modes = _modes(graph_module)
     graph_module.eval()
     try:
@@ -667,6 +690,18 @@ def raw_level(name: str, key: str, shape: Any, size: tuple[int, int]) -> Level:
     return Level(key, channels, reduction_, "raw", where=name, extra={"node": name})
 
 
+def _merged_order(evaluation: Sequence[str], train: Sequence[str]) -> list[str]:
+    """Node names of both graphs in depth order: the train graph's order, each
+    eval-only node placed after the node it follows in the eval graph."""
+    merged = list(dict.fromkeys(train))
+    for i, name in enumerate(evaluation):
+        if name in merged:
+            continue
+        before = next((n for n in reversed(evaluation[:i]) if n in merged), None)
+        merged.insert(0 if before is None else merged.index(before) + 1, name)
+    return merged
+
+
 # -- the runner ---------------------------------------------------------------------------
 
 
@@ -819,7 +854,13 @@ class GraphRunner(Runner):
         available = set(trace_.names.values())
         wanted = [lv.where for lv in self.levels[: self.last_level + 1] if lv.where in available]
         if final:
-            wanted.append(self._final_name())
+            name = self._final_name()
+            if name in available:
+                wanted.append(name)
+            elif wanted:
+                # The deepest level exists only in the other mode's graph (a train-only
+                # node): this graph's final output is its deepest level there.
+                wanted.append(wanted[-1])
         return wanted
 
     def _final_name(self) -> str:
@@ -1002,7 +1043,7 @@ class GraphFinder:
         """
         evaluation = list(self.evaluation.names.values())
         train = list(self._train_trace().names.values())
-        available = list(dict.fromkeys([*evaluation, *train]))
+        available = _merged_order(evaluation, train)
         chosen = resolve_return_nodes(return_nodes, available, context=self.context)
         train_shapes: Mapping[fx.Node, Any] = {}
         if any(name not in evaluation for name in chosen):

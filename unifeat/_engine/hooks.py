@@ -716,7 +716,10 @@ class HookRunner(Runner):
         container = self._blocks(root)
         levels = plan.levels[: last_level + 1]
         last_block = max((level.block for level in levels), default=-1)
-        if container is not None and last_block >= -1 and all(lv.block >= -1 for lv in levels):
+        # Nodes picked by return_nodes run the whole trunk (what follows the blocks
+        # may be picked too, and would not fit a cut block list): nothing is cut.
+        cuttable = not self._raw and all(lv.block >= -1 for lv in levels)
+        if container is not None and last_block >= -1 and cuttable:
             parent_path, _, attr = (plan.container or "").rpartition(".")
             parent = trunk.get_submodule(parent_path)
             blocks = list(container.children())

@@ -292,16 +292,10 @@ class FeatureModel(nn.Module):
             )
         shape = "x".join(str(d) for d in x.shape)
         channels = self.input_size[0]
-        if x.dim() != 4:
-            raise UnsupportedOptionError(
-                f"{self._context} takes a 4-D (N, C, H, W) batch, got a {x.dim()}-D input of "
-                f"shape {shape}"
-            )
-        if x.shape[1] != channels:
-            raise UnsupportedOptionError(
-                f"{self._context} takes {channels} input channels, got an input of shape "
-                f"{shape} ({x.shape[1]} channels)"
-            )
+        # Nodes picked by return_nodes may belong to any module, whatever it takes.
+        image = not any(level.layout == "raw" for level in getattr(self._runner, "levels", ()))
+        if image:
+            self._check_image_batch(x, shape, channels)
         reference = next(self.model.parameters(), None)
         if reference is None:
             return
@@ -310,6 +304,8 @@ class FeatureModel(nn.Module):
                 f"the input is on {x.device.type} but {self._context} is on "
                 f"{reference.device.type}: move one of them (x.to(...) or model.to(...))"
             )
+        if not image:
+            return
         if not x.is_floating_point():
             raise UnsupportedOptionError(
                 f"{self._context} takes a float input, got {str(x.dtype).removeprefix('torch.')}:"
@@ -322,8 +318,43 @@ class FeatureModel(nn.Module):
                 f"(x.to({theirs})) or the model, or run under torch.autocast"
             )
 
+    def _empty_batch(self, x: Tensor, run: Any) -> Any:
+        """What ``run`` gives for an empty batch: shapes from one meta sample, no data.
+
+        Libraries reshape with ``-1`` (ambiguous with 0 elements) or assert on
+        the batch, so an empty batch never reaches them; the model's weights and
+        statistics are not touched.
+        """
+        from torch.utils._pytree import tree_map
+
+        probe = torch.empty(1, *x.shape[1:], device="meta", dtype=x.dtype)
+        with weightless(self), torch.no_grad():
+            found = run(probe)
+        return tree_map(
+            lambda t: (
+                torch.empty((0, *t.shape[1:]), dtype=t.dtype, device=x.device)
+                if isinstance(t, Tensor)
+                else t
+            ),
+            found,
+        )
+
+    def _check_image_batch(self, x: Tensor, shape: str, channels: int) -> None:
+        if x.dim() != 4:
+            raise UnsupportedOptionError(
+                f"{self._context} takes a 4-D (N, C, H, W) batch, got a {x.dim()}-D input of "
+                f"shape {shape}"
+            )
+        if x.shape[1] != channels:
+            raise UnsupportedOptionError(
+                f"{self._context} takes {channels} input channels, got an input of shape "
+                f"{shape} ({x.shape[1]} channels)"
+            )
+
     def forward(self, x: Tensor) -> Features:
         self.check_input(x)
+        if x.shape[0] == 0:
+            return cast(Features, self._empty_batch(x, self.forward))
         indices = self.feature_info.out_indices
         maps, _ = self._runner.run(
             self.model,
@@ -379,6 +410,16 @@ class FeatureModel(nn.Module):
                     f"invalid {flag}={value!r} for {self._context}: expected True or False"
                 )
         self.check_input(x)
+        if x.shape[0] == 0:
+            return cast(
+                Any,
+                self._empty_batch(
+                    x,
+                    lambda probe: self.forward_intermediates(
+                        probe, indices, intermediates_only, norm, output_fmt
+                    ),
+                ),
+            )
         if norm and self._runner.final_norm is not None:
             raise UnsupportedOptionError(
                 f"norm=True is not available for {self._context}: {self._runner.final_norm}"
