@@ -302,7 +302,13 @@ _NOT_VISION = "a non-vision hf model fails the probe run; the message names neit
             row,
             entry,
             id=f"{entry}-{row[0]}",
-            bug_reason=_NOT_VISION if row[0] == "not-vision" else _HF_RAW,
+            bug_reason=(
+                _NOT_VISION
+                if row[0] == "not-vision"
+                else None
+                if row[0] == "corrupt-config"
+                else _HF_RAW
+            ),
         )
         for row in HF_DIR_ROWS
         for entry in ("create_model", "feature_info")

@@ -147,9 +147,6 @@ _REFUSED_BUGS = {
         TIMM_TOKENS.id,
         "below-patch-size",
     ): "timm's fixed-size ViT fails a bare assert (gone under -O)",
-    (HF_TOKENS.id, "not-a-multiple-of-the-patch"): (
-        "hf ViT at 33x47 with 8x8 patches silently returns 4x5 maps (cropped input)"
-    ),
     (TIMM_TOKENS.id, "not-a-multiple-of-the-patch"): (
         "timm's fixed-size ViT fails a bare assert (gone under -O)"
     ),

@@ -30,7 +30,7 @@ from torch import nn
 import unifeat
 from unifeat import InvalidIndicesError, UnsupportedOptionError
 
-from ._support import BACKENDS, Backend, TinyNet, bug, maps_of, param, refused
+from ._support import BACKENDS, Backend, TinyNet, maps_of, param, refused
 
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -189,24 +189,12 @@ FEATURE_MODEL_CALLS: dict[str, Callable[[Any], Any]] = {
     "deepcopy-pickle-state_dict": _copies,
 }
 
-_FLIPS_FROZEN = "tracing sets every submodule's mode, then all to the root's: mixed modes are lost"
-_FX_FLIPS = {"tv", "module"}
-_SOURCE_BUGS = {
-    ("timm", "get_node_names"): _FLIPS_FROZEN,
-    **{(b, "feature_info"): _FLIPS_FROZEN for b in _FX_FLIPS},
-    **{(b, "get_node_names"): _FLIPS_FROZEN for b in _FX_FLIPS},
-    **{(b, "create_model-features"): _FLIPS_FROZEN for b in _FX_FLIPS},
-    **{(b, "create_model-refused"): _FLIPS_FROZEN for b in _FX_FLIPS},
-    **{(b, "create_model-checkpoint"): _FLIPS_FROZEN for b in _FX_FLIPS},
-}
-
 
 def _source_params(states: tuple[str, ...]) -> list[Any]:
     params = []
     for state in states:
         for backend in BACKENDS:
             for call in SOURCE_CALLS:
-                reason = _SOURCE_BUGS.get((backend.id, call))
                 marks = [] if state == "frozen" else [pytest.mark.slow]
                 params.append(
                     pytest.param(
@@ -214,7 +202,7 @@ def _source_params(states: tuple[str, ...]) -> list[Any]:
                         state,
                         call,
                         id=f"{backend.id}-{state}-{call}",
-                        marks=[*marks, *([bug(reason)] if reason else [])],
+                        marks=marks,
                     )
                 )
     return params
@@ -253,12 +241,10 @@ def test_feature_model_calls_leave_the_source_as_it_was(backend: Backend) -> Non
 
 # -- the feature model's own modes --------------------------------------------------------
 
-_EVAL_STAYS = "an FX feature model built from an eval-mode module keeps its submodules in eval"
-
 
 @pytest.mark.parametrize(
     "backend",
-    [param(b, id=b.id, bug_reason=_EVAL_STAYS if b.id in _FX_FLIPS else None) for b in BACKENDS],
+    [param(b, id=b.id) for b in BACKENDS],
 )
 def test_built_in_eval_then_train_really_trains(backend: Backend) -> None:
     torch.manual_seed(0)
@@ -275,7 +261,6 @@ def test_built_in_eval_then_train_really_trains(backend: Backend) -> None:
     assert all(not torch.equal(b, m.running_mean) for b, m in zip(before, norms, strict=True))
 
 
-@bug(_EVAL_STAYS)
 def test_built_in_eval_then_train_drops_out() -> None:
     """TinyNet has Dropout(0.5) after stage1: in training, two calls differ."""
     model = unifeat.create_model(TinyNet().eval(), features_only=True, out_indices=(1,)).train()
@@ -313,17 +298,13 @@ class PooledNormNet(nn.Module):
         return self.fc(self.norm(self.pool(x).flatten(1)))
 
 
-@bug("the shape probe runs a batch of 1 in train mode: BatchNorm after pooling fails it")
 def test_train_mode_module_with_norm_after_pooling(capfd: pytest.CaptureFixture[str]) -> None:
     model = unifeat.create_model(PooledNormNet().train(), features_only=True)
     assert model.feature_info.channels() == [8, 16]
     assert capfd.readouterr().err == ""
 
 
-_NO_SCRIPT = "torch.jit.script of a feature model fails with a raw error (annotations, inspect)"
-
-
-@pytest.mark.parametrize("backend", [param(b, id=b.id, bug_reason=_NO_SCRIPT) for b in BACKENDS])
+@pytest.mark.parametrize("backend", [param(b, id=b.id) for b in BACKENDS])
 def test_torchscript_is_refused_with_the_alternatives(
     backend: Backend, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -77,10 +77,7 @@ def check_agreement(backend: Backend, options: dict[str, Any]) -> None:
     assert described == built, f"options {options}: feature_info {described}, create_model {built}"
 
 
-_IGNORES = "feature_info accepts output_type/output_fmt/pretrained/... that create_model refuses"
-
-
-@pytest.mark.parametrize("backend", [param(b, id=b.id, bug_reason=_IGNORES) for b in BACKENDS])
+@pytest.mark.parametrize("backend", [param(b, id=b.id) for b in BACKENDS])
 @_FEW
 @given(options=ANY_OPTIONS)
 @example(options={"output_type": "tuple"})
