@@ -229,6 +229,68 @@ class AdapterContract:
         assert model.feature_info.module_name() == ["earlier", "later"]
         assert [level.node for level in model.feature_info] == [first, second]
 
+    # -- training (docs/training.md) --------------------------------------------------
+
+    def test_freeze_trains_only_the_later_levels(self) -> None:
+        """Frozen parameters get no gradient and do not move, the frozen part's
+        BatchNorm statistics stay, and the rest learns: a few SGD steps in train mode."""
+        torch.manual_seed(0)
+        model = self.build().train()
+        model.freeze(0, norm_eval=True)
+        model.train()  # norm_eval holds through later .train() calls
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert frozen and trainable
+        norms = {
+            n: m
+            for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+        }
+        held = {n for n, m in norms.items() if m.weight is not None and not m.weight.requires_grad}
+        stats = {n: m.running_mean.clone() for n, m in norms.items()}
+        before = {n: p.detach().clone() for n, p in trainable.items()}
+        optimizer = torch.optim.SGD(trainable.values(), lr=0.1)
+        for _ in range(3):
+            maps = _tensors(model(self.input()))
+            loss = torch.stack([m.float().pow(2).mean() for m in maps]).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        for name, value in frozen.items():
+            parameter = model.get_parameter(name)
+            assert parameter.grad is None and torch.equal(parameter, value), name
+        assert any(not torch.equal(before[n], p) for n, p in trainable.items())
+        for name in held:
+            assert not norms[name].training and torch.equal(norms[name].running_mean, stats[name])
+        moving = [n for n in norms if n not in held]
+        if moving:
+            assert any(not torch.equal(norms[n].running_mean, stats[n]) for n in moving)
+
+    def test_freeze_everything_then_unfreeze(self) -> None:
+        model = self.build()
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        model.freeze(-1)
+        assert not any(p.requires_grad for p in model.parameters())
+        model.unfreeze().train()
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+        assert all(m.training for m in model.modules())
+
+    def test_norm_eval_alone_holds_every_norm_layer(self) -> None:
+        model = self.build().freeze(None, norm_eval=True).train()
+        assert all(p.requires_grad for p in model.parameters())
+        norms = [m for m in model.modules() if "Norm" in type(m).__name__]
+        assert norms and not any(m.training for m in norms)
+        assert all(m.training for m in model.modules() if "Norm" not in type(m).__name__)
+
+    def test_frozen_levels_at_creation_is_freeze(self) -> None:
+        made = self.build(frozen_levels=1, norm_eval=True)
+        later = self.build().freeze(1, norm_eval=True)
+        assert [p.requires_grad for p in made.parameters()] == [
+            p.requires_grad for p in later.parameters()
+        ]
+        with pytest.raises(unifeat.InvalidIndicesError, match="frozen_levels"):
+            self.info(frozen_levels=99)
+
     def test_threads_each_get_their_own_features(self) -> None:
         """A model server calls one feature model from several threads at once."""
         from concurrent.futures import ThreadPoolExecutor
@@ -335,3 +397,9 @@ class TestOpenClipResNetContract(AdapterContract):
         layers=(1, 1, 1, 1), width=16, head_width=16, image_size=64
     )
     backend = "open_clip"
+
+
+def _tensors(output: Any) -> list[Tensor]:
+    """The maps of a feature model's output (list or dict; prefix tokens dropped)."""
+    values = list(output.values()) if isinstance(output, dict) else list(output)
+    return [v[0] if isinstance(v, tuple) else v for v in values]

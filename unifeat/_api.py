@@ -64,6 +64,8 @@ def create_model(
     return_nodes: Sequence[str] | Mapping[str, str] | None = None,
     input_size: int | tuple[int, int] | tuple[int, int, int] | None = None,
     tracer_kwargs: Mapping[str, Any] | None = None,
+    frozen_levels: int | None = None,
+    norm_eval: bool = False,
     **model_kwargs: Any,
 ) -> nn.Module:
     """Build a model, or a feature model cut from it, from any backend.
@@ -105,6 +107,10 @@ def create_model(
             default: the model's own input size.
         tracer_kwargs: torchvision's tracer options for models cut from FX
             graphs: ``leaf_modules``, ``autowrap_modules``, ``autowrap_functions``.
+        frozen_levels: freeze the parameters that levels ``0..frozen_levels``
+            depend on (``-1``: all); see :meth:`FeatureModel.freeze`.
+        norm_eval: hold normalization layers in eval mode while training: those
+            of the frozen levels, or every one when ``frozen_levels`` is None.
         **model_kwargs: passed to the backend's own constructor (a transformers
             model's config).
 
@@ -146,6 +152,8 @@ def feature_info(
     return_nodes: Sequence[str] | Mapping[str, str] | None = None,
     input_size: int | tuple[int, int] | tuple[int, int, int] | None = None,
     tracer_kwargs: Mapping[str, Any] | None = None,
+    frozen_levels: int | None = None,
+    norm_eval: bool = False,
     **model_kwargs: Any,
 ) -> FeatureInfo:
     """The :class:`FeatureInfo` that ``create_model(..., features_only=True)`` would have.
@@ -218,6 +226,8 @@ def get_node_names(
     return_nodes: Sequence[str] | Mapping[str, str] | None = None,
     input_size: int | tuple[int, int] | tuple[int, int, int] | None = None,
     tracer_kwargs: Mapping[str, Any] | None = None,
+    frozen_levels: int | None = None,
+    norm_eval: bool = False,
     **model_kwargs: Any,
 ) -> tuple[list[str], list[str]]:
     """The node names of a model in train and in eval mode, as ``return_nodes`` takes them.

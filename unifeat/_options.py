@@ -51,6 +51,10 @@ class BuildPlan(BaseModel):
     """``(H, W)`` or ``(C, H, W)`` levels are measured at; ``None``: the model's own."""
     tracer_kwargs: dict[str, Any] | None = None
     """torchvision's tracer options for graph backends (``leaf_modules``, ...)."""
+    frozen_levels: StrictInt | None = None
+    """Freeze what levels ``0..frozen_levels`` depend on (``-1``: everything)."""
+    norm_eval: StrictBool = False
+    """Hold norm layers in eval mode while training (the frozen part's, or all)."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @property
@@ -67,6 +71,8 @@ _FEATURE_ONLY_OPTIONS = (
     "output_fmt",
     "return_prefix_tokens",
     "return_nodes",
+    "frozen_levels",
+    "norm_eval",
 )
 _TRACER_OPTIONS = ("leaf_modules", "autowrap_modules", "autowrap_functions")
 

@@ -30,7 +30,7 @@ from unifeat._engine.native import NativeSpec
 from unifeat._errors import TracingError, UnsupportedOptionError, close_matches
 from unifeat._feature_info import FeatureInfo
 from unifeat._feature_model import attach_image_transform
-from unifeat._indices import IndexSpec
+from unifeat._indices import IndexSpec, normalize_indices
 from unifeat._options import BuildPlan
 
 FinderKind = Literal["graph", "hooks"]
@@ -158,6 +158,10 @@ class Adapter:
         before any real build, with the error ``create`` would raise.
         """
         layout = self.layout(plan)
+        if plan.frozen_levels is not None and plan.frozen_levels != -1:
+            normalize_indices(
+                (plan.frozen_levels,), len(layout.info), context=plan.label, what="frozen_levels"
+            )
         if plan.checkpoint_path is not None:
             check_checkpoint(self.source_on_meta(plan), plan.checkpoint_path, context=plan.label)
         return layout.info
@@ -371,6 +375,8 @@ class Adapter:
         transform = self.image_transform(plan, source)
         if transform is not None:
             attach_image_transform(model, transform)
+        if plan.frozen_levels is not None or plan.norm_eval:
+            model.freeze(plan.frozen_levels, norm_eval=plan.norm_eval)
         return model
 
     def _real_source(self, plan: BuildPlan, layout: Layout | None) -> nn.Module:

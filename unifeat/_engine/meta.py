@@ -10,7 +10,9 @@ from torch import Tensor, nn
 
 
 @contextmanager
-def weightless(module: nn.Module, *, trainable: bool = False) -> Iterator[dict[str, Tensor]]:
+def weightless(
+    module: nn.Module, *, trainable: bool = False, every_parameter: bool = False
+) -> Iterator[dict[str, Tensor]]:
     """Meta stand-ins for every parameter and buffer of ``module`` for the duration.
 
     A forward inside computes nothing and copies no weight (a fake-tensor copy
@@ -27,7 +29,7 @@ def weightless(module: nn.Module, *, trainable: bool = False) -> Iterator[dict[s
     ]
     stand_ins = {
         name: torch.empty_like(t, device="meta").requires_grad_(
-            trainable and isinstance(t, nn.Parameter) and t.requires_grad
+            isinstance(t, nn.Parameter) and (every_parameter or (trainable and t.requires_grad))
         )
         for name, t in named
     }

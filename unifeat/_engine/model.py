@@ -149,6 +149,8 @@ class FeatureModel(nn.Module):
 
     feature_info: FeatureInfo
     backend: str
+    _frozen_parameters: tuple[str, ...] = ()
+    _held_in_eval: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -268,7 +270,84 @@ class FeatureModel(nn.Module):
         runner = self.__dict__.get("_runner")
         if runner is not None:
             runner.set_mode(self.model, mode)
+        for name in self.__dict__.get("_held_in_eval", ()):
+            self.get_submodule(name).train(False)
         return self
+
+    # -- training a backbone ----------------------------------------------------------------
+
+    def freeze(self, levels: int | None = -1, norm_eval: bool = True) -> FeatureModel:
+        """Stop training the levels ``0..levels``: the parameters they depend on stop
+        requiring grad, and with ``norm_eval`` their normalization layers stay in
+        eval mode (running statistics frozen) even after later ``.train()`` calls.
+
+        ``levels`` counts like ``out_indices`` (over all levels, negatives from the
+        end); ``-1`` freezes every parameter, the final norm included. ``None``
+        freezes no parameter: ``norm_eval=True`` then holds every normalization
+        layer of the model in eval mode (mmdetection's ``norm_eval``). A second
+        call replaces the first; :meth:`unfreeze` undoes it. Returns the model.
+        See the docs page "Training and deployment".
+
+        Examples:
+            >>> import torch, unifeat
+            >>> model = unifeat.create_model("tv:resnet18", features_only=True)
+            >>> _ = model.freeze(1)  # the stem and layer1
+            >>> trunk = model.model
+            >>> trunk.conv1.weight.requires_grad, trunk.get_submodule("layer2.0.conv1").weight.requires_grad
+            (False, True)
+            >>> model.train().model.bn1.training
+            False
+        """
+        from unifeat._engine.training import is_norm, modules_within, parameters_feeding
+
+        if levels is not None and (isinstance(levels, bool) or not isinstance(levels, int)):
+            raise UnsupportedOptionError(
+                f"invalid levels={levels!r} for freezing {self._context}: expected a level "
+                "index (-1: everything) or None (norm_eval only)"
+            )
+        if not isinstance(norm_eval, bool):
+            raise UnsupportedOptionError(
+                f"invalid norm_eval={norm_eval!r} for {self._context}: expected True or False"
+            )
+        self.unfreeze()
+        frozen: set[str] = set()
+        if levels == -1:
+            frozen = {name for name, _ in self.named_parameters()}
+        elif levels is not None:
+            (level,) = self.resolve_indices((levels,))
+            probe = torch.empty(2, *self.input_size, device="meta")
+            frozen = parameters_feeding(
+                self,
+                lambda x: self.forward_intermediates(x, indices=(level,), intermediates_only=True),
+                probe,
+            )
+        changed = []
+        for name, parameter in self.named_parameters():
+            if name in frozen and parameter.requires_grad:
+                parameter.requires_grad_(False)
+                changed.append(name)
+        held: list[str] = []
+        if norm_eval:
+            candidates = (
+                modules_within(self, frozen)
+                if levels is not None
+                else [name for name, _ in self.named_modules()]
+            )
+            held = [name for name in candidates if is_norm(self.get_submodule(name))]
+        self._frozen_parameters = tuple(changed)
+        self._held_in_eval = tuple(held)
+        self.__dict__.pop("_unused_by_forward", None)
+        return self.train(self.training)
+
+    def unfreeze(self) -> FeatureModel:
+        """Undo :meth:`freeze`: its parameters require grad again and its norm layers
+        follow the model's mode. Parameters frozen before (by the caller) stay so."""
+        for name in self.__dict__.get("_frozen_parameters", ()):
+            self.get_parameter(name).requires_grad_(True)
+        self._frozen_parameters = ()
+        self._held_in_eval = ()
+        self.__dict__.pop("_unused_by_forward", None)
+        return self.train(self.training)
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise UnsupportedOptionError(

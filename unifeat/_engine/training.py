@@ -1,0 +1,71 @@
+"""Training a backbone: which parameters feed a level, and which norm layers to hold.
+
+Backend-neutral: the parameters a level depends on are found by autograd on the
+meta device (stand-ins for every tensor, nothing computed), so the same rule
+serves traced graphs, hooked block lists and libraries' own
+``forward_intermediates``. See the docs page "Training and deployment".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from unifeat._engine.meta import weightless
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+"""Normalization layers; the BatchNorm family (``_NormBase``: batch and instance
+norms, timm's ``BatchNormAct2d``) is what eval mode changes."""
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalization layer, ours or a library's (``FrozenBatchNorm2d``, ``*Norm*``)."""
+    return isinstance(module, NORM_TYPES) or "Norm" in type(module).__name__
+
+
+def parameters_feeding(model: nn.Module, run: Callable[[Tensor], Any], example: Tensor) -> set[str]:
+    """Names of ``model``'s parameters that ``run(example)``'s tensors depend on.
+
+    ``example`` is a meta tensor; every parameter gets a meta stand-in that
+    requires grad, so nothing is computed and nothing of ``model`` changes.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    with weightless(model, every_parameter=True) as stand_ins, torch.enable_grad():
+        found = run(example)
+        tensors = [t for t in _tensors(found) if t.requires_grad]
+        if not tensors:
+            return set()
+        total = torch.stack([t.float().sum() for t in tensors]).sum()
+        grads = torch.autograd.grad(total, [stand_ins[name] for name in names], allow_unused=True)
+    return {name for name, grad in zip(names, grads, strict=True) if grad is not None}
+
+
+def _tensors(value: Any) -> Iterable[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def modules_within(model: nn.Module, parameters: set[str]) -> list[str]:
+    """Names of the modules all of whose own parameters are in ``parameters``
+    (parameter-free modules are not claimed)."""
+    found = []
+    for name, module in model.named_modules():
+        own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        if own and all(p in parameters for p in own):
+            found.append(name)
+    return found
