@@ -292,8 +292,8 @@ class FeatureModel(nn.Module):
             >>> import torch, unifeat
             >>> model = unifeat.create_model("tv:resnet18", features_only=True)
             >>> _ = model.freeze(1)  # the stem and layer1
-            >>> trunk = model.model
-            >>> trunk.conv1.weight.requires_grad, trunk.get_submodule("layer2.0.conv1").weight.requires_grad
+            >>> later = model.model.get_submodule("layer2.0.conv1")
+            >>> model.model.conv1.weight.requires_grad, later.weight.requires_grad
             (False, True)
             >>> model.train().model.bn1.training
             False
