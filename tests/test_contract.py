@@ -266,6 +266,34 @@ class AdapterContract:
         if moving:
             assert any(not torch.equal(norms[n].running_mean, stats[n]) for n in moving)
 
+    def test_grad_checkpointing_gives_the_same_outputs_and_gradients(self) -> None:
+        """Recomputing in backward changes no number (timm's set_grad_checkpointing,
+        on every runner), in forward and forward_intermediates."""
+        torch.manual_seed(0)
+        plain = self.build().train()
+        checkpointed = copy.deepcopy(plain)
+        checkpointed.set_grad_checkpointing(True)
+        assert checkpointed.grad_checkpointing
+        x = self.input()
+        found = []
+        for model in (plain, checkpointed):
+            torch.manual_seed(1)
+            maps = _tensors(model(x))
+            torch.manual_seed(2)
+            final, more = model.forward_intermediates(x, indices=(0, -1))
+            total = torch.stack([m.float().pow(2).mean() for m in [*maps, *more, final]]).sum()
+            total.backward()
+            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            found.append(([*maps, *more, final], grads))
+        (maps_a, grads_a), (maps_b, grads_b) = found
+        for a, b in zip(maps_a, maps_b, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert grads_a.keys() == grads_b.keys() and grads_a
+        for name, grad in grads_a.items():
+            torch.testing.assert_close(grad, grads_b[name], rtol=0, atol=0, msg=name)
+        checkpointed.set_grad_checkpointing(False)
+        assert not checkpointed.grad_checkpointing
+
     def test_freeze_everything_then_unfreeze(self) -> None:
         model = self.build()
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -690,6 +690,42 @@ def raw_level(name: str, key: str, shape: Any, size: tuple[int, int]) -> Level:
     return Level(key, channels, reduction_, "raw", where=name, extra={"node": name})
 
 
+class _Checkpointed(nn.Module):
+    """One graph segment, recomputed in backward instead of keeping its activations."""
+
+    def __init__(self, segment: nn.Module) -> None:
+        super().__init__()
+        self.segment = segment
+
+    def forward(self, *args: Any) -> Any:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.segment, *args, use_reentrant=False)
+
+
+def _checkpointed_segments(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """``graph`` (whose outputs are the levels) cut after each level it returns,
+    each segment checkpointed; the segments share ``root``'s modules."""
+    from torch.fx.passes.split_module import split_module
+
+    module = fx.GraphModule(root, graph)
+    output = next(node for node in module.graph.nodes if node.op == "output")
+    returned = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+    boundaries = {node for node in returned if isinstance(node, fx.Node)}
+    partition, assigned = 0, {}
+    for node in module.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        assigned[node.name] = partition
+        if node in boundaries:
+            partition += 1
+    split = split_module(module, root, lambda node: assigned[node.name])
+    for name, child in list(split.named_children()):
+        if name.startswith("submod_"):
+            setattr(split, name, _Checkpointed(child))
+    return split
+
+
 def _merged_order(evaluation: Sequence[str], train: Sequence[str]) -> list[str]:
     """Node names of both graphs in depth order: the train graph's order, each
     eval-only node placed after the node it follows in the eval graph."""
@@ -809,12 +845,32 @@ class GraphRunner(Runner):
         self._keep_final = True
         self._train_differs: bool | None = None
         self._functions: dict[tuple[bool, bool], Any] = {}
+        self._checkpointing = False
+        self._segmented: dict[tuple[bool, bool], tuple[nn.Module, fx.GraphModule]] = {}
         self.final_norm = None if plan.final_modules else "it has no final norm after its blocks"
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_functions"] = {}  # compiled on demand again
+        state["_segmented"] = {}
         return state
+
+    def set_grad_checkpointing(self, root: nn.Module, enable: bool) -> int:
+        """The traced graph is cut after each level into segments, each run under
+        :func:`torch.utils.checkpoint.checkpoint` while training (the graph inlines
+        the model's modules, so there is no module call to wrap)."""
+        self._checkpointing = enable
+        self._segmented = {}
+        return self.last_level + 1 if enable else 0
+
+    def _segments(self, root: nn.Module, trace_: Trace, final: bool, training: bool) -> Any:
+        key = (training, final)
+        found = self._segmented.get(key)
+        if found is None or found[0] is not root:
+            graph = _with_outputs(trace_.graph, trace_.names, self._outputs(trace_, final))
+            found = (root, _checkpointed_segments(root, graph))
+            self._segmented[key] = found
+        return found[1]
 
     def make_root(self) -> fx.GraphModule:
         """The eval graph up to the deepest level, over the source's submodules, with
@@ -921,7 +977,10 @@ class GraphRunner(Runner):
         training = root.training
         function, trace_ = self._function(root, training, final)
         names = self._outputs(trace_, final)
-        outputs = root(x) if function is None else function(root, x)
+        if self._checkpointing and training and torch.is_grad_enabled():
+            outputs = self._segments(root, trace_, final, training)(x)
+        else:
+            outputs = root(x) if function is None else function(root, x)
         by_name = dict(zip(names, outputs, strict=True))
         size = (int(x.shape[-2]), int(x.shape[-1]))
         maps: list[FeatureMap] = []
@@ -965,6 +1024,7 @@ class GraphRunner(Runner):
                 new_root, _with_outputs(train.graph, train.names, self._outputs(train, True))
             )
         self._functions = {}
+        self._segmented = {}
         return new_root
 
 

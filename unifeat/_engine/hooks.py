@@ -670,6 +670,12 @@ class HookRunner(Runner):
         self._cut(source, self.last_level)
         return source
 
+    def set_grad_checkpointing(self, root: nn.Module, enable: bool) -> int:
+        from unifeat._engine.training import checkpoint_modules
+
+        paths = [_join(self._plan.trunk, level.where) for level in self.levels]
+        return checkpoint_modules(root, paths, enable)
+
     def _runs_everything(self) -> bool:
         """A model that keeps its last level runs its trunk to the end: the trunk's own
         output is then the final output (after its norm, pooler ignored)."""

@@ -69,6 +69,16 @@ class Runner:
     def set_mode(self, root: nn.Module, training: bool) -> None:
         """Called after ``FeatureModel.train(mode)`` switched every submodule's flag."""
 
+    def set_grad_checkpointing(self, root: nn.Module, enable: bool) -> int:
+        """Recompute each level's module in backward instead of keeping its inner
+        activations; returns how many segments are checkpointed.
+
+        The default serves runners whose library calls the level modules as
+        modules (hooked block lists, libraries' own ``forward_intermediates``)."""
+        from unifeat._engine.training import checkpoint_modules
+
+        return checkpoint_modules(root, [level.where for level in self.levels], enable)
+
 
 def share_parameters_copy(module: nn.Module) -> nn.Module:
     """A structural copy of ``module`` whose parameters and buffers are the same tensors.
@@ -151,6 +161,7 @@ class FeatureModel(nn.Module):
     backend: str
     _frozen_parameters: tuple[str, ...] = ()
     _held_in_eval: tuple[str, ...] = ()
+    grad_checkpointing: bool = False
 
     def __init__(
         self,
@@ -275,6 +286,31 @@ class FeatureModel(nn.Module):
         return self
 
     # -- training a backbone ----------------------------------------------------------------
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in backward instead of keeping them (timm's method,
+        on every backend): each level's computation is one checkpointed segment, in
+        ``forward`` and ``forward_intermediates`` alike, while the model trains with
+        grad enabled. Outputs and gradients are the same; training memory is lower
+        (figures on the docs page "Benchmarks").
+
+        Examples:
+            >>> import torch, unifeat
+            >>> model = unifeat.create_model("tv:resnet18", features_only=True).train()
+            >>> model.set_grad_checkpointing()
+            >>> sum(m.mean() for m in model(torch.randn(2, 3, 64, 64))).backward()
+        """
+        if not isinstance(enable, bool):
+            raise UnsupportedOptionError(
+                f"invalid enable={enable!r} for {self._context}: expected True or False"
+            )
+        segments = self._runner.set_grad_checkpointing(self.model, enable)
+        if enable and not segments:
+            raise UnsupportedOptionError(
+                f"gradient checkpointing is not available for {self._context}: none of its "
+                "levels is a module call that can be recomputed"
+            )
+        self.grad_checkpointing = enable
 
     def freeze(self, levels: int | None = -1, norm_eval: bool = True) -> FeatureModel:
         """Stop training the levels ``0..levels``: the parameters they depend on stop

@@ -69,3 +69,48 @@ def modules_within(model: nn.Module, parameters: set[str]) -> list[str]:
         if own and all(p in parameters for p in own):
             found.append(name)
     return found
+
+
+# -- gradient checkpointing ---------------------------------------------------------------
+
+
+class CheckpointedForward:
+    """Stands in for a module's ``forward`` (an instance attribute): in training
+    with grad enabled, the call runs under :func:`torch.utils.checkpoint.checkpoint`,
+    so its inner activations are recomputed in backward instead of kept.
+
+    Plain data holding its module, so deepcopy and pickle carry it; the module's
+    hooks still run around the call (they see the same output).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        forward = type(self.module).forward.__get__(self.module)
+        if self.module.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+
+def checkpoint_modules(root: nn.Module, names: Iterable[str], enable: bool) -> int:
+    """Turn checkpointing of the modules ``names`` of ``root`` on or off; returns how
+    many modules it applies to (names that are not modules are skipped)."""
+    count = 0
+    for name in dict.fromkeys(names):
+        try:
+            module = root.get_submodule(name)
+        except AttributeError:
+            continue
+        # A parameter-free level (timm's stem activation, often in place) keeps
+        # nothing worth recomputing, and an in-place op would corrupt the saved input.
+        if module is root or next(module.parameters(), None) is None:
+            continue
+        if enable:
+            module.__dict__["forward"] = CheckpointedForward(module)
+        else:
+            module.__dict__.pop("forward", None)
+        count += 1
+    return count
