@@ -211,6 +211,15 @@ class TimmAdapter(Adapter):
         kwargs = {**plan.model_kwargs, **extra_kwargs}
         try:
             return _on_meta(plan.model_name, features_only=True, **kwargs)
+        except AssertionError as exc:
+            if "out of range" not in str(exc):
+                raise
+            # timm's default selection (a ViT's last 3 blocks) does not fit a model
+            # built shallower (depth=2): every level, as the one policy clips it.
+            count = len(getattr(_on_meta(plan.model_name, **kwargs), "feature_info", ()))
+            return _on_meta(
+                plan.model_name, features_only=True, out_indices=tuple(range(count)), **kwargs
+            )
         except TypeError as exc:
             if "output_stride" not in extra_kwargs:
                 refuse_unknown_kwargs(exc, plan, lambda: self._accepted(plan))

@@ -9,6 +9,7 @@ does not count as a level, and the native dilation switches.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,6 +102,13 @@ class TorchvisionAdapter(Adapter):
             return torchvision.models.get_model(plan.model_name, weights=weights, **kwargs)
         except TypeError as exc:
             refuse_unknown_kwargs(exc, plan, lambda: self._accepted(plan))
+            fixed = re.search(r"got multiple values for keyword argument '(\w+)'", str(exc))
+            if fixed is not None:
+                raise UnsupportedOptionError(
+                    f"{plan.label} fixes {fixed.group(1)} itself, so {fixed.group(1)}= cannot be "
+                    "passed (torchvision names the variant: pick another model name, or build "
+                    "torchvision.models.VisionTransformer(...) and pass the module)"
+                ) from None
             raise
         except (ValueError, NotImplementedError) as exc:
             if extra_kwargs:

@@ -1,0 +1,142 @@
+"""DistributedDataParallel trains every backend's feature model as it is.
+
+Two processes on the CPU (gloo), DDP's default ``find_unused_parameters=False``:
+a final norm kept for ``forward_intermediates`` must not trip DDP's check for
+parameters without gradients (docs/training.md#distributed-training). After a
+few steps the parameters are equal across ranks and have moved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_WORKER = r"""
+import json, os, sys
+import torch, torch.distributed as dist
+import unifeat
+
+rank, world, port, name, kwargs, out = (
+    int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], json.loads(sys.argv[5]),
+    sys.argv[6],
+)
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+torch.set_num_threads(1)
+dist.init_process_group("gloo", rank=rank, world_size=world)
+torch.manual_seed(0)  # the same weights on both ranks
+if name == "torchvision.models.VisionTransformer":  # a module instance, as users pass one
+    import torchvision
+
+    model = unifeat.create_model(
+        torchvision.models.VisionTransformer(**kwargs), features_only=True
+    ).train()
+else:
+    model = unifeat.create_model(name, features_only=True, **kwargs).train()
+start = {n: p.detach().clone() for n, p in model.named_parameters()}
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+torch.manual_seed(1 + rank)  # each rank its own data
+size = model.input_size[1:]
+for _ in range(3):
+    maps = ddp(torch.randn(2, 3, *size))
+    loss = torch.stack([m.float().pow(2).mean() for m in maps]).sum()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+gathered = [torch.empty_like(flat) for _ in range(world)]
+dist.all_gather(gathered, flat)
+moved = any(not torch.equal(start[n], p) for n, p in model.named_parameters())
+if rank == 0:
+    with open(out, "w") as fh:
+        json.dump({"equal": all(torch.equal(g, gathered[0]) for g in gathered), "moved": moved}, fh)
+dist.destroy_process_group()
+"""
+
+CASES = [
+    # A plain ViT keeps its final norm for forward_intermediates: the case DDP rejected.
+    pytest.param("timm:vit_tiny_patch16_224", {"img_size": 32, "depth": 2}, id="timm-vit"),
+    pytest.param(
+        "torchvision.models.VisionTransformer",
+        {
+            "image_size": 32,
+            "patch_size": 8,
+            "num_layers": 2,
+            "num_heads": 2,
+            "hidden_dim": 32,
+            "mlp_dim": 64,
+        },
+        id="tv-vit",
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        "hf:vit",
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        id="hf-vit",
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        "oc:ViT-B-32",
+        {"layers": 2, "width": 32, "head_width": 16, "image_size": 32, "patch_size": 8},
+        id="open_clip-vit",
+        marks=pytest.mark.slow,
+    ),
+    pytest.param("tv:resnet18", {}, id="tv-resnet", marks=pytest.mark.slow),
+]
+
+
+def _free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES)
+def test_ddp_trains_with_default_settings(name: str, kwargs: dict, tmp_path: Path) -> None:
+    out, port = tmp_path / "result.json", _free_port()
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WORKER,
+                str(rank),
+                "2",
+                port,
+                name,
+                json.dumps(kwargs),
+                str(out),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    errors = []
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        if worker.returncode != 0:
+            errors.append(err[-3000:])
+    assert not errors, errors[0]
+    result = json.loads(out.read_text())
+    assert result == {"equal": True, "moved": True}
