@@ -294,6 +294,36 @@ class AdapterContract:
         checkpointed.set_grad_checkpointing(False)
         assert not checkpointed.grad_checkpointing
 
+    def test_device_and_dtype_at_creation(self) -> None:
+        """create_model(device=, dtype=) builds there: the same weights as a float32
+        build, cast; a module passed in is moved by its owner, not here."""
+        if callable(self.name):
+            with pytest.raises(unifeat.UnsupportedOptionError, match="already built"):
+                self.build(dtype=torch.float64)
+            return
+        torch.manual_seed(0)
+        made = self.build(device="cpu", dtype=torch.float64).eval()
+        torch.manual_seed(0)
+        reference = self.build().eval()
+        assert all(p.dtype == torch.float64 for p in made.parameters())
+        for (name, ours), theirs in zip(
+            made.state_dict().items(), reference.state_dict().values(), strict=True
+        ):
+            if ours.is_floating_point():
+                torch.testing.assert_close(ours, theirs.double(), rtol=0, atol=0, msg=name)
+        with pytest.raises(unifeat.UnsupportedOptionError, match="dtype"):
+            self.build(dtype=torch.int64)
+
+    def test_channels_last_gives_the_same_maps(self) -> None:
+        model = self.build().eval()
+        x = self.input()
+        with torch.no_grad():
+            expected = _tensors(model(x))
+            model = model.to(memory_format=torch.channels_last)
+            found = _tensors(model(x.contiguous(memory_format=torch.channels_last)))
+        for ours, theirs in zip(found, expected, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
     def test_freeze_everything_then_unfreeze(self) -> None:
         model = self.build()
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from unifeat import _registry
@@ -66,6 +67,8 @@ def create_model(
     tracer_kwargs: Mapping[str, Any] | None = None,
     frozen_levels: int | None = None,
     norm_eval: bool = False,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
     **model_kwargs: Any,
 ) -> nn.Module:
     """Build a model, or a feature model cut from it, from any backend.
@@ -111,6 +114,9 @@ def create_model(
             depend on (``-1``: all); see :meth:`FeatureModel.freeze`.
         norm_eval: hold normalization layers in eval mode while training: those
             of the frozen levels, or every one when ``frozen_levels`` is None.
+        device: build a model named by string there (random weights are made
+            on it directly; pretrained ones are loaded, then moved).
+        dtype: a floating dtype for its parameters (``torch.bfloat16``, ...).
         **model_kwargs: passed to the backend's own constructor (a transformers
             model's config).
 
@@ -154,6 +160,8 @@ def feature_info(
     tracer_kwargs: Mapping[str, Any] | None = None,
     frozen_levels: int | None = None,
     norm_eval: bool = False,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
     **model_kwargs: Any,
 ) -> FeatureInfo:
     """The :class:`FeatureInfo` that ``create_model(..., features_only=True)`` would have.
@@ -228,6 +236,8 @@ def get_node_names(
     tracer_kwargs: Mapping[str, Any] | None = None,
     frozen_levels: int | None = None,
     norm_eval: bool = False,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
     **model_kwargs: Any,
 ) -> tuple[list[str], list[str]]:
     """The node names of a model in train and in eval mode, as ``return_nodes`` takes them.

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from torch import nn
 
@@ -55,6 +56,10 @@ class BuildPlan(BaseModel):
     """Freeze what levels ``0..frozen_levels`` depend on (``-1``: everything)."""
     norm_eval: StrictBool = False
     """Hold norm layers in eval mode while training (the frozen part's, or all)."""
+    device: str | None = None
+    """Where a model built by name is made (``"cuda:0"``); ``None``: the CPU."""
+    dtype: torch.dtype | None = None
+    """The floating dtype of its parameters; ``None``: the library's (float32)."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @property
@@ -84,6 +89,8 @@ def make_plan(**options: Any) -> BuildPlan:
     options["return_nodes"] = _check_return_nodes(options.get("return_nodes"), context)
     options["input_size"] = _check_input_size(options.get("input_size"), context)
     options["tracer_kwargs"] = _check_tracer_kwargs(options.get("tracer_kwargs"), context)
+    options["device"] = _check_device(options.get("device"), context)
+    options["dtype"] = _check_dtype(options.get("dtype"), context)
     split = [
         k
         for k in ("train_return_nodes", "eval_return_nodes")
@@ -158,6 +165,29 @@ def _check_input_size(size: object, context: str) -> tuple[int, int] | tuple[int
             "(height, width) or (channels, height, width)"
         )
     return tuple(int(v) for v in values)  # type: ignore[return-value]
+
+
+def _check_device(device: object, context: str) -> str | None:
+    if device is None:
+        return None
+    try:
+        return str(torch.device(device))  # type: ignore[call-overload]
+    except (RuntimeError, TypeError):
+        raise UnsupportedOptionError(
+            f"invalid device={device!r} for {context}: expected a torch device such as "
+            "'cpu', 'cuda' or 'cuda:1'"
+        ) from None
+
+
+def _check_dtype(dtype: object, context: str) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise UnsupportedOptionError(
+            f"invalid dtype={dtype!r} for {context}: expected a floating torch dtype "
+            "(torch.float32, torch.bfloat16, torch.float16)"
+        )
+    return dtype
 
 
 def _check_tracer_kwargs(options: object, context: str) -> dict[str, Any] | None:

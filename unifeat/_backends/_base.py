@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NoReturn, cast
 
+import torch
 from torch import nn
 
 from unifeat._checkpoint import check_checkpoint, load_checkpoint
@@ -384,6 +385,11 @@ class Adapter:
         structure) or, to load a checkpoint, copied; a name is built for real."""
         dilates = layout is not None and bool(layout.dilation)
         if plan.module is not None:
+            if plan.device is not None or plan.dtype is not None:
+                raise UnsupportedOptionError(
+                    f"device= and dtype= choose where a model built by name lives; "
+                    f"{plan.label} is already built: move it first (module.to(device, dtype))"
+                )
             source = plan.module
             if plan.checkpoint_path is not None:
                 # Loading writes into the tensors, which the caller's module owns.
@@ -393,9 +399,17 @@ class Adapter:
                 source = share_parameters_copy(source)
             return source
         extra = layout.build_kwargs if layout is not None else {}
-        source = self.build(plan, meta=False, extra_kwargs=extra)
+        device = torch.device(plan.device) if plan.device is not None else None
+        if device is not None and not plan.pretrained:
+            # Random weights are made where they will live: no CPU copy first.
+            with device:
+                source = self.build(plan, meta=False, extra_kwargs=extra)
+        else:
+            source = self.build(plan, meta=False, extra_kwargs=extra)
         if plan.checkpoint_path is not None:
             load_checkpoint(source, plan.checkpoint_path, context=plan.label)
+        if device is not None or plan.dtype is not None:
+            source = source.to(device=device, dtype=plan.dtype)
         return source
 
 
