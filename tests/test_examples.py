@@ -126,3 +126,14 @@ def test_the_docs_build_strictly(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "extraction" / "index.html").exists()
+
+
+def test_train_frozen_backbone_learns_only_the_unfrozen_part(capsys, monkeypatch):
+    monkeypatch.setattr(
+        sys, "argv", ["train_frozen_backbone.py", "tv:resnet18", "--steps", "2", "--size", "64"]
+    )
+    runpy.run_path(str(EXAMPLES / "train_frozen_backbone.py"), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["step 0", "step 1"]
+    frozen, total = (int(word) for word in lines[-1].split() if word.isdigit())
+    assert 0 < frozen < total
