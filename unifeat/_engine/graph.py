@@ -982,7 +982,7 @@ class GraphRunner(Runner):
         else:
             outputs = root(x) if function is None else function(root, x)
         by_name = dict(zip(names, outputs, strict=True))
-        size = (int(x.shape[-2]), int(x.shape[-1]))
+        size = (x.shape[-2], x.shape[-1])  # symbolic under torch.export
         maps: list[FeatureMap] = []
         for index in indices:
             level = self.levels[index]

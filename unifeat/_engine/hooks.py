@@ -779,14 +779,16 @@ class HookRunner(Runner):
         context: str,
     ) -> tuple[list[FeatureMap], Tensor | None]:
         plan = self._plan
-        size = (int(x.shape[-2]), int(x.shape[-1]))
+        # Sizes stay symbolic under torch.export (dynamic height and width).
+        size = (x.shape[-2], x.shape[-1])
         wanted = set(indices)
         if final or norm:
             wanted.add(self.last_level)
         store: dict[int, Any] = dict.fromkeys(wanted)
         token = _CAPTURED.set(store)
+        resized = plan.convention.resize_keyword is not None and size != plan.native_size
         try:
-            args, kwargs = plan.convention.inputs(x, resized=size != plan.native_size)
+            args, kwargs = plan.convention.inputs(x, resized=resized)
             returned = root.get_submodule(plan.trunk)(*args, **kwargs)
         finally:
             _CAPTURED.reset(token)

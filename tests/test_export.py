@@ -1,0 +1,189 @@
+"""Deployment: torch.export and ONNX of feature models match eager, on every backend.
+
+A batch dimension is dynamic for every model; height and width too for conv
+nets (from 64 pixels up: docs/export.md). Each exported program is checked
+against the eager feature model at two input sizes. One small model per backend
+runs by default; the architectures named in docs/export.md at full size are
+behind the ``slow`` marker.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import unifeat
+
+_HF_VIT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=64,
+    patch_size=16,
+)
+_HF_CONVNEXT = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1])
+_OC_VIT = dict(layers=2, width=64, head_width=32, image_size=64, patch_size=16)
+_OC_RN = dict(layers=(1, 1, 1, 1), width=16, head_width=16, image_size=64)
+
+
+class _Net(nn.Module):
+    """A plain module: three stride-2 stages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage1 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage2(self.stage1(self.stem(x)))
+
+
+# (id, model, kwargs, token model, input size)
+SMALL = [
+    ("timm-resnet18", "timm:resnet18", {}, False, 64),
+    ("timm-vit", "timm:vit_tiny_patch16_224", dict(img_size=64, depth=2), True, 64),
+    ("tv-resnet18", "tv:resnet18", {}, False, 64),
+    ("hf-convnext", "hf:convnext", _HF_CONVNEXT, False, 64),
+    ("hf-vit", "hf:vit", _HF_VIT, True, 64),
+    ("open_clip-rn", "oc:RN50", _OC_RN, False, 64),
+    ("open_clip-vit", "oc:ViT-B-32", _OC_VIT, True, 64),
+    ("module", _Net, {}, False, 64),
+]
+FULL = [
+    ("timm-resnet50", "timm:resnet50", {}, False, 224),
+    ("timm-convnext_tiny", "timm:convnext_tiny", {}, False, 224),
+    ("timm-vit_small", "timm:vit_small_patch16_224", {}, True, 224),
+    ("tv-resnet50", "tv:resnet50", {}, False, 224),
+    ("tv-convnext_tiny", "tv:convnext_tiny", {}, False, 224),
+    ("tv-vit_b_16", "tv:vit_b_16", {}, True, 224),
+    ("hf-vit-base", "hf:vit", {}, True, 224),
+    ("hf-convnext-tiny", "hf:convnext", {}, False, 224),
+]
+
+
+def _params(rows: list[tuple[Any, ...]], slow: bool) -> list[Any]:
+    marks = [pytest.mark.slow] if slow else []
+    return [pytest.param(*row[1:], id=row[0], marks=marks) for row in rows]
+
+
+def _build(model: Any, kwargs: dict[str, Any]) -> nn.Module:
+    torch.manual_seed(0)
+    arg = model() if callable(model) else model
+    return unifeat.create_model(arg, features_only=True, **kwargs).eval()
+
+
+def _dynamic(tokens: bool) -> dict[int, Any]:
+    batch = torch.export.Dim("batch", min=1, max=64)
+    if tokens:  # a token model's position embeddings fix its input size
+        return {0: batch}
+    return {
+        0: batch,
+        2: torch.export.Dim("height", min=64, max=1024),
+        3: torch.export.Dim("width", min=64, max=1024),
+    }
+
+
+def _other_inputs(tokens: bool, size: int) -> list[torch.Tensor]:
+    if tokens:
+        return [torch.randn(3, 3, size, size), torch.randn(1, 3, size, size)]
+    return [torch.randn(3, 3, size, size), torch.randn(1, 3, size + 32, size + 16)]
+
+
+def _check_export(model: Any, kwargs: dict[str, Any], tokens: bool, size: int) -> None:
+    feature_model = _build(model, kwargs)
+    example = torch.randn(2, 3, size, size)
+    program = torch.export.export(feature_model, (example,), dynamic_shapes={"x": _dynamic(tokens)})
+    exported = program.module()
+    with torch.no_grad():
+        for x in _other_inputs(tokens, size):
+            for ours, theirs in zip(exported(x), feature_model(x), strict=True):
+                torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("model", "kwargs", "tokens", "size"), _params(SMALL, slow=False))
+def test_torch_export_matches_eager(model: Any, kwargs: dict, tokens: bool, size: int) -> None:
+    _check_export(model, kwargs, tokens, size)
+
+
+@pytest.mark.parametrize(("model", "kwargs", "tokens", "size"), _params(FULL, slow=True))
+def test_torch_export_matches_eager_full_size(
+    model: Any, kwargs: dict, tokens: bool, size: int
+) -> None:
+    _check_export(model, kwargs, tokens, size)
+
+
+_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
+
+
+def _check_onnx(model: Any, kwargs: dict[str, Any], tokens: bool, size: int) -> None:
+    import onnxruntime
+
+    feature_model = _build(model, kwargs)
+    example = torch.randn(2, 3, size, size)
+    program = torch.onnx.export(
+        feature_model, (example,), dynamo=True, dynamic_shapes={"x": _dynamic(tokens)}
+    )
+    assert program is not None
+    session = onnxruntime.InferenceSession(
+        program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    name = session.get_inputs()[0].name
+    with torch.no_grad():
+        for x in _other_inputs(tokens, size):
+            found = session.run(None, {name: x.numpy()})
+            for ours, theirs in zip(found, feature_model(x), strict=True):
+                # onnxruntime's kernels round differently: 2e-4 seen on ResNet-50's last level.
+                torch.testing.assert_close(torch.from_numpy(ours), theirs, rtol=1e-3, atol=1e-3)
+
+
+_ONNX_DEFAULT = {"tv-resnet18", "hf-vit"}
+
+
+@pytest.mark.skipif(not _ONNX, reason="needs the [export] extra: onnx, onnxruntime, onnxscript")
+@pytest.mark.parametrize(
+    ("model", "kwargs", "tokens", "size"),
+    [
+        pytest.param(
+            *row[1:], id=row[0], marks=[] if row[0] in _ONNX_DEFAULT else [pytest.mark.slow]
+        )
+        for row in SMALL
+    ]
+    + _params(FULL, slow=True),
+)
+def test_onnx_runtime_matches_eager(model: Any, kwargs: dict, tokens: bool, size: int) -> None:
+    _check_onnx(model, kwargs, tokens, size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "kwargs"),
+    [
+        pytest.param("tv:resnet18", {}, id="tv-resnet18"),
+        pytest.param("timm:resnet18", {}, id="timm-resnet18"),
+        pytest.param(
+            "hf:vit",
+            _HF_VIT,
+            id="hf-vit",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="documented in docs/export.md: the hook runner's per-call store is a "
+                "ContextVar, which torch.compile does not trace (a graph break; "
+                "fullgraph=False and torch.export work)",
+            ),
+        ),
+    ],
+)
+def test_torch_compile_fullgraph(model: Any, kwargs: dict) -> None:
+    """No graph break: ``fullgraph=True`` raises on the first one."""
+    feature_model = _build(model, kwargs)
+    compiled = torch.compile(feature_model, fullgraph=True, backend="eager")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for ours, theirs in zip(compiled(x), feature_model(x), strict=True):
+            torch.testing.assert_close(ours, theirs)
