@@ -20,6 +20,7 @@ from unifeat._errors import (
     TracingError,
     UnifeatError,
     UnknownBackendError,
+    UnknownFieldError,
     UnknownModelError,
     UnsupportedOptionError,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "TracingError",
     "UnifeatError",
     "UnknownBackendError",
+    "UnknownFieldError",
     "UnknownModelError",
     "UnsupportedOptionError",
     "__version__",

@@ -51,6 +51,10 @@ class InvalidNodeError(UnifeatError, KeyError, ValueError):
     """A ``return_nodes`` entry is unknown or ambiguous."""
 
 
+class UnknownFieldError(UnifeatError, KeyError, ValueError):
+    """A FeatureInfo field that levels do not have (``get("nokey")``)."""
+
+
 class TracingError(UnifeatError, RuntimeError):
     """FX could not trace the model."""
 

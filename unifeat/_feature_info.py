@@ -8,12 +8,19 @@ validated once and serializable to JSON.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from unifeat._indices import normalize_indices
+from unifeat._errors import (
+    InvalidIndicesError,
+    UnknownFieldError,
+    UnsupportedOptionError,
+    format_choices,
+)
+from unifeat._indices import check_index_spec, normalize_indices
 
 __all__ = ["FeatureInfo", "FeatureLevel"]
 
@@ -37,10 +44,12 @@ class FeatureLevel(BaseModel):
     module: str
 
     def __getitem__(self, key: str) -> Any:
-        try:
-            return getattr(self, key)
-        except AttributeError:
-            raise KeyError(key) from None
+        fields = [*type(self).model_fields, *(self.model_extra or {})]
+        if not isinstance(key, str) or key not in fields:
+            raise UnknownFieldError(
+                f"feature levels have no field {key!r}: they have {format_choices(fields)}"
+            )
+        return getattr(self, key)
 
     def get(self, key: str, default: Any = None) -> Any:
         """``level[key]``, or ``default`` where the level has no such field."""
@@ -92,15 +101,24 @@ class FeatureInfo(BaseModel):
     def from_dicts(
         cls, levels: Iterable[Mapping[str, Any]], out_indices: Sequence[int] | None = None
     ) -> FeatureInfo:
-        """Build from timm-style dicts (``num_chs``, ``reduction``, ``module``, ...)."""
-        parsed = tuple(
-            FeatureLevel(**{**dict(level), "index": position})
-            for position, level in enumerate(levels)
-        )
-        chosen = tuple(range(len(parsed))) if out_indices is None else tuple(out_indices)
+        """Build from timm-style dicts (``num_chs``, ``reduction``, ``module``, ...);
+        ``out_indices`` follows the index rule (an int ``n`` is the last ``n``)."""
+        try:
+            parsed = tuple(
+                FeatureLevel(**{**dict(level), "index": position})
+                for position, level in enumerate(levels)
+            )
+        except (ValidationError, TypeError, ValueError) as exc:
+            raise UnsupportedOptionError(
+                f"invalid feature levels: each is a dict with num_chs, reduction and module "
+                f"({_first_problem(exc)})"
+            ) from None
+        if not parsed:
+            raise UnsupportedOptionError("a FeatureInfo needs at least one level, got none")
+        chosen = normalize_indices(out_indices, len(parsed), context="these levels")
         return cls(levels=parsed, out_indices=chosen)
 
-    def from_other(self, out_indices: Sequence[int]) -> FeatureInfo:
+    def from_other(self, out_indices: int | Sequence[int]) -> FeatureInfo:
         """The same levels with another selection (normalized, as everywhere).
 
         >>> info = FeatureInfo.from_dicts([dict(num_chs=c, reduction=r, module=m) for c, r, m in
@@ -108,15 +126,35 @@ class FeatureInfo(BaseModel):
         >>> info.from_other((-1,)).out_indices
         (2,)
         """
-        chosen = normalize_indices(tuple(out_indices), len(self.levels))
+        chosen = normalize_indices(
+            check_index_spec(out_indices, context="these levels"),
+            len(self.levels),
+            context="these levels",
+        )
         return FeatureInfo(levels=self.levels, out_indices=chosen)
 
-    def _selected(self, idx: int | Sequence[int] | None) -> list[FeatureLevel] | FeatureLevel:
+    def _level(self, index: object) -> FeatureLevel:
+        """Level ``index`` (negatives from the end), or an error naming the valid range."""
+        count = len(self.levels)
+        valid = f"valid indices are 0..{count - 1} or -{count}..-1"
+        if isinstance(index, bool):
+            raise InvalidIndicesError(f"level index {index!r} is a bool, not an index: {valid}")
+        try:
+            position = operator.index(index)  # type: ignore[arg-type]
+        except TypeError:
+            raise InvalidIndicesError(
+                f"level index {index!r} ({type(index).__name__}) is not an int: {valid}"
+            ) from None
+        if not -count <= position < count:
+            raise InvalidIndicesError(f"level index {position} is out of range: {valid}")
+        return self.levels[position]
+
+    def _selected(self, idx: object) -> list[FeatureLevel] | FeatureLevel:
         if idx is None:
             return [self.levels[i] for i in self.out_indices]
-        if isinstance(idx, Sequence):
-            return [self.levels[i] for i in idx]
-        return self.levels[idx]
+        if isinstance(idx, Sequence) and not isinstance(idx, (str, bytes)):
+            return [self._level(i) for i in idx]
+        return self._level(idx)
 
     @overload
     def get(self, key: str, idx: None = None) -> list[Any]: ...
@@ -148,10 +186,12 @@ class FeatureInfo(BaseModel):
         [{'num_chs': 256, 'reduction': 4}, {'num_chs': 512, 'reduction': 8}]
         """
         chosen = self._selected(idx)
+        # One field name alone is one key, not a sequence of letters.
+        wanted = [keys] if isinstance(keys, str) else keys
 
         def as_dict(level: FeatureLevel) -> dict[str, Any]:
             full = level.model_dump()
-            return full if keys is None else {k: full[k] for k in keys}
+            return full if wanted is None else {k: level[k] for k in wanted}
 
         if isinstance(chosen, FeatureLevel):
             return as_dict(chosen)
@@ -191,7 +231,17 @@ class FeatureInfo(BaseModel):
         return len(self.levels)
 
     def __getitem__(self, item: int) -> FeatureLevel:
-        return self.levels[item]
+        return self._level(item)
 
     def __iter__(self) -> Iterator[FeatureLevel]:  # type: ignore[override]
         return iter(self.levels)
+
+
+def _first_problem(exc: Exception) -> str:
+    """Every field pydantic complains about, in one line."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'level'}: {error['msg'].lower()}"
+            for error in exc.errors()
+        )
+    return str(exc)

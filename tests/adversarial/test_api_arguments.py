@@ -37,7 +37,6 @@ from ._support import (
     TIMM,
     TV,
     Backend,
-    bug,
     eval_model,
     maps_of,
     param,
@@ -380,23 +379,18 @@ def _info() -> FeatureInfo:
 
 _LEVELS = [dict(num_chs=c, reduction=r, module=m) for c, r, m in [(8, 2, "a"), (16, 4, "b")]]
 _LEVELS.append(dict(num_chs=32, reduction=8, module="c"))
-_RAW_INDEX = "FeatureInfo indexes its tuple directly: a bare IndexError/TypeError"
-_RAW_KEY = "an unknown field is a bare KeyError that lists no valid fields"
-_PYDANTIC = "from_dicts lets pydantic's ValidationError (or a TypeError) through"
 INFO_ROWS = [
     param(
         lambda info: info.from_other(0),
         InvalidIndicesError,
         [r"\b0\b", r"at least 1"],
         id="from_other-zero",
-        bug_reason="FeatureInfo.from_other(0) raises a bare TypeError",
     ),
     param(
         lambda info: info.from_other(-1),
         InvalidIndicesError,
         [r"-1\b", r"at least 1"],
         id="from_other-negative-int",
-        bug_reason="FeatureInfo.from_other(-1) raises a bare TypeError",
     ),
     param(
         lambda info: info.from_other((9,)),
@@ -422,91 +416,78 @@ INFO_ROWS = [
         InvalidIndicesError,
         [r"\b99\b", r"0\.\.4"],
         id="channels-out-of-range",
-        bug_reason=_RAW_INDEX,
     ),
     param(
         lambda info: info.channels([0, 99]),
         InvalidIndicesError,
         [r"\b99\b", r"0\.\.4"],
         id="channels-list-out-of-range",
-        bug_reason=_RAW_INDEX,
     ),
     param(
         lambda info: info.channels("x"),
         InvalidIndicesError,
         [r"'x'"],
         id="channels-str",
-        bug_reason=_RAW_INDEX,
     ),
     param(
         lambda info: info.channels(True),
         InvalidIndicesError,
         [r"\bTrue\b"],
         id="channels-bool",
-        bug_reason="FeatureInfo.channels(True) silently answers level 1",
     ),
     param(
         lambda info: info.reduction(-99),
         InvalidIndicesError,
         [r"-99\b", r"-5\.\.-1"],
         id="reduction-out-of-range",
-        bug_reason=_RAW_INDEX,
     ),
     param(
         lambda info: info.module_name(1.5),
         InvalidIndicesError,
         [r"1\.5"],
         id="module_name-float",
-        bug_reason=_RAW_INDEX,
     ),
     param(
         lambda info: info[99],
         InvalidIndicesError,
         [r"\b99\b", r"0\.\.4"],
         id="getitem-out-of-range",
-        bug_reason=_RAW_INDEX,
     ),
     param(
         lambda info: info.get("nokey"),
         (UnifeatError, KeyError),
         [r"'nokey'", r"num_chs"],
         id="get-unknown-field",
-        bug_reason=_RAW_KEY,
     ),
     param(
         lambda info: info.get_dicts(keys=["nokey"]),
         (UnifeatError, KeyError),
         [r"'nokey'", r"num_chs"],
         id="get_dicts-unknown-field",
-        bug_reason=_RAW_KEY,
     ),
     param(
         lambda info: FeatureInfo.from_dicts(_LEVELS, out_indices=(7,)),
         InvalidIndicesError,
         [r"\b7\b", r"0\.\.2 or -3\.\.-1"],
         id="from_dicts-out-of-range",
-        bug_reason=_PYDANTIC,
     ),
     param(
         lambda info: FeatureInfo.from_dicts(_LEVELS, out_indices=0),
         InvalidIndicesError,
         [r"\b0\b", r"at least 1"],
         id="from_dicts-int-zero",
-        bug_reason=_PYDANTIC,
     ),
     param(
         lambda info: FeatureInfo.from_dicts([]),
         (UnifeatError, ValueError),
         [r"at least one level"],
         id="from_dicts-no-levels",
-        bug_reason=_PYDANTIC,
     ),
     param(
         lambda info: FeatureInfo.from_dicts([dict(num_chs=1)]),
         (UnifeatError, ValueError),
         [r"reduction", r"module"],
         id="from_dicts-missing-fields",
-        bug_reason=_PYDANTIC,
     ),
 ]
 
@@ -517,12 +498,10 @@ def test_feature_info_methods_refuse(call: Any, expected: Any, patterns: list[st
     refused(lambda: call(info), expected, patterns)
 
 
-@bug("FeatureInfo.from_other(2) raises a bare TypeError; the index rule says 'the last 2 levels'")
 def test_from_other_takes_an_int_as_the_last_n_levels() -> None:
     assert _info().from_other(2).out_indices == (3, 4)
 
 
-@bug("get_dicts(keys='num_chs') iterates the string and raises KeyError 'n'")
 def test_get_dicts_with_one_key_as_a_string() -> None:
     info = _info()
     try:
