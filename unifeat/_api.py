@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from unifeat import _registry
-from unifeat._errors import UnknownBackendError, UnsupportedOptionError
+from unifeat._errors import UnsupportedOptionError
 from unifeat._feature_info import FeatureInfo
 from unifeat._options import BuildPlan, make_plan
 
@@ -32,9 +32,16 @@ def _plan(model: str | nn.Module, *, backend: str | None, **options: Any) -> Bui
             else _registry.backend_for_module(model)
         )
         return make_plan(backend=chosen, module=model, **options)
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise UnsupportedOptionError(
+            f"model is the class {model.__name__}, not an instance: pass "
+            f"{model.__name__}(...) (a torch.nn.Module instance) or a model name"
+        )
     if not isinstance(model, str):
-        raise UnknownBackendError(
-            f"model must be a model name or a torch.nn.Module, got {type(model).__name__}"
+        shown = repr(model)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise UnsupportedOptionError(
+            f"model must be a model name or a torch.nn.Module, got {shown} ({type(model).__name__})"
         )
     chosen, name = _registry.resolve_model_name(model, backend)
     return make_plan(backend=chosen, model_name=name, **options)

@@ -32,7 +32,6 @@ from ._support import (
     TV,
     Backend,
     TinyNet,
-    bug,
     param,
     refused,
 )
@@ -74,7 +73,6 @@ def _rows(
     ]
 
 
-_RAW_VALUE = "a bad constructor kwarg value escapes as the library's raw exception"
 NAME_ROWS = [
     *_rows(
         "timm:resnet18",
@@ -91,7 +89,7 @@ NAME_ROWS = [
                 dict(num_classes="a"),
                 UnsupportedOptionError,
                 [r"num_classes", r"'a'", r"backend 'timm'"],
-                _RAW_VALUE,
+                None,
             ),
         ],
     ),
@@ -110,7 +108,7 @@ NAME_ROWS = [
                 dict(num_classes=-1),
                 UnsupportedOptionError,
                 [r"num_classes", r"-1", r"backend 'torchvision'"],
-                _RAW_VALUE,
+                None,
             ),
         ],
     ),
@@ -132,14 +130,14 @@ NAME_ROWS = [
                 {**HF_VIT, "hidden_size": "a"},
                 UnsupportedOptionError,
                 [r"hidden_size", r"'a'", r"backend 'hf'"],
-                "transformers' StrictDataclassFieldValidationError escapes",
+                None,
             ),
             (
                 "config-bad-value",
                 {**HF_VIT, "hidden_size": -1},
                 UnsupportedOptionError,
                 [r"hidden_size", r"-1", r"backend 'hf'"],
-                "a negative hidden_size fails deep in torch with a raw RuntimeError",
+                None,
             ),
             (
                 "config-not-a-config",
@@ -175,7 +173,6 @@ NAME_ROWS.append(
         [r"weights", r"pretrained=True", r"backend 'torchvision'"],
         "create-full",
         id="tv:resnet18-create-full-weights-kwarg",
-        bug_reason="weights= reaches torchvision twice: a raw 'multiple values' TypeError",
     )
 )
 
@@ -281,7 +278,6 @@ def test_untraceable_module_names_the_way_out() -> None:
     )
 
 
-@bug("the TracingError suggests tracer_kwargs={'leaf_modules': ...}, which is silently dropped")
 def test_the_suggested_tracer_kwargs_work() -> None:
     model = unifeat.create_model(
         GatedNet(), features_only=True, tracer_kwargs={"leaf_modules": [_Gate]}

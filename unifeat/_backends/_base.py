@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NoReturn, cast
 
@@ -28,7 +29,7 @@ from unifeat._engine.layout import Finder, Layout, apply_output_stride
 from unifeat._engine.levels import Level
 from unifeat._engine.model import FeatureModel, share_parameters_copy
 from unifeat._engine.native import NativeSpec
-from unifeat._errors import TracingError, UnsupportedOptionError, close_matches
+from unifeat._errors import TracingError, UnifeatError, UnsupportedOptionError, close_matches
 from unifeat._feature_info import FeatureInfo
 from unifeat._feature_model import attach_image_transform
 from unifeat._indices import IndexSpec, normalize_indices
@@ -49,6 +50,26 @@ def refuse_unknown_kwargs(
     if match is None:
         return
     unknown_keyword(match.group(1), plan, accepted())
+
+
+@contextmanager
+def built_with_kwargs(plan: BuildPlan) -> Iterator[None]:
+    """A library's own exception from a build given constructor kwargs (a value it
+    rejects, or one that fails deep inside: ``hidden_size=-1``) becomes one unifeat
+    error naming the kwargs; without kwargs the library's failure stands as it is."""
+    try:
+        yield
+    except UnifeatError:
+        raise
+    except Exception as exc:
+        if not plan.model_kwargs:
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in plan.model_kwargs.items())
+        text = str(exc).strip().splitlines()
+        raise UnsupportedOptionError(
+            f"{plan.label} could not be built with {given}: {type(exc).__name__}: "
+            f"{text[0] if text else ''}"
+        ) from exc
 
 
 def unknown_keyword(bad: str, plan: BuildPlan, valid: list[str]) -> NoReturn:
@@ -145,7 +166,8 @@ class Adapter:
         (finders run it with weightless stand-ins and restore its modes)."""
         if plan.module is not None:
             return plan.module
-        return self.build(plan, meta=True)
+        with built_with_kwargs(plan):
+            return self.build(plan, meta=True)
 
     def input_size(self, plan: BuildPlan, source: nn.Module) -> tuple[int, int, int]:
         """The one input size of a build: ``input_size=`` where given, else the model's own."""
@@ -400,12 +422,13 @@ class Adapter:
             return source
         extra = layout.build_kwargs if layout is not None else {}
         device = torch.device(plan.device) if plan.device is not None else None
-        if device is not None and not plan.pretrained:
-            # Random weights are made where they will live: no CPU copy first.
-            with device:
+        with built_with_kwargs(plan):
+            if device is not None and not plan.pretrained:
+                # Random weights are made where they will live: no CPU copy first.
+                with device:
+                    source = self.build(plan, meta=False, extra_kwargs=extra)
+            else:
                 source = self.build(plan, meta=False, extra_kwargs=extra)
-        else:
-            source = self.build(plan, meta=False, extra_kwargs=extra)
         if plan.checkpoint_path is not None:
             load_checkpoint(source, plan.checkpoint_path, context=plan.label)
         if device is not None or plan.dtype is not None:

@@ -19,7 +19,7 @@ import torch
 from timm.models import FeatureListNet
 from torch import Tensor, nn
 
-from unifeat._backends._base import Adapter, NativeLevels, refuse_unknown_kwargs
+from unifeat._backends._base import Adapter, NativeLevels, built_with_kwargs, refuse_unknown_kwargs
 from unifeat._engine.levels import FeatureMap, Level
 from unifeat._engine.native import NativeSpec
 from unifeat._errors import UnsupportedOptionError
@@ -209,6 +209,13 @@ class TimmAdapter(Adapter):
     def features_on_meta(self, plan: BuildPlan, extra_kwargs: Mapping[str, Any]) -> Any:
         assert plan.model_name is not None
         kwargs = {**plan.model_kwargs, **extra_kwargs}
+        with built_with_kwargs(plan):
+            return self._features_on_meta(plan, kwargs, extra_kwargs)
+
+    def _features_on_meta(
+        self, plan: BuildPlan, kwargs: dict[str, Any], extra_kwargs: Mapping[str, Any]
+    ) -> Any:
+        assert plan.model_name is not None
         try:
             return _on_meta(plan.model_name, features_only=True, **kwargs)
         except AssertionError as exc:

@@ -127,6 +127,11 @@ class TorchvisionAdapter(Adapter):
         # keyword to the class, so the named parameters of both are the valid ones.
         if plan.module is not None or not plan.model_kwargs:
             return
+        if "weights" in plan.model_kwargs:
+            raise UnsupportedOptionError(
+                f"weights= is chosen by unifeat for {plan.label}: pass pretrained=True for "
+                "torchvision's DEFAULT weights, or checkpoint_path= for a file of your own"
+            )
         accepted = self._accepted(plan)
         if not accepted:
             return

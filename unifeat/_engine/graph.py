@@ -226,7 +226,13 @@ def propagate_shapes(
             from torch._subclasses.fake_tensor import FakeTensorMode
 
             mode = FakeTensorMode(allow_non_fake_inputs=True)
-            _quiet_shape_prop(graph_module, mode, mode.from_tensor(example))
+            try:
+                _quiet_shape_prop(graph_module, mode, mode.from_tensor(example))
+            except Exception:
+                # Data-dependent code (a leaf module that branches on values) needs
+                # values: one real forward of zeros, in eval mode, without grad.
+                with torch.no_grad():
+                    _ShapeRecorder(graph_module).propagate(torch.zeros_like(example))
     else:
         _MetaShapeProp(graph_module).propagate(example)
     shapes: dict[fx.Node, Any] = {}
