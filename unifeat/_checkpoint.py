@@ -17,6 +17,22 @@ _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "module")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+_VALID = (
+    "a checkpoint is a state dict written by torch.save(model.state_dict(), path) or "
+    "safetensors.torch.save_file"
+)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By content, not name: an 8-byte header length, then a JSON header."""
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9:
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 0 < length < path.stat().st_size
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read ``.safetensors``, ``.pt``/``.pth``/``.bin`` files into a flat state dict.
 
@@ -24,17 +40,35 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     them) and ``module.``/``_orig_mod.`` key prefixes are unwrapped.
     """
     path = Path(path)
+    shown = repr(str(path))
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {shown} is a directory, not a file: name the weights file in it "
+            "(a transformers model directory is a model name: 'hf:<directory>')"
+        )
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
+        raise CheckpointError(f"checkpoint file {shown} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {shown} is empty: {_VALID}")
     try:
-        if path.suffix == ".safetensors":
+        if _is_safetensors(path):
             from safetensors.torch import load_file
 
             loaded: Any = load_file(str(path), device="cpu")
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"could not read checkpoint {str(path)!r}: {exc}") from exc
+        text = str(exc).strip().splitlines()
+        reason = text[0] if text else type(exc).__name__
+        if "Unsupported global" in str(exc) and "Module" in str(exc):
+            raise CheckpointError(
+                f"checkpoint {shown} holds a pickled model, not a state dict, and unifeat "
+                "never unpickles code: save module.state_dict() instead"
+            ) from None
+        raise CheckpointError(
+            f"could not read checkpoint {shown} as a state dict ({type(exc).__name__}: "
+            f"{reason[:200]}): {_VALID}"
+        ) from None
     while isinstance(loaded, Mapping):
         nested = next((k for k in _NESTING_KEYS if isinstance(loaded.get(k), Mapping)), None)
         if nested is None:

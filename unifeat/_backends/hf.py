@@ -33,6 +33,7 @@ from unifeat._engine.native import at
 from unifeat._errors import (
     BackendUnavailableError,
     CheckpointError,
+    UnifeatError,
     UnknownModelError,
     UnsupportedOptionError,
     format_choices,
@@ -184,6 +185,13 @@ def _model_class(config: PretrainedConfig, label: str) -> type[PreTrainedModel]:
     ResNet, ViTPose's ViT)."""
     for mapping in (MODEL_MAPPING, MODEL_FOR_BACKBONE_MAPPING):
         if type(config) in mapping:
+            # Vision configs say how many channels their images have; text ones do not.
+            if not hasattr(config, "num_channels") and config.model_type not in _vision_types():
+                raise UnsupportedOptionError(
+                    f"{label} is a {config.model_type!r} model, not a vision model (it takes "
+                    f"no pixel_values); vision model types include "
+                    f"{format_choices(_vision_types())}"
+                )
             return cast(type[PreTrainedModel], mapping[type(config)])
     # A vision config without an auto mapping of its own (MetaCLIP 2's): its model
     # class is named after it.
@@ -213,23 +221,40 @@ def _check_config_kwargs(model_type: str, kwargs: Mapping[str, Any], plan: Build
 
 def _load_config(name: str, kwargs: Mapping[str, Any], plan: BuildPlan) -> PretrainedConfig:
     """``AutoConfig.from_pretrained`` with errors that say what is wrong with the files."""
-    if _is_path(name) and not os.path.isdir(os.path.expanduser(name)):
+    where = os.path.expanduser(name)
+    if _is_path(name) and os.path.exists(where) and not os.path.isdir(where):
         raise UnknownModelError(
-            f"no directory {name!r} for {plan.label}: hf:<path> names a directory written by "
+            f"{name!r} is not a directory: hf:<path> names a directory written by "
             "save_pretrained (with config.json)"
         )
-    if os.path.isdir(name):
-        config_file = os.path.join(name, "config.json")
+    if _is_path(name) and not os.path.isdir(where):
+        raise UnknownModelError(
+            f"directory {name!r} does not exist: hf:<path> names a directory written by "
+            "save_pretrained (with config.json)"
+        )
+    if os.path.isdir(where):
+        config_file = os.path.join(where, "config.json")
         if not os.path.isfile(config_file):
-            raise CheckpointError(
-                f"directory {name!r} has no config.json, so {plan.label} cannot be built: "
-                "save the model there with save_pretrained()"
+            raise UnknownModelError(
+                f"directory {name!r} has no config.json, so it names no model: save the model "
+                "there with save_pretrained()"
             )
         try:
             with open(config_file, encoding="utf-8") as file:
-                json.load(file)
+                found = json.load(file)
         except (ValueError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{config_file!r} is not valid JSON ({exc})") from None
+        model_type = found.get("model_type") if isinstance(found, dict) else None
+        if not model_type:
+            raise UnknownModelError(
+                f"{config_file!r} has no model_type, so transformers cannot tell which model "
+                "it describes: write it with save_pretrained()"
+            )
+        if model_type not in CONFIG_MAPPING:
+            raise UnknownModelError(
+                f"{config_file!r} names model type {model_type!r}, which this transformers "
+                f"does not know; vision model types include {format_choices(_vision_types())}"
+            )
     try:
         return AutoConfig.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
@@ -341,9 +366,19 @@ class HfAdapter(Adapter):
                 f"pretrained=True needs weights, but {plan.label} is a model type: pass a hub "
                 "id or a local directory (hf:<org>/<repo>, hf:/path/to/dir), or checkpoint_path="
             )
-        try:
-            if plan.pretrained and not meta:
+        if plan.pretrained and not meta:
+            try:
                 return model_class.from_pretrained(name, config=config, **load_kwargs)
+            except Exception as exc:  # safetensors' own error is none of the builtins
+                if isinstance(exc, UnifeatError) or not os.path.isdir(os.path.expanduser(name)):
+                    raise
+                files = sorted(os.listdir(os.path.expanduser(name)))
+                raise CheckpointError(
+                    f"could not load the weights of {plan.label} from directory {name!r} "
+                    f"(files: {', '.join(files)}): {type(exc).__name__}: {_first_line(exc)}; "
+                    "save_pretrained() writes model.safetensors there"
+                ) from None
+        try:
             with torch.device("meta") if meta else contextlib.nullcontext():
                 return model_class(config)
         except ImportError as exc:
