@@ -260,15 +260,18 @@ def _output_shapes(
         model = unifeat.create_model(model_name, features_only=True, **options)
     assert isinstance(model, unifeat.FeatureModel)
     native = model.default_input_size
-    if input_size:
-        size = (input_size[0], input_size[-1])
+    given = _size(input_size)
+    if given:
+        size = given
     elif native:
         size = (native[-2], native[-1])
     else:
         size = (224, 224)
     try:
+        # Eval mode and two samples: a train-mode BatchNorm cannot normalize one
+        # sample's 1x1 map, and the shapes are those of inference anyway.
         with torch.no_grad():
-            maps = model(torch.empty(1, 3, *size, device="meta"))
+            maps = model.eval()(torch.empty(2, model.input_size[0], *size, device="meta"))
         shapes = [tuple(m.shape[1:]) for m in (maps.values() if isinstance(maps, dict) else maps)]
     except Exception as exc:
         # e.g. a fixed-size ViT given another size: the table still shows nominal shapes.
@@ -374,7 +377,8 @@ def _size(values: Sequence[int] | None) -> tuple[int, int] | None:
     if not values:
         return None
     if len(values) > 2:
-        raise _BadArgument(f"--input-size takes H [W], not {len(values)} values")
+        shown = " ".join(str(v) for v in values)
+        raise _BadArgument(f"--input-size takes H [W], not {len(values)} values ({shown})")
     return (values[0], values[-1])
 
 

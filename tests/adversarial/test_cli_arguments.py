@@ -56,7 +56,6 @@ BAD_ROWS = [
         ["info", "resnet18", "--input-size", "1", "2", "3"],
         [r"--input-size", r"1,? 2,? 3"],
         id="input-size-three-values",
-        bug_reason="--input-size 1 2 3 is taken as 1x3, the middle value dropped",
     ),
     param(
         ["info", "resnet18", "--input-size", "x"],
@@ -113,7 +112,6 @@ BAD_ROWS = [
         ["info", "hf:/nonexistent/unifeat_adversarial_dir"],
         [r"unifeat_adversarial_dir", r"does not exist|no such"],
         id="info-missing-hf-dir",
-        bug_reason="a missing hf: directory: exit 1 with transformers' 'Repo id must be...'",
     ),
     param(["info"], [r"required: model"], id="info-no-model"),
     param(["info", "resnet18", "--bogus"], [r"--bogus"], id="unknown-flag"),
@@ -158,7 +156,6 @@ GOOD_ROWS = [
         ["info", "resnet18", "--input-size", "32"],
         r"512x1x1",
         id="info-small-input",
-        bug_reason="info runs its meta forward in train mode: a false 'does not run at 32x32' note",
     ),
     param(["list", "resnet1?", "--backend", "tv"], r"^resnet18$", id="list"),
     param(["nodes", "tv:resnet18", "--filter", "layer4.1.*"], r"layer4\.1\.relu_1", id="nodes"),
