@@ -207,22 +207,6 @@ SLOW_CASES = [
 BY_ID = {case.id: case for case in [*CASES, *SLOW_CASES]}
 
 
-def _xfail_bug(reason: str) -> Any:
-    return pytest.mark.xfail(strict=True, reason=f"BUG: {reason}")
-
-
-BUG_TRAIN_ONLY_NODE = _xfail_bug(
-    "a train-only node (listed by get_node_names) is refused by return_nodes"
-)
-RETURN_NODES_BUGS = {
-    "timm-swin": _xfail_bug(
-        "return_nodes on timm Swin: the feature model's state_dict has FX tensor constants "
-        "(model._tensor_constant0..3) the source's has not, so the source's weights do not load"
-    ),
-}
-"""Cases whose ``return_nodes`` feature models cannot be built or loaded today."""
-
-
 def _timm(name: str) -> nn.Module:
     import timm
 

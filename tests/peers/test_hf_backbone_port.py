@@ -30,7 +30,6 @@ from tests.peers._models import (
     HF_RESNET,
     HF_SWIN,
     HF_TOKENS,
-    RETURN_NODES_BUGS,
     Case,
     params,
 )
@@ -119,7 +118,6 @@ def test_out_indices_validation(case: Case) -> None:
         # its downsampling) and return_nodes gives it as it is (docs/node-names.md);
         # its level is the second, as tokens: no like-for-like comparison here.
         where=lambda case: not case.tokens and case.id != "hf-swin",
-        marks=RETURN_NODES_BUGS,
         fast=("timm-resnet", "tv-squeezenet", "hf-resnet", "fx-stagenet"),
     ),
 )

@@ -19,7 +19,6 @@ import torch
 import unifeat
 from tests.peers._models import (
     BY_ID,
-    RETURN_NODES_BUGS,
     Case,
     capture,
     first_tensor,
@@ -224,7 +223,6 @@ def test_backward(case: Case) -> None:
 
 _TRACEABLE = params(
     where=lambda case: case.traceable,
-    marks=RETURN_NODES_BUGS,
     fast=("timm-resnet", "tv-squeezenet", "fx-stagenet"),
 )
 

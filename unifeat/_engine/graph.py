@@ -781,6 +781,16 @@ def _drop_unused(graph: fx.Graph) -> None:
         graph.erase_node(node)
 
 
+def _constants_not_persistent(root: nn.Module) -> None:
+    """Tensors FX lifted out of the forward's code (``_tensor_constant0``: timm Swin's
+    masks) are constants of the graph, not weights: left out of ``state_dict`` so the
+    source's own checkpoints load."""
+    for name, _ in list(root.named_buffers()):
+        owner_path, _, field_ = name.rpartition(".")
+        if field_.startswith("_tensor_constant"):
+            root.get_submodule(owner_path)._non_persistent_buffers_set.add(field_)
+
+
 def _share_attribute(destination: nn.Module, source: nn.Module, target: str) -> None:
     """Make ``destination.<target>`` the same object as ``source.<target>``."""
     *path, field_ = target.split(".")
@@ -890,6 +900,7 @@ class GraphRunner(Runner):
         if self._norm_applies():
             for target in self._plan.final_modules:
                 _share_attribute(root, self._source, target)
+        _constants_not_persistent(root)
         return root
 
     def _norm_applies(self) -> bool:
