@@ -141,16 +141,7 @@ TOKEN_ROWS: list[tuple[str, Row]] = [
         (lambda: torch.randn(2, 3, 33, 47), "forward", [_shape(33, 47), r"\b8\b"]),
     ),
 ]
-_REFUSED_BUGS = {
-    (HF_TOKENS.id, "below-patch-size"): _RAW,
-    (
-        TIMM_TOKENS.id,
-        "below-patch-size",
-    ): "timm's fixed-size ViT fails a bare assert (gone under -O)",
-    (TIMM_TOKENS.id, "not-a-multiple-of-the-patch"): (
-        "timm's fixed-size ViT fails a bare assert (gone under -O)"
-    ),
-}
+_REFUSED_BUGS: dict[tuple[str, str], str] = {}
 
 
 def _refused_params() -> list[Any]:
@@ -217,11 +208,7 @@ def test_float64_input(backend: Backend) -> None:
     "backend",
     [
         param(HF_TOKENS, id=HF_TOKENS.id),
-        param(
-            TIMM_TOKENS,
-            id=TIMM_TOKENS.id,
-            bug_reason="timm's fixed-size ViT fails a bare assert at another patch multiple",
-        ),
+        param(TIMM_TOKENS, id=TIMM_TOKENS.id),
     ],
 )
 def test_token_model_at_another_multiple_of_the_patch(backend: Backend) -> None:

@@ -145,6 +145,11 @@ class Adapter:
         """The strides the library's own switch reaches (for messages)."""
         return []
 
+    def fixed_input_size(self, source: nn.Module) -> tuple[int, int, int] | None:
+        """``(patch, H, W)`` where the model runs at its built size only (a timm ViT
+        without ``dynamic_img_size``), so that another size is refused up front."""
+        return None
+
     def image_transform(self, plan: BuildPlan, source: nn.Module) -> Any:
         """The preprocessing the library prescribes for ``source`` (PIL image -> tensor),
         where it says."""
@@ -398,6 +403,7 @@ class Adapter:
         transform = self.image_transform(plan, source)
         if transform is not None:
             attach_image_transform(model, transform)
+        model.fixed_input_size = self.fixed_input_size(source)
         if plan.frozen_levels is not None or plan.norm_eval:
             model.freeze(plan.frozen_levels, norm_eval=plan.norm_eval)
         return model

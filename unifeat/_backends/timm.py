@@ -178,6 +178,18 @@ class TimmAdapter(Adapter):
         ]
         return [*names, "pretrained_cfg", "pretrained_cfg_overlay", "features_only"]
 
+    def fixed_input_size(self, source: nn.Module) -> tuple[int, int, int] | None:
+        embed = getattr(source, "patch_embed", None)
+        size, patch = getattr(embed, "img_size", None), getattr(embed, "patch_size", None)
+        if (
+            not getattr(embed, "strict_img_size", False)
+            or getattr(source, "dynamic_img_size", False)
+            or not isinstance(size, (tuple, list))
+            or not isinstance(patch, (tuple, list))
+        ):
+            return None
+        return int(patch[0]), int(size[0]), int(size[1])
+
     def native_input_size(self, plan: BuildPlan, source: nn.Module) -> tuple[int, int, int]:
         size = (getattr(source, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
         # pretrained_cfg keeps the pretrained size when img_size= built another one;

@@ -162,6 +162,8 @@ class FeatureModel(nn.Module):
     _frozen_parameters: tuple[str, ...] = ()
     _held_in_eval: tuple[str, ...] = ()
     grad_checkpointing: bool = False
+    fixed_input_size: tuple[int, int, int] | None = None
+    """``(patch, H, W)`` of a token model that runs at its built size only."""
 
     def __init__(
         self,
@@ -454,12 +456,33 @@ class FeatureModel(nn.Module):
             found,
         )
 
+    def _check_token_size(self, height: Any, width: Any) -> None:
+        """A token model's input: no smaller than a patch, and the built size where
+        the model takes no other (its position embeddings are not interpolated)."""
+        fixed = self.fixed_input_size
+        patches = [
+            lv.reduction for lv in getattr(self._runner, "levels", ()) if lv.layout == "tokens"
+        ]
+        patch = fixed[0] if fixed is not None else min(patches, default=0)
+        if patch and (height < patch or width < patch):
+            raise UnsupportedOptionError(
+                f"{self._context} cuts its input into patches of size {patch}, so an input of "
+                f"{height}x{width} is too small: give at least {patch}x{patch}"
+            )
+        if fixed is not None and (height, width) != fixed[1:]:
+            raise UnsupportedOptionError(
+                f"{self._context} was built for {fixed[1]}x{fixed[2]} inputs (patch size {patch}, "
+                f"position embeddings of that grid), got {height}x{width}: resize the input, or "
+                "build it for that size (img_size=..., or dynamic_img_size=True)"
+            )
+
     def _check_image_batch(self, x: Tensor, shape: str, channels: int) -> None:
         if x.dim() != 4:
             raise UnsupportedOptionError(
                 f"{self._context} takes a 4-D (N, C, H, W) batch, got a {x.dim()}-D input of "
                 f"shape {shape}"
             )
+        self._check_token_size(x.shape[-2], x.shape[-1])
         if x.shape[1] != channels:
             raise UnsupportedOptionError(
                 f"{self._context} takes {channels} input channels, got an input of shape "
