@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +85,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_fits(state: Mapping[str, Any], model: nn.Module, path: str | Path, context: str) -> None:
+def _check_fits(
+    state: Mapping[str, Any],
+    model: nn.Module,
+    path: str | Path,
+    context: str,
+    optional: Collection[str] = (),
+) -> None:
     own = model.state_dict()
-    missing = [key for key in own if key not in state]
+    missing = [key for key in own if key not in state and key not in optional]
     unexpected = [key for key in state if key not in own]
     mismatched = [
         f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}"
@@ -109,14 +115,23 @@ def _check_fits(state: Mapping[str, Any], model: nn.Module, path: str | Path, co
         )
 
 
-def check_checkpoint(model: nn.Module, path: str | Path, *, context: str) -> None:
+def check_checkpoint(
+    model: nn.Module, path: str | Path, *, context: str, optional: Collection[str] = ()
+) -> None:
     """Raise the :class:`CheckpointError` :func:`load_checkpoint` would, without loading
     (``model`` may live on the meta device)."""
-    _check_fits(read_state_dict(path), model, path, context)
+    _check_fits(read_state_dict(path), model, path, context, optional)
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, *, context: str) -> None:
-    """Load ``path`` into ``model`` strictly, with a message that names what did not fit."""
+def load_checkpoint(
+    model: nn.Module, path: str | Path, *, context: str, optional: Collection[str] = ()
+) -> None:
+    """Load ``path`` into ``model`` strictly, with a message that names what did not fit.
+
+    ``optional``: keys that may be missing, because what holds them is cut away
+    afterwards (a feature model's own state dict lacks the modules after its
+    deepest level); those keep their initial values until they are dropped.
+    """
     state = read_state_dict(path)
-    _check_fits(state, model, path, context)
-    model.load_state_dict(state, strict=True)
+    _check_fits(state, model, path, context, optional)
+    model.load_state_dict(state, strict=not any(key not in state for key in optional))

@@ -191,8 +191,26 @@ class Adapter:
                 (plan.frozen_levels,), len(layout.info), context=plan.label, what="frozen_levels"
             )
         if plan.checkpoint_path is not None:
-            check_checkpoint(self.source_on_meta(plan), plan.checkpoint_path, context=plan.label)
+            source = self.source_on_meta(plan)
+            check_checkpoint(
+                source,
+                plan.checkpoint_path,
+                context=plan.label,
+                optional=self._keys_cut_away(plan, layout, source),
+            )
         return layout.info
+
+    @staticmethod
+    def _keys_cut_away(plan: BuildPlan, layout: Layout | None, source: nn.Module) -> frozenset[str]:
+        """The source's state-dict keys the feature model of ``plan`` does not keep
+        (what follows its deepest level): a checkpoint may lack them, so that a
+        feature model's own ``state_dict()`` loads back as ``checkpoint_path``."""
+        if not plan.features_only or layout is None:
+            return frozenset()
+        # A structural copy (tensors shared): cutting it leaves ``source`` whole.
+        _, root = layout.make_runner(share_parameters_copy(source), context=plan.label)
+        kept = set(nn.Module.state_dict(root).keys())
+        return frozenset(nn.Module.state_dict(source).keys()) - kept
 
     def node_names(self, plan: BuildPlan) -> tuple[list[str], list[str]]:
         """Train and eval node names: FX's where the model traces, module paths otherwise."""
@@ -422,7 +440,12 @@ class Adapter:
             if plan.checkpoint_path is not None:
                 # Loading writes into the tensors, which the caller's module owns.
                 source = copy.deepcopy(source)
-                load_checkpoint(source, plan.checkpoint_path, context=plan.label)
+                load_checkpoint(
+                    source,
+                    plan.checkpoint_path,
+                    context=plan.label,
+                    optional=self._keys_cut_away(plan, layout, source),
+                )
             elif plan.features_only or dilates:
                 source = share_parameters_copy(source)
             return source
@@ -436,7 +459,12 @@ class Adapter:
             else:
                 source = self.build(plan, meta=False, extra_kwargs=extra)
         if plan.checkpoint_path is not None:
-            load_checkpoint(source, plan.checkpoint_path, context=plan.label)
+            load_checkpoint(
+                source,
+                plan.checkpoint_path,
+                context=plan.label,
+                optional=self._keys_cut_away(plan, layout, source),
+            )
         if device is not None or plan.dtype is not None:
             source = source.to(device=device, dtype=plan.dtype)
         return source
