@@ -173,6 +173,25 @@ def test_output_stride_equals_timm(name, stride):
     assert ours[-1].shape[-1] == 64 // stride
 
 
+@pytest.mark.parametrize("name", ["mobilenetv3_small_100", "mobilenetv4_conv_small"])
+def test_output_stride_where_timm_dilates_only_the_feature_variant(name):
+    """MobileNetV3/V4 take output_stride in features_only builds only: unifeat's model
+    (whole, for forward_intermediates' final output) gives timm's dilated maps."""
+    torch.manual_seed(0)
+    reference = timm.create_model(name, output_stride=16, features_only=True).eval()
+    model = unifeat.create_model(f"timm:{name}", features_only=True, output_stride=16).eval()
+    assert unifeat.feature_info(f"timm:{name}", output_stride=16) == model.feature_info
+    assert model.feature_info.reduction() == reference.feature_info.reduction()
+    own = model.state_dict()
+    reference.load_state_dict({k: v for k, v in own.items() if k in reference.state_dict()})
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for mine, ref in zip(model(x), reference(x), strict=True):
+            assert torch.equal(mine, ref)
+        final, _ = model.forward_intermediates(x, indices=(-1,))
+    assert final.shape[-2:] == (4, 4)
+
+
 def test_output_stride_equal_to_native_stride_is_accepted_everywhere():
     """timm refuses output_stride on ViTs even at the patch size; unifeat accepts the no-op."""
     info = unifeat.feature_info("timm:vit_tiny_patch16_224", output_stride=16)

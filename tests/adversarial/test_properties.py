@@ -103,11 +103,10 @@ def test_agree_on_levels_and_strides_many(backend: Backend, options: dict[str, A
 @pytest.mark.parametrize(
     ("name", "options"),
     [
-        param(
+        pytest.param(
             "timm:mobilenetv3_small_100",
             dict(output_stride=16),
             id="timm-mobilenetv3-output_stride-16",
-            bug_reason="feature_info accepts it; create_model raises timm's raw TypeError",
         ),
         pytest.param("timm:resnet18", dict(output_stride=8), id="timm-resnet18-output_stride-8"),
         pytest.param("tv:resnet50", dict(output_stride=16), id="tv-resnet50-output_stride-16"),

@@ -163,8 +163,41 @@ class TimmAdapter(Adapter):
                 return _on_meta(plan.model_name, **kwargs)
             return timm.create_model(plan.model_name, pretrained=pretrained, **kwargs)
         except TypeError as exc:
+            if "output_stride" in kwargs and "output_stride" in str(exc):
+                return self._dilated_like_features(plan, kwargs, pretrained)
             refuse_unknown_kwargs(exc, plan, lambda: self._accepted(plan))
             raise
+
+    def _dilated_like_features(
+        self, plan: BuildPlan, kwargs: dict[str, Any], pretrained: bool
+    ) -> nn.Module:
+        """The whole model, dilated as timm's own ``features_only`` build with
+        ``output_stride`` is.
+
+        Some classes take ``output_stride`` only in their feature variant
+        (MobileNetV3's ``MobileNetV3Features``, also MobileNetV4): the model is
+        built undilated and each conv gets the stride, dilation and padding of the
+        same conv in timm's dilated feature build, so the levels are timm's and
+        the final norm and head stay for ``forward_intermediates``' final output.
+        """
+        assert plan.model_name is not None
+        undilated = {k: v for k, v in kwargs.items() if k != "output_stride"}
+        model = timm.create_model(plan.model_name, pretrained=pretrained, **undilated)
+        features = _on_meta(plan.model_name, features_only=True, **kwargs)
+        convs = dict(model.named_modules())
+        for name, conv in features.named_modules():
+            if not isinstance(conv, nn.Conv2d):
+                continue
+            target = convs.get(name)
+            if not isinstance(target, nn.Conv2d) or target.kernel_size != conv.kernel_size:
+                raise UnsupportedOptionError(
+                    f"output_stride={kwargs['output_stride']} is not supported by {plan.label}: "
+                    f"timm dilates only its feature variant, whose conv {name!r} has no "
+                    "counterpart in the whole model"
+                )
+            target.stride, target.dilation = conv.stride, conv.dilation
+            target.padding = conv.padding
+        return model
 
     def _accepted(self, plan: BuildPlan) -> list[str]:
         """The keyword arguments the model's class takes (timm passes them on)."""
