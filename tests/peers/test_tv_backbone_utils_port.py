@@ -310,13 +310,6 @@ def test_build_feature_extractor_failure_cases(case: Case) -> None:
 @pytest.mark.parametrize(
     "case",
     params(
-        marks={
-            "timm-swin": pytest.mark.xfail(
-                strict=True,
-                reason="BUG: a tuple-valued node of timm's Swin (seed-sampled) has 2 items "
-                "in unifeat's graph and 3 in torchvision's extractor",
-            )
-        },
         fast=ONE_PER_BACKEND,
     ),
 )

@@ -249,9 +249,14 @@ class FeatureModel(nn.Module):
     ) -> Features:
         """Lay out runner maps (NCHW, depth order) as asked, by default as the model says."""
         fmt = output_fmt or self.output_fmt
+        levels = getattr(self._runner, "levels", ())
+        # A tuple is (map, prefix tokens), except where a return_nodes node returned
+        # a tuple of its own (an attention's unbind of q, k, v): that stays whole.
         laid_out: list[FeatureMap] = [
-            (to_format(m[0], fmt), m[1]) if isinstance(m, tuple) else self._formatted(m, fmt)
-            for m in maps
+            (to_format(m[0], fmt), m[1])
+            if isinstance(m, tuple) and levels[index].layout != "raw"
+            else self._formatted(m, fmt)
+            for m, index in zip(maps, indices, strict=True)
         ]
         if (output_type or self.output_type) == "dict":
             names = self.feature_info.module_name(list(indices))
