@@ -1,8 +1,11 @@
 """Deployment: torch.export and ONNX of feature models match eager, on every backend.
 
 A batch dimension is dynamic for every model; height and width too for conv
-nets (from 64 pixels up: docs/export.md). Each exported program is checked
-against the eager feature model at two input sizes. One small model per backend
+nets (from 64 pixels up: docs/export.md) and for the token models whose position
+embeddings unifeat or the library resamples to any multiple of the patch size
+(timm, torchvision and open_clip ViTs: height and width are ``16 * Dim``).
+Each exported program is checked against the eager feature model at two input
+sizes. One small model per backend
 runs by default; the architectures named in docs/export.md at full size are
 behind the ``slow`` marker.
 """
@@ -44,24 +47,37 @@ class _Net(nn.Module):
         return self.stage2(self.stage1(self.stem(x)))
 
 
+def _tv_vit() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.VisionTransformer(
+        image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+    )
+
+
+# A token model's sizes under torch.export: its patch size where height and width
+# are dynamic too (multiples of it), True where its input size stays static
+# (transformers' interpolate_pos_encoding branches on height == width).
+Tokens = bool | int
 # (id, model, kwargs, token model, input size)
 SMALL = [
     ("timm-resnet18", "timm:resnet18", {}, False, 64),
-    ("timm-vit", "timm:vit_tiny_patch16_224", dict(img_size=64, depth=2), True, 64),
+    ("timm-vit", "timm:vit_tiny_patch16_224", dict(img_size=64, depth=2), 16, 64),
+    ("tv-vit", _tv_vit, {}, 16, 64),
     ("tv-resnet18", "tv:resnet18", {}, False, 64),
     ("hf-convnext", "hf:convnext", _HF_CONVNEXT, False, 64),
     ("hf-vit", "hf:vit", _HF_VIT, True, 64),
     ("open_clip-rn", "oc:RN50", _OC_RN, False, 64),
-    ("open_clip-vit", "oc:ViT-B-32", _OC_VIT, True, 64),
+    ("open_clip-vit", "oc:ViT-B-32", _OC_VIT, 16, 64),
     ("module", _Net, {}, False, 64),
 ]
 FULL = [
     ("timm-resnet50", "timm:resnet50", {}, False, 224),
     ("timm-convnext_tiny", "timm:convnext_tiny", {}, False, 224),
-    ("timm-vit_small", "timm:vit_small_patch16_224", {}, True, 224),
+    ("timm-vit_small", "timm:vit_small_patch16_224", {}, 16, 224),
     ("tv-resnet50", "tv:resnet50", {}, False, 224),
     ("tv-convnext_tiny", "tv:convnext_tiny", {}, False, 224),
-    ("tv-vit_b_16", "tv:vit_b_16", {}, True, 224),
+    ("tv-vit_b_16", "tv:vit_b_16", {}, 16, 224),
     ("hf-vit-base", "hf:vit", {}, True, 224),
     ("hf-convnext-tiny", "hf:convnext", {}, False, 224),
 ]
@@ -78,10 +94,16 @@ def _build(model: Any, kwargs: dict[str, Any]) -> nn.Module:
     return unifeat.create_model(arg, features_only=True, **kwargs).eval()
 
 
-def _dynamic(tokens: bool) -> dict[int, Any]:
+def _dynamic(tokens: Tokens) -> dict[int, Any]:
     batch = torch.export.Dim("batch", min=1, max=64)
-    if tokens:  # a token model's position embeddings fix its input size
+    if tokens is True:  # position embeddings the library resamples only eagerly
         return {0: batch}
+    if tokens:  # any multiple of the patch size, two patches and up
+        return {
+            0: batch,
+            2: tokens * torch.export.Dim("rows", min=2, max=64),
+            3: tokens * torch.export.Dim("cols", min=2, max=64),
+        }
     return {
         0: batch,
         2: torch.export.Dim("height", min=64, max=1024),
@@ -89,13 +111,15 @@ def _dynamic(tokens: bool) -> dict[int, Any]:
     }
 
 
-def _other_inputs(tokens: bool, size: int) -> list[torch.Tensor]:
-    if tokens:
+def _other_inputs(tokens: Tokens, size: int) -> list[torch.Tensor]:
+    if tokens is True:
         return [torch.randn(3, 3, size, size), torch.randn(1, 3, size, size)]
+    if tokens:
+        return [torch.randn(3, 3, size, size), torch.randn(1, 3, size + 2 * tokens, size - tokens)]
     return [torch.randn(3, 3, size, size), torch.randn(1, 3, size + 32, size + 16)]
 
 
-def _check_export(model: Any, kwargs: dict[str, Any], tokens: bool, size: int) -> None:
+def _check_export(model: Any, kwargs: dict[str, Any], tokens: Tokens, size: int) -> None:
     feature_model = _build(model, kwargs)
     example = torch.randn(2, 3, size, size)
     program = torch.export.export(feature_model, (example,), dynamic_shapes={"x": _dynamic(tokens)})
@@ -107,13 +131,13 @@ def _check_export(model: Any, kwargs: dict[str, Any], tokens: bool, size: int) -
 
 
 @pytest.mark.parametrize(("model", "kwargs", "tokens", "size"), _params(SMALL, slow=False))
-def test_torch_export_matches_eager(model: Any, kwargs: dict, tokens: bool, size: int) -> None:
+def test_torch_export_matches_eager(model: Any, kwargs: dict, tokens: Tokens, size: int) -> None:
     _check_export(model, kwargs, tokens, size)
 
 
 @pytest.mark.parametrize(("model", "kwargs", "tokens", "size"), _params(FULL, slow=True))
 def test_torch_export_matches_eager_full_size(
-    model: Any, kwargs: dict, tokens: bool, size: int
+    model: Any, kwargs: dict, tokens: Tokens, size: int
 ) -> None:
     _check_export(model, kwargs, tokens, size)
 
@@ -121,7 +145,7 @@ def test_torch_export_matches_eager_full_size(
 _ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
 
 
-def _check_onnx(model: Any, kwargs: dict[str, Any], tokens: bool, size: int) -> None:
+def _check_onnx(model: Any, kwargs: dict[str, Any], tokens: Tokens, size: int) -> None:
     import onnxruntime
 
     feature_model = _build(model, kwargs)
@@ -156,7 +180,7 @@ _ONNX_DEFAULT = {"tv-resnet18", "hf-vit"}
     ]
     + _params(FULL, slow=True),
 )
-def test_onnx_runtime_matches_eager(model: Any, kwargs: dict, tokens: bool, size: int) -> None:
+def test_onnx_runtime_matches_eager(model: Any, kwargs: dict, tokens: Tokens, size: int) -> None:
     _check_onnx(model, kwargs, tokens, size)
 
 

@@ -215,8 +215,6 @@ def test_foreign_checkpoint_on_every_backend(files: Path, backend: Backend) -> N
     )
 
 
-
-
 @pytest.mark.parametrize(
     "backend",
     [param(b, id=b.id) for b in BACKENDS],
@@ -234,7 +232,6 @@ def test_a_feature_models_own_weights_load_back(tmp_path: Path, backend: Backend
             assert torch.equal(a, b)
 
 
-
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.id)
 def test_a_feature_models_weights_do_not_fit_a_deeper_one(tmp_path: Path, backend: Backend) -> None:
     """Keys that only the modules after level 1 hold may be missing for levels
@@ -243,7 +240,9 @@ def test_a_feature_models_weights_do_not_fit_a_deeper_one(tmp_path: Path, backen
     torch.save(backend.create(out_indices=(0, 1)).state_dict(), tmp_path / "features.pth")
     for call in (backend.info, backend.create):
         refused(
-            lambda call=call: call(out_indices=(0, 1, 2), checkpoint_path=tmp_path / "features.pth"),
+            lambda call=call: call(
+                out_indices=(0, 1, 2), checkpoint_path=tmp_path / "features.pth"
+            ),
             CheckpointError,
             [r"features\.pth", r"does not fit", r"missing"],
         )

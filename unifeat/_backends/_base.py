@@ -15,7 +15,7 @@ import copy
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NoReturn, cast
 
 import torch
@@ -29,6 +29,7 @@ from unifeat._engine.layout import Finder, Layout, apply_output_stride
 from unifeat._engine.levels import Level
 from unifeat._engine.model import FeatureModel, share_parameters_copy
 from unifeat._engine.native import NativeSpec
+from unifeat._engine.resize import PositionEmbedding
 from unifeat._errors import TracingError, UnifeatError, UnsupportedOptionError, close_matches
 from unifeat._feature_info import FeatureInfo
 from unifeat._feature_model import attach_image_transform
@@ -93,6 +94,9 @@ class NativeLevels:
     """``(C, H, W)`` the model was made for."""
     default: IndexSpec = None
     """The library's own default selection, where it is part of its contract."""
+    build_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """Constructor arguments the feature model's source is built with (timm's
+    ``dynamic_img_size=True``: any input size)."""
 
 
 class Adapter:
@@ -148,6 +152,16 @@ class Adapter:
     def fixed_input_size(self, source: nn.Module) -> tuple[int, int, int] | None:
         """``(patch, H, W)`` where the model runs at its built size only (a timm ViT
         without ``dynamic_img_size``), so that another size is refused up front."""
+        return None
+
+    def patch_size(self, source: nn.Module) -> int | None:
+        """The patch size of a token model that takes any multiple of it (height and
+        width), where its levels do not say it (a library's own intermediates)."""
+        return None
+
+    def position_embedding(self, source: nn.Module) -> PositionEmbedding | None:
+        """Graph finder hint: the learned position embedding of a traced token model,
+        resampled at other input sizes (torchvision's ViT)."""
         return None
 
     def image_transform(self, plan: BuildPlan, source: nn.Module) -> Any:
@@ -300,6 +314,7 @@ class Adapter:
                     input_size=size,
                     context=plan.label,
                     head_modules=self.head_modules(source),
+                    position_embedding=self.position_embedding(source),
                     tracer_options=plan.tracer_kwargs,
                 )
             except TracingError as untraceable:
@@ -338,7 +353,7 @@ class Adapter:
         return relevel(levels, {lv.where: shapes.get(lv.where) for lv in levels}, finder.size)
 
     def _native_layout(self, plan: BuildPlan, native: NativeLevels) -> Layout:
-        build_kwargs: dict[str, Any] = {}
+        build_kwargs: dict[str, Any] = dict(native.build_kwargs)
 
         def switch(stride: int) -> list[Level] | None:
             kwargs = self.native_stride(plan, stride)
@@ -422,6 +437,7 @@ class Adapter:
         if transform is not None:
             attach_image_transform(model, transform)
         model.fixed_input_size = self.fixed_input_size(source)
+        model.patch_size = self.patch_size(source)
         if plan.frozen_levels is not None or plan.norm_eval:
             model.freeze(plan.frozen_levels, norm_eval=plan.norm_eval)
         return model

@@ -9,6 +9,8 @@ tower is never built.
 
 from __future__ import annotations
 
+import inspect
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,9 +23,45 @@ from unifeat._backends import timm as timm_backend
 from unifeat._backends._base import Adapter, NativeLevels, unknown_keyword
 from unifeat._engine.levels import FeatureMap
 from unifeat._engine.native import NativeSpec, measure_levels
+from unifeat._engine.resize import PositionEmbedding, resample
 from unifeat._options import BuildPlan
 
 # -- ViT towers: blocks of tokens, a class token first ---------------------------------
+
+
+def _position_rule(tower: Any) -> PositionEmbedding:
+    """open_clip's own rule (``resize_pos_embed``): bicubic, antialiased."""
+    patch = int(tower.patch_size[0])
+    rows, cols = tower.grid_size
+    return PositionEmbedding("positional_embedding", patch, (int(rows), int(cols)), 1)
+
+
+class _Resized:
+    """A ViT tower seen with its position embedding resampled for one input's grid:
+    open_clip's own methods run on this view, the tower is never written (calls
+    from several threads at once stay independent)."""
+
+    def __init__(self, tower: nn.Module, positional_embedding: Tensor) -> None:
+        self._tower = tower
+        self.positional_embedding = positional_embedding
+
+    def __getattr__(self, name: str) -> Any:
+        function = getattr(type(self._tower), name, None)
+        if inspect.isfunction(function):
+            return types.MethodType(function, self)  # its methods see the view
+        return getattr(self._tower, name)
+
+
+def _forward_intermediates(tower: Any, x: Tensor, **kwargs: Any) -> dict[str, Any]:
+    """open_clip's ``forward_intermediates`` at any multiple of the patch size; the
+    tower itself at the size it was built for."""
+    rule = _position_rule(tower)
+    rows, cols = x.shape[-2] // rule.patch, x.shape[-1] // rule.patch
+    position = resample(tower.positional_embedding, rows, cols, rule)
+    if position is tower.positional_embedding:
+        return dict(tower.forward_intermediates(x, **kwargs))
+    view = _Resized(tower, position)
+    return dict(type(tower).forward_intermediates(view, x, **kwargs))
 
 
 def _vit_final(
@@ -31,7 +69,8 @@ def _vit_final(
 ) -> tuple[Tensor, list[FeatureMap]]:
     last = len(tower.transformer.resblocks) - 1
     wanted = sorted({*indices, last})
-    out = tower.forward_intermediates(
+    out = _forward_intermediates(
+        tower,
         x,
         indices=wanted,
         intermediates_only=True,
@@ -50,7 +89,8 @@ def _vit_final(
 def _vit_intermediates(
     tower: Any, x: Tensor, indices: list[int], prefix: bool, norm: bool
 ) -> list[FeatureMap]:
-    out = tower.forward_intermediates(
+    out = _forward_intermediates(
+        tower,
         x,
         indices=indices,
         intermediates_only=True,
@@ -166,6 +206,20 @@ class OpenClipAdapter(Adapter):
         size = getattr(source, "image_size", 224)
         height, width = (size, size) if isinstance(size, int) else size
         return 3, int(height), int(width)
+
+    def patch_size(self, source: nn.Module) -> int | None:
+        """A ViT tower takes any multiple of its patch size (its position embedding
+        resampled as open_clip's ``resize_pos_embed`` does)."""
+        if isinstance(source, open_clip.transformer.VisionTransformer):
+            return _position_rule(source).patch
+        return None
+
+    def fixed_input_size(self, source: nn.Module) -> tuple[int, int, int] | None:
+        """A timm trunk (``timm_model_name`` towers) takes what timm's model takes."""
+        trunk = getattr(source, "trunk", None)
+        if isinstance(trunk, nn.Module):
+            return timm_backend.TimmAdapter().fixed_input_size(trunk)
+        return None
 
     def native(self, plan: BuildPlan, extra_kwargs: Mapping[str, Any]) -> NativeLevels | None:
         tower = self.source_on_meta(plan)

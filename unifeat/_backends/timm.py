@@ -223,6 +223,19 @@ class TimmAdapter(Adapter):
             return None
         return int(patch[0]), int(size[0]), int(size[1])
 
+    def patch_size(self, source: nn.Module) -> int | None:
+        """A ViT built with ``dynamic_img_size`` takes any multiple of its patch size
+        (timm resamples its position embeddings); with ``dynamic_img_pad`` any size."""
+        embed = getattr(source, "patch_embed", None)
+        patch = getattr(embed, "patch_size", None)
+        if (
+            not getattr(source, "dynamic_img_size", False)
+            or getattr(embed, "dynamic_img_pad", False)
+            or not isinstance(patch, (tuple, list))
+        ):
+            return None
+        return int(patch[0])
+
     def native_input_size(self, plan: BuildPlan, source: nn.Module) -> tuple[int, int, int]:
         size = (getattr(source, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
         # pretrained_cfg keeps the pretrained size when img_size= built another one;
@@ -249,6 +262,7 @@ class TimmAdapter(Adapter):
             tokens,
             size,
             default=tuple(features.feature_info.out_indices),
+            build_kwargs=_any_size(plan, runner),
         )
 
     def features_on_meta(self, plan: BuildPlan, extra_kwargs: Mapping[str, Any]) -> Any:
@@ -339,6 +353,17 @@ class TimmAdapter(Adapter):
         except _OPTION_ERRORS:
             return False
         return max(level["reduction"] for level in features.feature_info.info) == stride
+
+
+def _any_size(plan: BuildPlan, model: nn.Module) -> dict[str, Any]:
+    """``dynamic_img_size=True`` for a feature model of a class that takes it (ViT,
+    Eva, ...), unless the caller chose: timm then resamples the position embeddings
+    to each input's grid (bicubic, antialiased) and leaves them as they are at the
+    built size, so any multiple of the patch size runs."""
+    takes = "dynamic_img_size" in inspect.signature(type(model)).parameters
+    if not plan.features_only or not takes or "dynamic_img_size" in plan.model_kwargs:
+        return {}
+    return {"dynamic_img_size": True}
 
 
 def _on_meta(name: str, **kwargs: Any) -> Any:

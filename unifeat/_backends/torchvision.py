@@ -16,8 +16,10 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 from unifeat._backends._base import Adapter, refuse_unknown_kwargs, unknown_keyword
+from unifeat._engine.resize import PositionEmbedding
 from unifeat._errors import UnsupportedOptionError, format_choices
 from unifeat._options import BuildPlan
 
@@ -69,6 +71,15 @@ class TorchvisionAdapter(Adapter):
         container, count = override
         children = [name for name, _ in source.get_submodule(container).named_children()]
         return tuple(f"{container}.{name}" for name in children[-count:])
+
+    def position_embedding(self, source: nn.Module) -> PositionEmbedding | None:
+        """A ViT's learned position embedding (class token first), resampled as
+        torchvision's own ``interpolate_embeddings`` does: bicubic, corners aligned."""
+        if not isinstance(source, VisionTransformer):
+            return None
+        patch, size = int(source.patch_size), int(source.image_size)
+        grid = (size // patch, size // patch)
+        return PositionEmbedding("encoder.pos_embedding", patch, grid, 1, True, False)
 
     def native_input_size(self, plan: BuildPlan, source: nn.Module) -> tuple[int, int, int]:
         size = getattr(source, "image_size", None) or _INPUT_SIZES.get(plan.model_name or "", 224)

@@ -42,6 +42,7 @@ from unifeat._engine.dilation import SPATIAL_OPS
 from unifeat._engine.levels import FeatureMap, Level, spatial, to_map, token_grid
 from unifeat._engine.meta import weightless
 from unifeat._engine.model import Runner
+from unifeat._engine.resize import PositionEmbedding, make_resizable
 from unifeat._errors import InvalidNodeError, TracingError, UnsupportedOptionError, close_matches
 
 # Top-level modules that belong to a classifier head, never to a feature level:
@@ -827,6 +828,14 @@ class GraphPlan:
     """The final norm: modules that map the last level to the final output."""
     tracer_options: dict[str, Any] = field(default_factory=dict)
     train: Trace | None = None
+    position_embedding: PositionEmbedding | None = None
+    """Where the source keeps a position embedding to resample at other input sizes."""
+
+
+def _resizable(trace_: Trace | None, plan: GraphPlan) -> None:
+    """Graphs of a token model run at any multiple of its patch size (resize.py)."""
+    if trace_ is not None and plan.position_embedding is not None:
+        make_resizable(trace_.graph, plan.position_embedding)
 
 
 def _compile(graph: fx.Graph) -> Any:
@@ -855,6 +864,8 @@ class GraphRunner(Runner):
         """The source's structure, for tracing the train graph later (unregistered;
         its submodules are the root's own objects)."""
         self._plan = plan
+        _resizable(plan.evaluation, plan)
+        _resizable(plan.train, plan)
         self._context = context
         self.levels = plan.levels
         self.last_level = last_level
@@ -950,6 +961,7 @@ class GraphRunner(Runner):
                     context=self._context,
                     extra_tracer_kwargs=self._plan.tracer_options,
                 )
+                _resizable(self._plan.train, self._plan)
             self._train_differs = list(self._plan.train.names.values()) != list(
                 self._plan.evaluation.names.values()
             )
@@ -1072,8 +1084,10 @@ class GraphFinder:
         context: str,
         head_modules: Iterable[str] = (),
         tracer_options: Mapping[str, Any] | None = None,
+        position_embedding: PositionEmbedding | None = None,
     ) -> None:
         self.source = source
+        self.position_embedding = position_embedding
         self.input_size = input_size
         self.size = input_size[1:]
         self.context = context
@@ -1208,6 +1222,7 @@ class GraphFinder:
             final_modules=self._final_norm(levels[-1].where, final) if auto else (),
             tracer_options=self.tracer_options,
             train=self.train,
+            position_embedding=self.position_embedding,
         )
 
     def _final_norm(self, deepest: str, final: str) -> tuple[str, ...]:

@@ -149,14 +149,21 @@ def grid_size(level: Level, height: int, width: int, *, context: str) -> tuple[i
     """
     patch = level.reduction
     if patch < 1 or height % patch or width % patch:
-        lower = (max(patch, height // patch * patch), max(patch, width // patch * patch))
-        upper = (-(-height // patch) * patch, -(-width // patch) * patch)
-        raise UnsupportedOptionError(
-            f"input {height}x{width} is not a multiple of the patch size {patch} of "
-            f"{context}: use a multiple of {patch}, e.g. {lower[0]}x{lower[1]} or "
-            f"{upper[0]}x{upper[1]}"
-        )
+        raise off_grid(height, width, max(patch, 1), context=context)
     return height // patch, width // patch
+
+
+def off_grid(height: int, width: int, patch: int, *, context: str) -> UnsupportedOptionError:
+    """The error for an input of a token model that is not a multiple of its patch
+    size, naming the valid sizes nearest to it."""
+    lower = (max(patch, height // patch * patch), max(patch, width // patch * patch))
+    upper = (-(-height // patch) * patch, -(-width // patch) * patch)
+    return UnsupportedOptionError(
+        f"input {height}x{width} is not a multiple of the patch size {patch} of {context}: "
+        f"it takes heights and widths that are multiples of {patch}, such as "
+        f"{lower[0]}x{lower[1]} or {upper[0]}x{upper[1]} (resize or pad the input; the "
+        "model would crop it silently)"
+    )
 
 
 def to_map(

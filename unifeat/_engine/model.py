@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, cast
@@ -19,7 +20,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from unifeat._engine.levels import FeatureMap, Level
+from unifeat._engine.levels import FeatureMap, Level, off_grid
 from unifeat._engine.meta import weightless
 from unifeat._errors import InvalidIndicesError, UnsupportedOptionError
 from unifeat._feature_info import FeatureInfo
@@ -164,6 +165,9 @@ class FeatureModel(nn.Module):
     grad_checkpointing: bool = False
     fixed_input_size: tuple[int, int, int] | None = None
     """``(patch, H, W)`` of a token model that runs at its built size only."""
+    patch_size: int | None = None
+    """The patch size of a token model that takes any multiple of it, where its
+    levels do not say it (levels of a library's own intermediates are NCHW)."""
 
     def __init__(
         self,
@@ -462,13 +466,18 @@ class FeatureModel(nn.Module):
         )
 
     def _check_token_size(self, height: Any, width: Any) -> None:
-        """A token model's input: no smaller than a patch, and the built size where
-        the model takes no other (its position embeddings are not interpolated)."""
+        """A token model's input: no smaller than a patch, a multiple of the patch
+        size (position embeddings are resampled to its grid), and the built size
+        where the model takes no other (a timm ViT passed in without
+        ``dynamic_img_size``)."""
         fixed = self.fixed_input_size
-        patches = [
-            lv.reduction for lv in getattr(self._runner, "levels", ()) if lv.layout == "tokens"
-        ]
-        patch = fixed[0] if fixed is not None else min(patches, default=0)
+        levels = getattr(self._runner, "levels", ())
+        tokens = [lv for lv in levels if lv.layout == "tokens"]
+        patch = (
+            fixed[0]
+            if fixed is not None
+            else self.patch_size or min((lv.reduction for lv in tokens), default=0)
+        )
         if patch and (height < patch or width < patch):
             raise UnsupportedOptionError(
                 f"{self._context} cuts its input into patches of size {patch}, so an input of "
@@ -480,6 +489,16 @@ class FeatureModel(nn.Module):
                 f"position embeddings of that grid), got {height}x{width}: resize the input, or "
                 "build it for that size (img_size=..., or dynamic_img_size=True)"
             )
+        # The patch grids the returned levels are read on (a plain ViT: one).
+        selected = set(self.feature_info.out_indices)
+        exact = [
+            lv.reduction
+            for i, lv in enumerate(levels)
+            if i in selected and lv.layout == "tokens" and lv.grid == "exact" and lv.reduction > 0
+        ]
+        grid = math.lcm(self.patch_size or 1, *exact)
+        if grid > 1 and (height % grid or width % grid):
+            raise off_grid(height, width, grid, context=self._context)
 
     def _check_image_batch(self, x: Tensor, shape: str, channels: int) -> None:
         if x.dim() != 4:
