@@ -229,6 +229,35 @@ class AdapterContract:
         assert model.feature_info.module_name() == ["earlier", "later"]
         assert [level.node for level in model.feature_info] == [first, second]
 
+    # -- classifier models (docs/training.md) -------------------------------------------
+
+    def test_classifier_interface_where_the_head_is_known(self) -> None:
+        """features_only=False: timm's interface (forward_features = the feature
+        model's final output, forward_head, reset_classifier) where the head is
+        known; elsewhere num_classes= is refused, not ignored."""
+        try:
+            whole = unifeat.create_model(self.model_arg(), num_classes=0, **self.kwargs)
+        except unifeat.UnsupportedOptionError as refusal:
+            unknown_heads = ("open_clip", "fx", "hf:dinov2")
+            assert "head unifeat knows" in str(refusal)
+            assert self.backend in unknown_heads or self.name in unknown_heads
+            return
+        assert whole.num_classes == 0
+        whole.eval()
+        features = self.build(out_indices=(-1,))
+        features.load_state_dict(whole.state_dict())
+        x = self.input()
+        with torch.no_grad():
+            final, _ = features.forward_intermediates(x)
+            unpooled = whole.forward_features(x)
+            torch.testing.assert_close(unpooled, final, rtol=0, atol=0)
+            pooled = whole.forward_head(unpooled, pre_logits=True)
+            assert pooled.shape == (2, whole.head_hidden_size)
+            whole.reset_classifier(0)
+            torch.testing.assert_close(whole(x), pooled, rtol=0, atol=0)
+            whole.reset_classifier(3)
+            assert whole(x).shape == (2, 3) and whole.num_classes == 3
+
     # -- training (docs/training.md) --------------------------------------------------
 
     def test_freeze_trains_only_the_later_levels(self) -> None:

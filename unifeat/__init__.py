@@ -12,6 +12,7 @@ Backend libraries (timm, ...) are imported on first use, not here.
 
 from unifeat._api import create_model, feature_info, get_node_names, list_models
 from unifeat._data import DataConfig, create_transform, data_config
+from unifeat._engine.classifier import ClassifierModel
 from unifeat._errors import (
     BackendUnavailableError,
     CheckpointError,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "CheckpointError",
+    "ClassifierModel",
     "DataConfig",
     "ExtractResult",
     "FeatureInfo",

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from unifeat import _registry
+from unifeat._engine.classifier import ClassifierModel
 from unifeat._errors import UnsupportedOptionError
 from unifeat._feature_info import FeatureInfo
 from unifeat._options import BuildPlan, make_plan
@@ -25,6 +26,8 @@ __all__ = ["create_model", "feature_info", "get_node_names", "list_models"]
 
 
 def _plan(model: str | nn.Module, *, backend: str | None, **options: Any) -> BuildPlan:
+    if isinstance(model, ClassifierModel):
+        model = model.model  # it stands for its library model, head as it is now
     if isinstance(model, nn.Module):
         chosen = (
             _registry.canonical_backend(backend, context=f"module {type(model).__qualname__}")
@@ -91,7 +94,13 @@ def create_model(
             feature model shares its parameters and buffers.
         pretrained: load the backend's own pretrained weights.
         features_only: return a :class:`~unifeat.FeatureModel` whose forward
-            gives the requested levels; otherwise the backend's own model.
+            gives the requested levels. Otherwise the backend's own model; with
+            ``num_classes=`` or ``global_pool=`` (timm's classifier options),
+            for torchvision and transformers models whose head unifeat knows, a
+            :class:`~unifeat.ClassifierModel` with timm's interface
+            (``forward_features``, ``forward_head``, ``reset_classifier``, ...)
+            over the library model (``.model``, parameters shared). See the
+            docs page "Training and deployment".
         out_indices: ``None`` (the default: every level of a hierarchical net,
             the last 3 blocks of a plain ViT), an int ``n`` (the last ``n``
             levels) or a sequence of level indices, negatives counting from the
@@ -125,10 +134,15 @@ def create_model(
             on it directly; pretrained ones are loaded, then moved).
         dtype: a floating dtype for its parameters (``torch.bfloat16``, ...).
         **model_kwargs: passed to the backend's own constructor (a transformers
-            model's config).
+            model's config). ``num_classes`` and ``global_pool`` go to timm's
+            constructor; for the other backends, with ``features_only=False``,
+            unifeat applies them to the library model's head (built with its
+            default head, so pretrained weights load, then reset as timm's
+            ``reset_classifier`` does).
 
     Returns:
-        The feature model (``features_only=True``) or the backend's model.
+        The feature model (``features_only=True``), the classifier model, or the
+        backend's own model.
 
     Raises:
         UnknownModelError: no backend knows the name (close matches listed).
@@ -145,6 +159,9 @@ def create_model(
         ([64, 512], [4, 32])
         >>> [tuple(f.shape) for f in model(torch.randn(1, 3, 64, 64))]
         [(1, 64, 16, 16), (1, 512, 2, 2)]
+        >>> pooled = unifeat.create_model("tv:resnet18", num_classes=0).eval()
+        >>> tuple(pooled(torch.randn(1, 3, 64, 64)).shape), pooled.num_features
+        ((1, 512), 512)
     """
     plan = _plan_from(locals())
     return _registry.get_adapter(plan.backend).create(plan)

@@ -61,6 +61,10 @@ class BuildPlan(BaseModel):
     dtype: torch.dtype | None = None
     """The floating dtype of its parameters; ``None``: the library's (float32)."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    num_classes: StrictInt | None = Field(default=None, ge=0)
+    """Non-timm backends, ``features_only=False``: the classifier's classes (0: none)."""
+    global_pool: str | None = None
+    """Non-timm backends, ``features_only=False``: the head's pooling (``""``: none)."""
 
     @property
     def label(self) -> str:
@@ -102,6 +106,7 @@ def make_plan(**options: Any) -> BuildPlan:
             f"of {context}: unifeat takes one return_nodes for both modes, in which a node "
             "of only one graph is served in that mode (docs/node-names.md)"
         )
+    _take_head_options(options, context)
     try:
         plan = BuildPlan(**options)
     except ValidationError as exc:
@@ -134,6 +139,33 @@ def make_plan(**options: Any) -> BuildPlan:
                 "asked for with features_only=False: pass features_only=True"
             )
     return plan
+
+
+# timm's constructors take these; for the other backends unifeat applies them
+# itself to the library model's head (docs/training.md, "Classifier models").
+_HEAD_OPTIONS = ("num_classes", "global_pool")
+
+
+def _take_head_options(options: dict[str, Any], context: str) -> None:
+    """Move ``num_classes``/``global_pool`` out of a non-timm model's constructor
+    kwargs into the plan (``features_only=False``); a feature model has no head, so
+    ``global_pool`` is refused for it (``num_classes`` stays a constructor kwarg
+    where the library takes one, as timm takes it)."""
+    kwargs = options.get("model_kwargs") or {}
+    if options.get("backend") == "timm" or not any(k in kwargs for k in _HEAD_OPTIONS):
+        return
+    if options.get("features_only"):
+        if "global_pool" in kwargs:
+            raise UnsupportedOptionError(
+                f"global_pool= shapes a classifier head, which the feature model of {context} "
+                "does not have: leave it out, or pass features_only=False"
+            )
+        return
+    kwargs = dict(kwargs)
+    for key in _HEAD_OPTIONS:
+        if key in kwargs:
+            options[key] = kwargs.pop(key)
+    options["model_kwargs"] = kwargs
 
 
 def _check_return_nodes(nodes: object, context: str) -> tuple[str, ...] | dict[str, str] | None:

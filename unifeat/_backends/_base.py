@@ -23,6 +23,7 @@ from torch import nn
 
 from unifeat._checkpoint import check_checkpoint, load_checkpoint
 from unifeat._engine import levels as _levels
+from unifeat._engine.classifier import ClassifierModel, HeadRecipe, check_head_options
 from unifeat._engine.graph import GraphFinder
 from unifeat._engine.hooks import CallingConvention, HookFinder
 from unifeat._engine.layout import Finder, Layout, apply_output_stride
@@ -174,6 +175,12 @@ class Adapter:
         if plan.module is None:
             cast(Any, source).backend = self.name
         return source
+
+    def head_recipe(self, plan: BuildPlan, source: nn.Module) -> HeadRecipe | None:
+        """Where ``source``'s classifier head is (module paths), for the classifier
+        model ``features_only=False`` returns; None: the head is not known, and the
+        library's own model is returned."""
+        return None
 
     def check_kwargs(self, plan: BuildPlan) -> None:
         """Refuse constructor keyword arguments the model does not take, before building."""
@@ -404,6 +411,14 @@ class Adapter:
 
     def create(self, plan: BuildPlan) -> nn.Module:
         """The backend's own model (``features_only=False``) or a feature model."""
+        if not plan.features_only and (
+            plan.num_classes is not None or plan.global_pool is not None
+        ):
+            # timm's classifier options ask for timm's interface; without them the
+            # library's own model comes back, as its own tools expect it.
+            classifier = self._classifier_model(plan)
+            if classifier is not None:
+                return classifier
         # Everything that depends on the model is checked on a meta build first,
         # so that a failing call builds nothing and touches nothing.
         needs_layout = plan.features_only or plan.output_stride is not None
@@ -440,6 +455,39 @@ class Adapter:
         model.patch_size = self.patch_size(source)
         if plan.frozen_levels is not None or plan.norm_eval:
             model.freeze(plan.frozen_levels, norm_eval=plan.norm_eval)
+        return model
+
+    def _classifier_model(self, plan: BuildPlan) -> ClassifierModel | None:
+        """timm's classifier interface over the library model, where its head is known
+        (docs/training.md, "Classifier models"); None: the library's own model."""
+        self._refuse_instance_kwargs(plan)
+        self.check_kwargs(plan)
+        recipe = self.head_recipe(plan, self.source_on_meta(plan))
+        check_head_options(recipe, plan.num_classes, plan.global_pool, context=plan.label)
+        if recipe is None:
+            return None
+        features_plan = plan.model_copy(update={"features_only": True})
+        layout = self.layout(features_plan) if plan.output_stride is not None else None
+        source = self._real_source(plan, layout)
+        if layout is not None:
+            layout.apply_dilation(source)
+        if source is plan.module:
+            source = share_parameters_copy(source)  # reset_classifier must not reach it
+        inner = BuildPlan(
+            backend=self.name,
+            module=source,  # the feature model shares it, as for any module passed in
+            features_only=True,
+            out_indices=(-1,),
+            input_size=plan.input_size,
+            tracer_kwargs=plan.tracer_kwargs,
+        )
+        features = cast(FeatureModel, self.create(inner))
+        features._context = plan.label
+        model = ClassifierModel(source, features, recipe, backend=self.name, context=plan.label)
+        if plan.global_pool is not None:
+            model.global_pool = plan.global_pool
+        if plan.num_classes is not None and plan.num_classes != model.num_classes:
+            model.reset_classifier(plan.num_classes)
         return model
 
     def _real_source(self, plan: BuildPlan, layout: Layout | None) -> nn.Module:

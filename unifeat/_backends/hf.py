@@ -28,6 +28,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING, MODEL_MAPPING
 
 from unifeat._backends._base import Adapter, NativeLevels, unknown_keyword
+from unifeat._engine.classifier import FLATTEN, HeadRecipe
 from unifeat._engine.hooks import CallingConvention, Where
 from unifeat._engine.native import at
 from unifeat._errors import (
@@ -150,6 +151,8 @@ _RESHAPE: dict[str, Any] = {
     "rf_detr_dinov2": _rf_detr_map,
     "lw_detr_vit": _lw_detr_map,
 }
+# Model types whose classification head the classifier model knows (head_recipe).
+_HEADS = ("resnet", "convnext", "vit")
 _PREPARE: dict[str, Any] = {"siglip2_vision_model": _siglip2_inputs}
 # transformers models that wrap a timm model: its own forward_intermediates serve.
 _TIMM_INSIDE = {"timm_wrapper": "timm_model", "timm_backbone": "_backbone"}
@@ -423,6 +426,45 @@ class HfAdapter(Adapter):
             block_tail=_BLOCK_TAIL.get(model_type, ()),
             containers=(nn.ModuleList,),
             patch_size=patch,
+        )
+
+    def head_recipe(self, plan: BuildPlan, source: nn.Module) -> HeadRecipe | None:
+        """The heads of ``*ForImageClassification`` for resnet, convnext and vit, on that
+        model or its base model (which has no classifier until ``reset_classifier``)."""
+        if not isinstance(source, PreTrainedModel):
+            return None
+        trunk = _trunk_path(source)
+        config = _config_of(source, trunk)
+        kind = str(config.model_type)
+        if kind not in _HEADS or not (
+            (trunk == "" and type(source) is MODEL_MAPPING.get(type(config), None))
+            or type(source).__name__.endswith("ForImageClassification")
+        ):
+            return None
+        classifier = source.get_submodule("classifier") if trunk else None
+        pre: tuple[str, ...] = ()
+        path = "classifier"
+        if kind == "resnet" and classifier is not None:
+            pre, path = ("classifier.0",), "classifier.1"  # Flatten, Linear
+            classifier = source.get_submodule(path)
+        if kind == "vit":
+            width = int(config.hidden_size)
+            layout, pool, pool_module = "tokens", "token", None
+        else:
+            width = int(config.hidden_sizes[-1])
+            layout, pool = "map", "avg"
+            pool_module = _join(trunk, "pooler") if kind == "resnet" else None
+            if kind == "convnext":
+                pre = (FLATTEN, _join(trunk, "layernorm"))
+        return HeadRecipe(
+            layout,  # type: ignore[arg-type]
+            path,
+            num_features=width,
+            head_hidden_size=width,
+            num_classes=int(getattr(classifier, "out_features", 0) or 0),
+            default_pool=pool,
+            pool_module=pool_module,
+            pre_logits=pre,
         )
 
     def native(self, plan: BuildPlan, extra_kwargs: Mapping[str, Any]) -> NativeLevels | None:

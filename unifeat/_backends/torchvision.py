@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 from unifeat._backends._base import Adapter, refuse_unknown_kwargs, unknown_keyword
+from unifeat._engine.classifier import FLATTEN, HeadRecipe
 from unifeat._engine.resize import PositionEmbedding
 from unifeat._errors import UnsupportedOptionError, format_choices
 from unifeat._options import BuildPlan
@@ -51,6 +52,28 @@ _NATIVE_DILATION: dict[str, dict[int, dict[str, Any]]] = {
 _INPUT_SIZES = {"inception_v3": 299}
 
 
+# Classifier heads by class (docs/training.md, "Classifier models"): how the
+# model pools the last map or token, its pre-logits and dropout modules, and its
+# classifier, as module paths: class name -> (pool module, pre-logits, drop, classifier).
+_MAP_HEADS: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...], str]] = {
+    "ResNet": ("avgpool", (), (), "fc"),
+    "RegNet": ("avgpool", (), (), "fc"),
+    "ConvNeXt": ("avgpool", ("classifier.0", "classifier.1"), (), "classifier.2"),
+    "EfficientNet": ("avgpool", (FLATTEN,), ("classifier.0",), "classifier.1"),
+    "MobileNetV2": (None, (FLATTEN,), ("classifier.0",), "classifier.1"),
+    "MobileNetV3": (
+        "avgpool",
+        (FLATTEN, "classifier.0", "classifier.1"),
+        ("classifier.2",),
+        "classifier.3",
+    ),
+}
+
+
+def _width(module: nn.Module, attribute: str) -> int:
+    return int(getattr(module, attribute))
+
+
 def _matching(table: dict[str, Any], name: str) -> Any:
     return next((value for pattern, value in table.items() if fnmatch.fnmatch(name, pattern)), None)
 
@@ -80,6 +103,46 @@ class TorchvisionAdapter(Adapter):
         patch, size = int(source.patch_size), int(source.image_size)
         grid = (size // patch, size // patch)
         return PositionEmbedding("encoder.pos_embedding", patch, grid, 1, True, False)
+
+    def head_recipe(self, plan: BuildPlan, source: nn.Module) -> HeadRecipe | None:
+        kind = type(source).__name__
+        if not type(source).__module__.startswith("torchvision."):
+            return None
+        if kind == "VisionTransformer":
+            heads: Any = source.get_submodule("heads")
+            head = heads.head
+            pre: tuple[str, ...] = (
+                ("heads.pre_logits", "heads.act") if hasattr(heads, "pre_logits") else ()
+            )
+            return HeadRecipe(
+                "tokens",
+                "heads.head",
+                num_features=_width(source, "hidden_dim"),
+                head_hidden_size=_width(head, "in_features"),
+                num_classes=_width(head, "out_features"),
+                default_pool="token",
+                pre_logits=pre,
+            )
+        found = _MAP_HEADS.get(kind)
+        if found is None:
+            return None
+        pool, pre, drop, path = found
+        classifier = source.get_submodule(path)
+        width = (
+            _width(source.get_submodule("classifier.0"), "in_features")
+            if kind == "MobileNetV3"
+            else _width(classifier, "in_features")
+        )
+        return HeadRecipe(
+            "map",
+            path,
+            num_features=width,
+            head_hidden_size=_width(classifier, "in_features"),
+            num_classes=_width(classifier, "out_features"),
+            pool_module=pool,
+            pre_logits=pre,
+            drop=drop,
+        )
 
     def native_input_size(self, plan: BuildPlan, source: nn.Module) -> tuple[int, int, int]:
         size = getattr(source, "image_size", None) or _INPUT_SIZES.get(plan.model_name or "", 224)

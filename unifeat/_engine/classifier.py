@@ -1,0 +1,281 @@
+"""timm's classifier interface over any backend's model, written once.
+
+:class:`ClassifierModel` is what :func:`unifeat.create_model` returns with
+``features_only=False`` for a torchvision or transformers model whose head
+unifeat knows. ``forward_features`` is the one :class:`FeatureModel`'s final
+output (what timm's ``forward_features`` gives for the same architecture);
+``forward_head`` is a pooling step, the source's own pre-logits modules and
+its own classifier, all found by path in the library model from a
+:class:`HeadRecipe` the adapter supplies as data. Parameters are the library
+model's (shared), and state-dict keys are its keys; see the docs page
+"Training and deployment".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from unifeat._engine.model import (
+    FeatureModel,
+    _load_from_source_keys,
+    _state_dict_to_source_keys,
+)
+from unifeat._errors import UnsupportedOptionError, format_choices
+
+HeadLayout = Literal["map", "tokens"]
+
+_POOLS: dict[str, tuple[str, ...]] = {"map": ("avg", "max", ""), "tokens": ("token", "avg", "")}
+FLATTEN = "flatten"
+"""A pre-logits step that is ``torch.flatten(x, 1)`` rather than a module path."""
+
+
+@dataclass(frozen=True)
+class HeadRecipe:
+    """Where a library model's head is, as module paths in the model (zoo data).
+
+    The head runs on ``forward_features``' output: pool (``pool_module``, the
+    library's own pooling module, for the default ``"avg"`` pool of a map),
+    the ``pre_logits`` steps (module paths, or :data:`FLATTEN`), the ``drop``
+    modules (dropout before the classifier), then the ``classifier``.
+    """
+
+    layout: HeadLayout
+    classifier: str
+    """Path of the classifier; a model without one gets it there on ``reset_classifier``."""
+    num_features: int
+    """Channels of ``forward_features``' output."""
+    head_hidden_size: int
+    """Width of the pre-logits features (the classifier's input)."""
+    num_classes: int = 0
+    """Classes of the library model's own classifier (0: it has none)."""
+    default_pool: str = "avg"
+    pool_module: str | None = None
+    pre_logits: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
+    num_prefix_tokens: int = 1
+    logits: Callable[[Any], Tensor] | None = None
+    """How the library model's own output gives logits (transformers' ``.logits``)."""
+
+
+def check_head_options(
+    recipe: HeadRecipe | None, num_classes: int | None, global_pool: str | None, *, context: str
+) -> None:
+    """Refuse, before anything is built, head options the model cannot honour."""
+    if recipe is None:
+        if num_classes is not None or global_pool is not None:
+            given = "num_classes=" if num_classes is not None else "global_pool="
+            raise UnsupportedOptionError(
+                f"{given} needs a classifier head unifeat knows, but it does not know the head "
+                f"of {context}; known: torchvision ResNet, ResNeXt, Wide ResNet, RegNet, "
+                "ConvNeXt, VisionTransformer, EfficientNet, MobileNetV2/V3 and transformers "
+                "resnet, convnext, vit (base models and *ForImageClassification), besides timm; "
+                "features_only=True gives this model's features"
+            )
+        return
+    valid = _POOLS[recipe.layout]
+    if global_pool is not None and global_pool not in valid:
+        raise UnsupportedOptionError(
+            f"invalid global_pool={global_pool!r} for {context}: expected "
+            f"{format_choices(valid)} ('' gives unpooled features, with num_classes=0)"
+        )
+    classes = recipe.num_classes if num_classes is None else num_classes
+    if global_pool == "" and classes:
+        raise UnsupportedOptionError(
+            f"global_pool='' gives unpooled features, so {context} takes it with "
+            f"num_classes=0 only (its classifier has {classes} classes)"
+        )
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _has_submodule(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _reshare(copy: nn.Module, source: nn.Module) -> None:
+    """Point the copy's parameters and buffers back at the source's own tensors
+    (``.to()`` replaces buffers module by module)."""
+    for path, module in copy.named_modules(remove_duplicate=False):
+        try:
+            own = source.get_submodule(path) if path else source
+        except AttributeError:
+            continue
+        if own is module:
+            continue
+        for store in ("_parameters", "_buffers"):
+            theirs, ours = getattr(own, store), getattr(module, store)
+            for name in list(ours):
+                found = theirs.get(name)
+                if found is not None and ours[name] is not None:
+                    ours[name] = found
+
+
+class ClassifierModel(nn.Module):
+    """A library model with timm's classifier interface, sharing its parameters.
+
+    ``forward(x)`` = ``forward_head(forward_features(x))``: the library model's
+    logits while its head is its own; pooled pre-logits features with
+    ``num_classes=0``, unpooled ones with ``global_pool=""`` too.
+
+    Attributes:
+        model: the library's own model (its head as :meth:`reset_classifier` left it).
+        num_classes: classes of the classifier (0: none).
+        num_features: channels of ``forward_features``' output.
+        head_hidden_size: width of the pre-logits features.
+        global_pool: the pooling of ``forward_head`` (``""``: none).
+        backend: the backend that built the model.
+
+    Examples:
+        >>> import torch, unifeat
+        >>> model = unifeat.create_model("tv:resnet18", num_classes=10).eval()
+        >>> x = torch.randn(1, 3, 64, 64)
+        >>> tuple(model(x).shape), tuple(model.forward_features(x).shape)
+        ((1, 10), (1, 512, 2, 2))
+        >>> tuple(model.forward_head(model.forward_features(x), pre_logits=True).shape)
+        (1, 512)
+    """
+
+    backend: str
+    _pruned_keys: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        features: FeatureModel,
+        recipe: HeadRecipe,
+        *,
+        backend: str,
+        context: str,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        # Not registered: it runs the model's own tensors, which state_dict, .to()
+        # and optimizers reach through ``model``.
+        self.__dict__["_features"] = features
+        self.training = model.training
+        self.backend = backend
+        self._recipe = recipe
+        self._context = context
+        self.num_features = recipe.num_features
+        self.head_hidden_size = recipe.head_hidden_size
+        self.global_pool = recipe.default_pool
+        self.num_classes = self._classes_of(self.get_classifier())
+        self.register_state_dict_post_hook(_state_dict_to_source_keys)
+        self.register_load_state_dict_pre_hook(_load_from_source_keys)
+
+    # -- the head ------------------------------------------------------------------------
+
+    @staticmethod
+    def _classes_of(classifier: nn.Module) -> int:
+        out = getattr(classifier, "out_features", None)
+        return int(out) if isinstance(out, int) else 0
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier module (``nn.Identity`` where there is none)."""
+        path = self._recipe.classifier
+        return self.model.get_submodule(path) if _has_submodule(self.model, path) else nn.Identity()
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` (0: none, ``forward`` gives pre-logits
+        features), and optionally another pooling, as timm's method does."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise UnsupportedOptionError(
+                f"invalid num_classes={num_classes!r} for {self._context}: expected an int >= 0 "
+                "(0: no classifier)"
+            )
+        if global_pool is not None and not isinstance(global_pool, str):
+            raise UnsupportedOptionError(
+                f"invalid global_pool={global_pool!r} for {self._context}: expected a string"
+            )
+        pool = self.global_pool if global_pool is None else global_pool
+        check_head_options(self._recipe, num_classes, pool, context=self._context)
+        reference = next(self.model.parameters(), None)
+        classifier: nn.Module = (
+            nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
+        )
+        if reference is not None:
+            classifier = classifier.to(device=reference.device, dtype=reference.dtype)
+        _set_submodule(self.model, self._recipe.classifier, classifier)
+        self.global_pool = pool
+        self.num_classes = num_classes
+
+    def _pool(self, x: Tensor) -> Tensor:
+        recipe = self._recipe
+        if recipe.layout == "tokens":
+            if self.global_pool == "token":
+                return x[:, 0]
+            return x[:, recipe.num_prefix_tokens :].mean(dim=1)
+        if self.global_pool == "avg" and recipe.pool_module is not None:
+            return self.model.get_submodule(recipe.pool_module)(x)
+        if self.global_pool == "max":
+            return x.amax(dim=(2, 3), keepdim=True)
+        return x.mean(dim=(2, 3), keepdim=True)
+
+    def _steps(self, x: Tensor, paths: tuple[str, ...]) -> Tensor:
+        for path in paths:
+            x = x.flatten(1) if path == FLATTEN else self.model.get_submodule(path)(x)
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool ``forward_features``' output, then the pre-logits modules, then (unless
+        ``pre_logits``) the classifier. With ``global_pool=''`` it returns ``x`` as is."""
+        if self.global_pool == "":
+            return x
+        x = self._steps(self._pool(x), self._recipe.pre_logits)
+        if x.dim() > 2:
+            x = x.flatten(1)
+        if pre_logits:
+            return x
+        return self.get_classifier()(self._steps(x, self._recipe.drop))
+
+    # -- features ------------------------------------------------------------------------
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The unpooled output of the last block after the final norm, in the model's
+        native layout: what the feature model's ``forward_intermediates`` gives as
+        its final output, and timm's ``forward_features`` for the same architecture."""
+        features: FeatureModel = self.__dict__["_features"]
+        final, _ = features.forward_intermediates(x, indices=(len(features.feature_info) - 1,))
+        return final  # type: ignore[return-value]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # -- nn.Module behaviour ------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> ClassifierModel:
+        super().train(mode)
+        features = self.__dict__.get("_features")
+        if features is not None:
+            features.train(mode)
+        return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ClassifierModel:
+        super()._apply(fn, recurse)
+        features = self.__dict__.get("_features")
+        if features is not None:
+            features._apply(fn, recurse)
+            _reshare(features.model, self.model)
+        return self
+
+    @property
+    def default_input_size(self) -> tuple[int, int, int]:
+        """The ``(C, H, W)`` input the library model was made for."""
+        return self.__dict__["_features"].input_size
+
+    def extra_repr(self) -> str:
+        return (
+            f"backend={self.backend!r}, num_classes={self.num_classes}, "
+            f"global_pool={self.global_pool!r}"
+        )
