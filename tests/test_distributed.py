@@ -1,9 +1,10 @@
-"""DistributedDataParallel trains every backend's feature model as it is.
+"""DistributedDataParallel and FSDP train every backend's feature model as it is.
 
 Two processes on the CPU (gloo), DDP's default ``find_unused_parameters=False``:
 a final norm kept for ``forward_intermediates`` must not trip DDP's check for
-parameters without gradients (docs/training.md#distributed-training). After a
-few steps the parameters are equal across ranks and have moved.
+parameters without gradients (docs/training.md#distributed-training). FSDP2's
+``fully_shard`` shards the same models. After a few steps the parameters are
+equal across ranks and have moved.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import json, os, sys
 import torch, torch.distributed as dist
 import unifeat
 
-rank, world, port, name, kwargs, out = (
+rank, world, port, name, kwargs, out, wrap = (
     int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], json.loads(sys.argv[5]),
-    sys.argv[6],
+    sys.argv[6], sys.argv[7],
 )
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 torch.set_num_threads(1)
@@ -39,20 +40,30 @@ if name == "torchvision.models.VisionTransformer":  # a module instance, as user
 else:
     model = unifeat.create_model(name, features_only=True, **kwargs).train()
 start = {n: p.detach().clone() for n, p in model.named_parameters()}
-ddp = torch.nn.parallel.DistributedDataParallel(model)
-optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+if wrap == "fsdp":
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model)  # in place: the model's parameters become shards
+    wrapped = model
+else:
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.05)
 torch.manual_seed(1 + rank)  # each rank its own data
 size = model.input_size[1:]
 for _ in range(3):
-    maps = ddp(torch.randn(2, 3, *size))
+    maps = wrapped(torch.randn(2, 3, *size))
     loss = torch.stack([m.float().pow(2).mean() for m in maps]).sum()
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+full = {
+    n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+    for n, p in model.named_parameters()
+}
+flat = torch.cat([t.flatten() for t in full.values()])
 gathered = [torch.empty_like(flat) for _ in range(world)]
 dist.all_gather(gathered, flat)
-moved = any(not torch.equal(start[n], p) for n, p in model.named_parameters())
+moved = any(not torch.equal(start[n], t) for n, t in full.items())
 if rank == 0:
     with open(out, "w") as fh:
         json.dump({"equal": all(torch.equal(g, gathered[0]) for g in gathered), "moved": moved}, fh)
@@ -100,6 +111,13 @@ CASES = [
     ),
     pytest.param("tv:resnet18", {}, id="tv-resnet", marks=pytest.mark.slow),
 ]
+_BY_ID = {case.id: case for case in CASES}
+# FSDP2 (fully_shard) on the same models: the hook runner (transformers), the graph
+# runner (torchvision) and the native ones (timm, open_clip).
+FSDP_CASES = [
+    pytest.param(*_BY_ID[name].values, id=name, marks=pytest.mark.slow)
+    for name in ("timm-vit", "tv-resnet", "hf-vit", "open_clip-vit")
+]
 
 
 def _free_port() -> str:
@@ -110,6 +128,15 @@ def _free_port() -> str:
 
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_ddp_trains_with_default_settings(name: str, kwargs: dict, tmp_path: Path) -> None:
+    _train_on_two_ranks(name, kwargs, tmp_path, "ddp")
+
+
+@pytest.mark.parametrize(("name", "kwargs"), FSDP_CASES)
+def test_fsdp_shards_and_trains(name: str, kwargs: dict, tmp_path: Path) -> None:
+    _train_on_two_ranks(name, kwargs, tmp_path, "fsdp")
+
+
+def _train_on_two_ranks(name: str, kwargs: dict, tmp_path: Path, wrap: str) -> None:
     out, port = tmp_path / "result.json", _free_port()
     root = Path(__file__).resolve().parents[1]
     env = {
@@ -128,6 +155,7 @@ def test_ddp_trains_with_default_settings(name: str, kwargs: dict, tmp_path: Pat
                 name,
                 json.dumps(kwargs),
                 str(out),
+                wrap,
             ],
             env=env,
             stdout=subprocess.PIPE,
