@@ -468,11 +468,15 @@ class Adapter:
             return None
         features_plan = plan.model_copy(update={"features_only": True})
         layout = self.layout(features_plan) if plan.output_stride is not None else None
-        source = self._real_source(plan, layout)
+        # timm builds the head for num_classes first, then loads the checkpoint: a
+        # fine-tuned checkpoint with another class count loads. So does unifeat.
+        checkpoint = plan.checkpoint_path
+        source = self._real_source(plan.model_copy(update={"checkpoint_path": None}), layout)
         if layout is not None:
             layout.apply_dilation(source)
-        if source is plan.module:
-            source = share_parameters_copy(source)  # reset_classifier must not reach it
+        if source is plan.module or (checkpoint is not None and plan.module is not None):
+            # reset_classifier (and a checkpoint) must not reach the module passed in
+            source = copy.deepcopy(source) if checkpoint else share_parameters_copy(source)
         inner = BuildPlan(
             backend=self.name,
             module=source,  # the feature model shares it, as for any module passed in
@@ -484,10 +488,14 @@ class Adapter:
         features = cast(FeatureModel, self.create(inner))
         features._context = plan.label
         model = ClassifierModel(source, features, recipe, backend=self.name, context=plan.label)
-        if plan.global_pool is not None:
-            model.global_pool = plan.global_pool
-        if plan.num_classes is not None and plan.num_classes != model.num_classes:
-            model.reset_classifier(plan.num_classes)
+        classes = model.num_classes if plan.num_classes is None else plan.num_classes
+        pool = model.global_pool if plan.global_pool is None else plan.global_pool
+        if classes != model.num_classes or model._hidden_size(pool) != model.head_hidden_size:
+            model.reset_classifier(classes, pool)  # the old classifier does not fit
+        else:
+            model.global_pool = pool
+        if checkpoint is not None:
+            load_checkpoint(model.model, checkpoint, context=plan.label)
         return model
 
     def _real_source(self, plan: BuildPlan, layout: Layout | None) -> nn.Module:

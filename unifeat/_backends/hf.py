@@ -28,7 +28,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING, MODEL_MAPPING
 
 from unifeat._backends._base import Adapter, NativeLevels, unknown_keyword
-from unifeat._engine.classifier import FLATTEN, HeadRecipe
+from unifeat._engine.classifier import FLATTEN, TOKEN_AVG, HeadRecipe
 from unifeat._engine.hooks import CallingConvention, Where
 from unifeat._engine.native import at
 from unifeat._errors import (
@@ -152,7 +152,23 @@ _RESHAPE: dict[str, Any] = {
     "lw_detr_vit": _lw_detr_map,
 }
 # Model types whose classification head the classifier model knows (head_recipe).
-_HEADS = ("resnet", "convnext", "vit")
+# Classifier heads by model type (docs/training.md, "Classifier models"): the family
+# of *ForImageClassification's head, read by ``HfAdapter.head_recipe``.
+_HEADS = {
+    "resnet": "map",  # pooler (AdaptiveAvgPool2d), Flatten, Linear
+    "regnet": "map",
+    "bit": "map",
+    "convnext": "map",  # mean, layernorm, Linear
+    "convnextv2": "map",
+    "vit": "token",  # class token, Linear (the base model's pooler is not used)
+    "deit": "token",
+    "beit": "beit",  # mean of patch tokens, pooler.layernorm, Linear (or class token)
+    "data2vec-vision": "beit",
+    "dinov2": "dinov2",  # concat(class token, mean of patch tokens), Linear
+    "dinov2_with_registers": "dinov2",
+    "swin": "swin",  # layernorm'd tokens, pooler (AdaptiveAvgPool1d), Linear
+    "swinv2": "swin",
+}
 _PREPARE: dict[str, Any] = {"siglip2_vision_model": _siglip2_inputs}
 # transformers models that wrap a timm model: its own forward_intermediates serve.
 _TIMM_INSIDE = {"timm_wrapper": "timm_model", "timm_backbone": "_backbone"}
@@ -335,6 +351,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _has_module(root: nn.Module, path: str) -> bool:
+    try:
+        return isinstance(root.get_submodule(path), nn.Module)
+    except AttributeError:
+        return False
+
+
 def _join(prefix: str, path: str) -> str:
     return f"{prefix}.{path}" if prefix else path
 
@@ -429,42 +452,101 @@ class HfAdapter(Adapter):
         )
 
     def head_recipe(self, plan: BuildPlan, source: nn.Module) -> HeadRecipe | None:
-        """The heads of ``*ForImageClassification`` for resnet, convnext and vit, on that
-        model or its base model (which has no classifier until ``reset_classifier``)."""
+        """The heads of ``*ForImageClassification`` (``_HEADS``), on that model or its
+        base model (which has no classifier until ``reset_classifier``)."""
         if not isinstance(source, PreTrainedModel):
             return None
         trunk = _trunk_path(source)
         config = _config_of(source, trunk)
         kind = str(config.model_type)
+        name = type(source).__name__
+        if kind in _HEADS and name.endswith("ForImageClassificationWithTeacher"):
+            raise UnsupportedOptionError(
+                f"{plan.label} is a {name}: its logits average two classifiers (on the "
+                "class and the distillation token), not one head timm's interface can "
+                f"reset; pass its {type(source.get_submodule(trunk)).__name__} (.{trunk}) "
+                "or a DeiTForImageClassification instead"
+            )
         if kind not in _HEADS or not (
             (trunk == "" and type(source) is MODEL_MAPPING.get(type(config), None))
-            or type(source).__name__.endswith("ForImageClassification")
+            or name.endswith("ForImageClassification")
         ):
             return None
         classifier = source.get_submodule("classifier") if trunk else None
         pre: tuple[str, ...] = ()
         path = "classifier"
-        if kind == "resnet" and classifier is not None:
-            pre, path = ("classifier.0",), "classifier.1"  # Flatten, Linear
+        if isinstance(classifier, nn.Sequential):  # resnet, regnet, bit: Flatten, Linear
+            pre, path = ("classifier.0",), "classifier.1"
             classifier = source.get_submodule(path)
-        if kind == "vit":
-            width = int(config.hidden_size)
-            layout, pool, pool_module = "tokens", "token", None
-        else:
+        classes = int(getattr(classifier, "out_features", 0) or 0)
+        family = _HEADS[kind]
+        if family == "map":
             width = int(config.hidden_sizes[-1])
-            layout, pool = "map", "avg"
-            pool_module = _join(trunk, "pooler") if kind == "resnet" else None
-            if kind == "convnext":
+            if kind in ("convnext", "convnextv2"):
                 pre = (FLATTEN, _join(trunk, "layernorm"))
-        return HeadRecipe(
-            layout,  # type: ignore[arg-type]
+            return HeadRecipe(
+                "map",
+                path,
+                num_features=width,
+                head_hidden_size=width,
+                num_classes=classes,
+                pool_module=None if pre and pre[0] == FLATTEN else _join(trunk, "pooler"),
+                # BiT's final norm (pre-activation models) follows the encoder, whose
+                # output is the feature model's final output.
+                pre_pool=(_join(trunk, "norm"),) if kind == "bit" else (),
+                pre_logits=pre,
+            )
+        runner: Any = source.get_submodule(trunk)
+        width = int(runner.num_features if family == "swin" else config.hidden_size)
+        if family == "swin":
+            pooler = _join(trunk, "pooler")
+            return HeadRecipe(
+                "tokens",
+                path,
+                num_features=width,
+                head_hidden_size=width,
+                num_classes=classes,
+                pools=("avg", "max", ""),
+                pool_module=pooler if _has_module(source, pooler) else None,
+                num_prefix_tokens=0,
+            )
+        if family == "dinov2":
+            return HeadRecipe(
+                "tokens",
+                path,
+                num_features=width,
+                head_hidden_size=2 * width,
+                num_classes=classes,
+                default_pool=TOKEN_AVG,
+                pools=(TOKEN_AVG, "token", "avg", ""),
+                num_prefix_tokens=1 + int(getattr(config, "num_register_tokens", 0) or 0),
+            )
+        if family == "beit" and config.use_mean_pooling:
+            norm = _join(trunk, "pooler.layernorm")
+            if not _has_module(source, norm):
+                raise UnsupportedOptionError(
+                    f"{plan.label} was built without its pooling layer "
+                    "(add_pooling_layer=False), which holds the final norm of its mean "
+                    f"pooling: pass a {kind} model with it (its *ForImageClassification "
+                    "has one)"
+                )
+            return HeadRecipe(
+                "tokens",
+                path,
+                num_features=width,
+                head_hidden_size=width,
+                num_classes=classes,
+                default_pool="avg",
+                pre_logits=(norm,),
+            )
+        return HeadRecipe(  # vit, deit, beit with a class-token head
+            "tokens",
             path,
             num_features=width,
             head_hidden_size=width,
-            num_classes=int(getattr(classifier, "out_features", 0) or 0),
-            default_pool=pool,
-            pool_module=pool_module,
-            pre_logits=pre,
+            num_classes=classes,
+            default_pool="token",
+            num_prefix_tokens=2 if kind == "deit" else 1,
         )
 
     def native(self, plan: BuildPlan, extra_kwargs: Mapping[str, Any]) -> NativeLevels | None:

@@ -21,9 +21,11 @@ from torch import Tensor, nn
 
 from unifeat._backends import timm as timm_backend
 from unifeat._backends._base import Adapter, NativeLevels, unknown_keyword
+from unifeat._engine.classifier import HeadRecipe
 from unifeat._engine.levels import FeatureMap
 from unifeat._engine.native import NativeSpec, measure_levels
 from unifeat._engine.resize import PositionEmbedding, resample
+from unifeat._errors import UnsupportedOptionError
 from unifeat._options import BuildPlan
 
 # -- ViT towers: blocks of tokens, a class token first ---------------------------------
@@ -235,6 +237,47 @@ class OpenClipAdapter(Adapter):
         size = self.native_input_size(plan, tower)
         levels = measure_levels(tower, spec, names, size, tokens=tokens)
         return NativeLevels(spec, levels, tokens, size)
+
+    def head_recipe(self, plan: BuildPlan, source: nn.Module) -> HeadRecipe | None:
+        """A ViT tower's head as timm's ``vit_*_clip_*`` models have it: the pool
+        (class token, or the mean of patch tokens) after ``ln_post``, then the
+        projection ``proj`` into the joint embedding as the classifier (an
+        ``nn.Parameter``, applied as ``x @ proj``), ``num_classes`` its width."""
+        if isinstance(source, open_clip.modified_resnet.ModifiedResNet):
+            raise UnsupportedOptionError(
+                f"{plan.label} is a ModifiedResNet tower: its attention pool "
+                "(attnpool) applies the output projection (attnpool.c_proj) inside one "
+                "F.multi_head_attention_forward call, so it has no pre-logits features "
+                "before a classifier to reset; the ViT towers (oc:ViT-B-32, ...) have "
+                "the interface, and features_only=True gives this tower's features"
+            )
+        if not isinstance(source, open_clip.transformer.VisionTransformer):
+            raise UnsupportedOptionError(
+                f"{plan.label} is a timm-trunk tower ({type(source).__name__}): build "
+                "its trunk with backend='timm' for timm's classifier interface, or pass "
+                "features_only=True"
+            )
+        tower: Any = source
+        pool = {"tok": "token", "avg": "avg"}.get(str(tower.pool_type))
+        if tower.attn_pool is not None or pool is None:
+            why = "an attention pool" if tower.attn_pool is not None else "no pooling"
+            raise UnsupportedOptionError(
+                f"{plan.label} has {why} (pool_type={tower.pool_type!r}): only towers "
+                "that pool the class token or the mean of patch tokens have timm's "
+                "classifier interface"
+            )
+        width = int(tower.transformer.width)
+        proj = tower.proj
+        return HeadRecipe(
+            "tokens",
+            "proj",
+            num_features=width,
+            head_hidden_size=width,
+            num_classes=int(proj.shape[1]) if proj is not None else 0,
+            default_pool=pool,
+            # with final_ln_after_pool the feature model's tokens are not normed yet
+            pre_logits=("ln_post",) if tower.final_ln_after_pool else (),
+        )
 
     def image_transform(self, plan: BuildPlan, source: nn.Module) -> Any:
         """open_clip's own eval preprocessing at the tower's input size."""

@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 from unifeat._backends._base import Adapter, refuse_unknown_kwargs, unknown_keyword
-from unifeat._engine.classifier import FLATTEN, HeadRecipe
+from unifeat._engine.classifier import FLATTEN, NHWC_TO_NCHW, HeadRecipe
 from unifeat._engine.resize import PositionEmbedding
 from unifeat._errors import UnsupportedOptionError, format_choices
 from unifeat._options import BuildPlan
@@ -122,6 +122,36 @@ class TorchvisionAdapter(Adapter):
                 num_classes=_width(head, "out_features"),
                 default_pool="token",
                 pre_logits=pre,
+            )
+        if kind == "SwinTransformer":  # norm -> permute -> avgpool -> flatten -> head
+            head = source.get_submodule("head")
+            return HeadRecipe(
+                "map",
+                "head",
+                num_features=_width(head, "in_features"),
+                head_hidden_size=_width(head, "in_features"),
+                num_classes=_width(head, "out_features"),
+                pool_module="avgpool",
+                pre_pool=(NHWC_TO_NCHW,),
+                pre_logits=(FLATTEN,),
+            )
+        if kind == "DenseNet":  # relu (in the final output) -> F.adaptive_avg_pool2d
+            head = source.get_submodule("classifier")
+            return HeadRecipe(
+                "map",
+                "classifier",
+                num_features=_width(head, "in_features"),
+                head_hidden_size=_width(head, "in_features"),
+                num_classes=_width(head, "out_features"),
+                pool_function="adaptive_avg_pool2d",
+                pre_logits=(FLATTEN,),
+            )
+        if kind in ("VGG", "AlexNet"):
+            raise UnsupportedOptionError(
+                f"{plan.label} is a torchvision {kind}: its classifier MLP reads the last "
+                "map pooled to 7x7 and flattened (avgpool is AdaptiveAvgPool2d((7, 7))), not "
+                "a global pool, so it has no pooled pre-logits features and no classifier "
+                "timm's interface could reset; features_only=True gives its features"
             )
         found = _MAP_HEADS.get(kind)
         if found is None:

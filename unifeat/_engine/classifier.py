@@ -1,8 +1,9 @@
 """timm's classifier interface over any backend's model, written once.
 
 :class:`ClassifierModel` is what :func:`unifeat.create_model` returns with
-``features_only=False`` for a torchvision or transformers model whose head
-unifeat knows. ``forward_features`` is the one :class:`FeatureModel`'s final
+``features_only=False`` and ``num_classes=``/``global_pool=`` for a
+torchvision, transformers, open_clip or other (FX-traced) model whose head
+unifeat knows (:data:`KNOWN_HEADS`). ``forward_features`` is the one :class:`FeatureModel`'s final
 output (what timm's ``forward_features`` gives for the same architecture);
 ``forward_head`` is a pooling step, the source's own pre-logits modules and
 its own classifier, all found by path in the library model from a
@@ -17,8 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
+from unifeat._engine.meta import weightless
 from unifeat._engine.model import (
     FeatureModel,
     _load_from_source_keys,
@@ -31,16 +35,30 @@ HeadLayout = Literal["map", "tokens"]
 _POOLS: dict[str, tuple[str, ...]] = {"map": ("avg", "max", ""), "tokens": ("token", "avg", "")}
 FLATTEN = "flatten"
 """A pre-logits step that is ``torch.flatten(x, 1)`` rather than a module path."""
+NHWC_TO_NCHW = "<permute NHWC to NCHW>"
+"""A pre-pool step that is ``x.permute(0, 3, 1, 2)`` (torchvision Swin's head)."""
+TOKEN_AVG = "token_avg"
+"""The pool of transformers' DINOv2 classifiers: ``concat(class token, mean of the
+patch tokens)`` (register tokens left out), twice ``num_features`` wide."""
+_POOL_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "adaptive_avg_pool2d": lambda x: F.adaptive_avg_pool2d(x, 1),
+    "adaptive_max_pool2d": lambda x: F.adaptive_max_pool2d(x, 1),
+}
+"""Functional pools a model calls instead of a module (``pool_function``)."""
 
 
 @dataclass(frozen=True)
 class HeadRecipe:
     """Where a library model's head is, as module paths in the model (zoo data).
 
-    The head runs on ``forward_features``' output: pool (``pool_module``, the
-    library's own pooling module, for the default ``"avg"`` pool of a map),
-    the ``pre_logits`` steps (module paths, or :data:`FLATTEN`), the ``drop``
-    modules (dropout before the classifier), then the ``classifier``.
+    The head runs on ``forward_features``' output: the ``pre_pool`` steps, the
+    pool (``pool_module``, the library's own pooling module, or ``pool_function``,
+    for the default pool; on tokens a 1-D pool module such as transformers Swin's
+    ``AdaptiveAvgPool1d``, applied to ``[N, C, L]``), the ``pre_logits`` steps
+    (module paths, or :data:`FLATTEN`), the ``drop`` modules (dropout before the
+    classifier), then the ``classifier``: a module path, or the path of an
+    ``nn.Parameter`` applied as ``x @ p`` (open_clip's ``proj``), which
+    ``reset_classifier`` replaces by an ``nn.Linear``.
     """
 
     layout: HeadLayout
@@ -54,11 +72,32 @@ class HeadRecipe:
     """Classes of the library model's own classifier (0: it has none)."""
     default_pool: str = "avg"
     pool_module: str | None = None
+    pool_function: str | None = None
+    """A functional pool of ``_POOL_FUNCTIONS`` the model calls for its default pool."""
+    pools: tuple[str, ...] | None = None
+    """The valid ``global_pool`` values, where they are not the layout's."""
+    pre_pool: tuple[str, ...] = ()
     pre_logits: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()
     num_prefix_tokens: int = 1
     logits: Callable[[Any], Tensor] | None = None
     """How the library model's own output gives logits (transformers' ``.logits``)."""
+
+
+KNOWN_HEADS = (
+    "torchvision ResNet, ResNeXt, Wide ResNet, RegNet, ConvNeXt, VisionTransformer, "
+    "SwinTransformer, DenseNet, EfficientNet, MobileNetV2/V3; transformers resnet, "
+    "regnet, bit, convnext, convnextv2, vit, deit, beit, data2vec-vision, dinov2, "
+    "dinov2_with_registers, swin, swinv2 (base models and *ForImageClassification); "
+    "open_clip ViT towers; modules whose graph ends in global pooling and one "
+    "nn.Linear; timm"
+)
+"""The models whose head unifeat knows (docs/training.md, "Classifier models")."""
+
+
+def pools_of(recipe: HeadRecipe) -> tuple[str, ...]:
+    """The ``global_pool`` values a head takes."""
+    return recipe.pools if recipe.pools is not None else _POOLS[recipe.layout]
 
 
 def check_head_options(
@@ -70,13 +109,11 @@ def check_head_options(
             given = "num_classes=" if num_classes is not None else "global_pool="
             raise UnsupportedOptionError(
                 f"{given} needs a classifier head unifeat knows, but it does not know the head "
-                f"of {context}; known: torchvision ResNet, ResNeXt, Wide ResNet, RegNet, "
-                "ConvNeXt, VisionTransformer, EfficientNet, MobileNetV2/V3 and transformers "
-                "resnet, convnext, vit (base models and *ForImageClassification), besides timm; "
-                "features_only=True gives this model's features"
+                f"of {context}; known: {KNOWN_HEADS}; features_only=True gives this "
+                "model's features"
             )
         return
-    valid = _POOLS[recipe.layout]
+    valid = pools_of(recipe)
     if global_pool is not None and global_pool not in valid:
         raise UnsupportedOptionError(
             f"invalid global_pool={global_pool!r} for {context}: expected "
@@ -92,7 +129,9 @@ def check_head_options(
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
+    owner = root.get_submodule(parent) if parent else root
+    owner._parameters.pop(name, None)  # a projection parameter becomes a module
+    setattr(owner, name, module)
 
 
 def _has_submodule(root: nn.Module, path: str) -> bool:
@@ -170,7 +209,10 @@ class ClassifierModel(nn.Module):
         self.num_features = recipe.num_features
         self.head_hidden_size = recipe.head_hidden_size
         self.global_pool = recipe.default_pool
-        self.num_classes = self._classes_of(self.get_classifier())
+        head = self._head()
+        self.num_classes = (
+            int(head.shape[-1]) if isinstance(head, Tensor) else self._classes_of(head or _NONE)
+        )
         self.register_state_dict_post_hook(_state_dict_to_source_keys)
         self.register_load_state_dict_pre_hook(_load_from_source_keys)
 
@@ -181,10 +223,31 @@ class ClassifierModel(nn.Module):
         out = getattr(classifier, "out_features", None)
         return int(out) if isinstance(out, int) else 0
 
+    def _head(self) -> nn.Module | Tensor | None:
+        """What is at the classifier's path: a module, a projection parameter, or None."""
+        parent, _, name = self._recipe.classifier.rpartition(".")
+        if parent and not _has_submodule(self.model, parent):
+            return None
+        owner = self.model.get_submodule(parent) if parent else self.model
+        found = getattr(owner, name, None)
+        return found if isinstance(found, (nn.Module, Tensor)) else None
+
     def get_classifier(self) -> nn.Module:
-        """The classifier module (``nn.Identity`` where there is none)."""
-        path = self._recipe.classifier
-        return self.model.get_submodule(path) if _has_submodule(self.model, path) else nn.Identity()
+        """The classifier module (``nn.Identity`` where there is none). A projection
+        parameter (open_clip's ``proj``) comes back as a module holding that same
+        parameter as its ``weight`` (``x @ weight``), for optimizer groups."""
+        head = self._head()
+        if isinstance(head, Tensor):
+            return _Projection(head)
+        return head if head is not None else nn.Identity()
+
+    def _hidden_size(self, pool: str) -> int:
+        """The classifier's input width under ``pool``."""
+        if pool == TOKEN_AVG:
+            return 2 * self.num_features
+        if self._recipe.default_pool == TOKEN_AVG:
+            return self.num_features
+        return self._recipe.head_hidden_size
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new classifier for ``num_classes`` (0: none, ``forward`` gives pre-logits
@@ -201,6 +264,7 @@ class ClassifierModel(nn.Module):
         pool = self.global_pool if global_pool is None else global_pool
         check_head_options(self._recipe, num_classes, pool, context=self._context)
         reference = next(self.model.parameters(), None)
+        self.head_hidden_size = self._hidden_size(pool)
         classifier: nn.Module = (
             nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
         )
@@ -209,22 +273,40 @@ class ClassifierModel(nn.Module):
         _set_submodule(self.model, self._recipe.classifier, classifier)
         self.global_pool = pool
         self.num_classes = num_classes
+        self.__dict__.pop("_unused_by_forward", None)
 
     def _pool(self, x: Tensor) -> Tensor:
         recipe = self._recipe
+        x = self._steps(x, recipe.pre_pool)
+        default = self.global_pool == recipe.default_pool
         if recipe.layout == "tokens":
+            prefix = recipe.num_prefix_tokens
             if self.global_pool == "token":
                 return x[:, 0]
-            return x[:, recipe.num_prefix_tokens :].mean(dim=1)
-        if self.global_pool == "avg" and recipe.pool_module is not None:
+            if self.global_pool == TOKEN_AVG:
+                return torch.cat([x[:, 0], x[:, prefix:].mean(dim=1)], dim=1)
+            if self.global_pool == "max":
+                return x[:, prefix:].amax(dim=1)
+            if default and recipe.pool_module is not None:
+                pool = self.model.get_submodule(recipe.pool_module)
+                return pool(x[:, prefix:].transpose(1, 2))
+            return x[:, prefix:].mean(dim=1)
+        if default and recipe.pool_module is not None:
             return self.model.get_submodule(recipe.pool_module)(x)
+        if default and recipe.pool_function is not None:
+            return _POOL_FUNCTIONS[recipe.pool_function](x)
         if self.global_pool == "max":
             return x.amax(dim=(2, 3), keepdim=True)
         return x.mean(dim=(2, 3), keepdim=True)
 
     def _steps(self, x: Tensor, paths: tuple[str, ...]) -> Tensor:
         for path in paths:
-            x = x.flatten(1) if path == FLATTEN else self.model.get_submodule(path)(x)
+            if path == FLATTEN:
+                x = x.flatten(1)
+            elif path == NHWC_TO_NCHW:
+                x = x.permute(0, 3, 1, 2)
+            else:
+                x = self.model.get_submodule(path)(x)
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -237,7 +319,11 @@ class ClassifierModel(nn.Module):
             x = x.flatten(1)
         if pre_logits:
             return x
-        return self.get_classifier()(self._steps(x, self._recipe.drop))
+        x = self._steps(x, self._recipe.drop)
+        head = self._head()
+        if isinstance(head, Tensor):
+            return x @ head
+        return head(x) if head is not None else x
 
     # -- features ------------------------------------------------------------------------
 
@@ -269,6 +355,21 @@ class ClassifierModel(nn.Module):
             _reshare(features.model, self.model)
         return self
 
+    # -- distributed training ---------------------------------------------------------------
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """Parameters ``forward`` never uses (a transformers ViT's pooler, which the
+        head does not read; the library model's classifier with ``num_classes=0``):
+        DistributedDataParallel reads this name and leaves them out, so its default
+        ``find_unused_parameters=False`` works. Found on the meta device, cached until
+        ``reset_classifier``."""
+        cached = self.__dict__.get("_unused_by_forward")
+        if cached is None:
+            cached = _unused_by_forward(self)
+            self.__dict__["_unused_by_forward"] = cached
+        return list(cached)
+
     @property
     def default_input_size(self) -> tuple[int, int, int]:
         """The ``(C, H, W)`` input the library model was made for."""
@@ -279,3 +380,59 @@ class ClassifierModel(nn.Module):
             f"backend={self.backend!r}, num_classes={self.num_classes}, "
             f"global_pool={self.global_pool!r}"
         )
+
+
+_NONE = nn.Identity()
+
+
+class _Projection(nn.Module):
+    """A projection parameter (open_clip's ``proj``) seen as a classifier module:
+    ``x @ weight``, its ``weight`` the model's own parameter."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.in_features, self.out_features = int(weight.shape[0]), int(weight.shape[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight
+
+
+def _unused_by_forward(model: ClassifierModel) -> tuple[str, ...]:
+    """Names of the trainable parameters that get no gradient from ``forward``.
+
+    Found on the meta device with stand-ins for every tensor (the feature model's
+    copy of the structure reads the same stand-ins): nothing is computed, nothing of
+    the model changes.
+    """
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        return ()
+    features: FeatureModel = model.__dict__["_features"]
+    x = torch.empty(2, *model.default_input_size, device="meta")
+    # The feature model runs its own copy of the structure on the same tensors: it
+    # reads the stand-ins of those tensors, matched by identity before the swap.
+    originals = {id(t): name for name, t in _tensors_of(model)}
+    theirs_by_name = {
+        name: originals[id(t)] for name, t in _tensors_of(features) if id(t) in originals
+    }
+    try:
+        with weightless(model, trainable=True) as stand_ins:
+            theirs = {name: stand_ins[ours] for name, ours in theirs_by_name.items()}
+            with _reparametrize_module(features, theirs):
+                total = model(x).float().sum()
+            grads = torch.autograd.grad(
+                total, [stand_ins[name] for name in trainable], allow_unused=True
+            )
+    except Exception:
+        return ()  # cannot tell: leave DDP's own checks in charge
+    return tuple(name for name, grad in zip(trainable, grads, strict=True) if grad is None)
+
+
+def _tensors_of(module: nn.Module) -> list[tuple[str, Tensor]]:
+    return [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
