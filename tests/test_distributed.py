@@ -37,6 +37,12 @@ if name == "torchvision.models.VisionTransformer":  # a module instance, as user
     model = unifeat.create_model(
         torchvision.models.VisionTransformer(**kwargs), features_only=True
     ).train()
+elif name == "module":  # a module of your own: the fx backend
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, 2, 1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+    )
+    model = unifeat.create_model(net, features_only=True, input_size=(32, 32)).train()
 else:
     model = unifeat.create_model(name, features_only=True, **kwargs).train()
 start = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -110,13 +116,14 @@ CASES = [
         marks=pytest.mark.slow,
     ),
     pytest.param("tv:resnet18", {}, id="tv-resnet", marks=pytest.mark.slow),
+    pytest.param("module", {}, id="module", marks=pytest.mark.slow),
 ]
 _BY_ID = {case.id: case for case in CASES}
 # FSDP2 (fully_shard) on the same models: the hook runner (transformers), the graph
-# runner (torchvision) and the native ones (timm, open_clip).
+# runners (torchvision, a module of your own) and the native ones (timm, open_clip).
 FSDP_CASES = [
     pytest.param(*_BY_ID[name].values, id=name, marks=pytest.mark.slow)
-    for name in ("timm-vit", "tv-resnet", "hf-vit", "open_clip-vit")
+    for name in ("timm-vit", "tv-resnet", "hf-vit", "open_clip-vit", "module")
 ]
 
 
