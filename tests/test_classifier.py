@@ -22,6 +22,7 @@ import transformers
 from torch import Tensor, nn
 
 import unifeat
+from tests.configs import HF_VIT_64
 from tests.consistency import weights as w
 from tests.consistency.cases import _randomize
 from tests.test_contract import _TwoStageNet
@@ -108,14 +109,7 @@ def test_features_and_pre_logits_equal_timms(arch: str) -> None:
 
 _HF_RESNET = dict(embedding_size=8, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1])
 _HF_CONVNEXT = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1])
-_HF_VIT = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=64,
-    patch_size=16,
-)
+_HF_VIT = HF_VIT_64
 
 
 def _tv(name: str, **kwargs: Any) -> nn.Module:

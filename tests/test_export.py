@@ -20,15 +20,9 @@ import torch
 from torch import nn
 
 import unifeat
+from tests.configs import HF_VIT_64
 
-_HF_VIT = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=64,
-    patch_size=16,
-)
+_HF_VIT = HF_VIT_64
 _HF_CONVNEXT = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1])
 _OC_VIT = dict(layers=2, width=64, head_width=32, image_size=64, patch_size=16)
 _OC_RN = dict(layers=(1, 1, 1, 1), width=16, head_width=16, image_size=64)

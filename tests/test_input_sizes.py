@@ -30,6 +30,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
 import unifeat
+from tests.configs import HF_VIT_64
 from unifeat import UnsupportedOptionError
 
 open_clip = pytest.importorskip("open_clip")
@@ -41,14 +42,7 @@ OTHER_SIZES = [(48, 64), (80, 80)]
 OFF_GRID = [(50, 64), (64, 72)]
 TIMM_KWARGS = dict(img_size=64, depth=2)
 TV_KWARGS = dict(image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
-HF_KWARGS = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=64,
-    patch_size=16,
-)
+HF_KWARGS = HF_VIT_64
 OC_KWARGS = dict(layers=2, width=64, head_width=32, image_size=64, patch_size=16)
 
 

@@ -221,6 +221,11 @@ class Adapter:
             )
         return layout.info
 
+    def _load_checkpoint(self, plan: BuildPlan, layout: Layout | None, source: nn.Module) -> None:
+        assert plan.checkpoint_path is not None
+        optional = self._keys_cut_away(plan, layout, source)
+        load_checkpoint(source, plan.checkpoint_path, context=plan.label, optional=optional)
+
     @staticmethod
     def _keys_cut_away(plan: BuildPlan, layout: Layout | None, source: nn.Module) -> frozenset[str]:
         """The source's state-dict keys the feature model of ``plan`` does not keep
@@ -512,12 +517,7 @@ class Adapter:
             if plan.checkpoint_path is not None:
                 # Loading writes into the tensors, which the caller's module owns.
                 source = copy.deepcopy(source)
-                load_checkpoint(
-                    source,
-                    plan.checkpoint_path,
-                    context=plan.label,
-                    optional=self._keys_cut_away(plan, layout, source),
-                )
+                self._load_checkpoint(plan, layout, source)
             elif plan.features_only or dilates:
                 source = share_parameters_copy(source)
             return source
@@ -531,12 +531,7 @@ class Adapter:
             else:
                 source = self.build(plan, meta=False, extra_kwargs=extra)
         if plan.checkpoint_path is not None:
-            load_checkpoint(
-                source,
-                plan.checkpoint_path,
-                context=plan.label,
-                optional=self._keys_cut_away(plan, layout, source),
-            )
+            self._load_checkpoint(plan, layout, source)
         if device is not None or plan.dtype is not None:
             source = source.to(device=device, dtype=plan.dtype)
         return source
