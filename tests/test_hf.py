@@ -223,6 +223,21 @@ def test_stage_maps_equal_the_models_backbone(model_type: str, saved: dict[str, 
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6, msg=f"stage {stage}")
 
 
+@pytest.mark.parametrize("model_type", sorted(ALL_MODELS))
+def test_final_output_is_the_models_last_hidden_state(model_type: str) -> None:
+    """forward_intermediates' final output is what the model itself gives as its
+    unpooled output after its final norm (docs/levels.md): last_hidden_state, in
+    the model's own layout (tokens for ViTs and Swin, maps for conv nets and PVT
+    v2, BiT's pre-activation norm included)."""
+    native = _native(model_type)
+    model = unifeat.create_model(native, features_only=True).eval()
+    x = _input(native)
+    with torch.no_grad():
+        final, _ = model.forward_intermediates(x)
+        expected = native(pixel_values=x).last_hidden_state
+    torch.testing.assert_close(final, expected, rtol=0, atol=0)
+
+
 def test_vitdet_blocks_equal_its_hidden_states(saved: dict[str, Path]) -> None:
     """ViTDet is a plain ViT whose blocks return maps: one level per block."""
     native = AutoModel.from_pretrained(saved["vitdet"]).eval()

@@ -95,6 +95,9 @@ _BLOCK_OUTPUT: dict[str, Where] = {
     "pvt_v2": ((0, 0), (1, 2)),  # ((tokens,), h, w)
     "focalnet": ((1,), None),  # (tokens, before downsampling, dims after it)
 }
+# Models whose own outputs lay a stage's tokens out as its map (last_hidden_state
+# included), so the final output is the deepest level's map, as in timm.
+_FINAL_AS_LEVEL = {"pvt_v2"}
 # Block attributes to drop on the deepest kept block: work after its level.
 _BLOCK_TAIL: dict[str, tuple[str, ...]] = {
     "swin": ("downsample",),
@@ -447,6 +450,7 @@ class HfAdapter(Adapter):
             block_kwargs=_BLOCK_KWARGS.get(model_type, {}),
             block_output=_BLOCK_OUTPUT.get(model_type, ((0,), None)),
             block_tail=_BLOCK_TAIL.get(model_type, ()),
+            final_as_level=model_type in _FINAL_AS_LEVEL,
             containers=(nn.ModuleList,),
             patch_size=patch,
         )
@@ -491,9 +495,6 @@ class HfAdapter(Adapter):
                 head_hidden_size=width,
                 num_classes=classes,
                 pool_module=None if pre and pre[0] == FLATTEN else _join(trunk, "pooler"),
-                # BiT's final norm (pre-activation models) follows the encoder, whose
-                # output is the feature model's final output.
-                pre_pool=(_join(trunk, "norm"),) if kind == "bit" else (),
                 pre_logits=pre,
             )
         runner: Any = source.get_submodule(trunk)

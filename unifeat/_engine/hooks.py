@@ -68,6 +68,9 @@ class CallingConvention:
     prepare: Callable[[Tensor], dict[str, Any]] | None = None
     """Turns pixels into the keyword arguments a model takes instead (SigLIP 2's
     patches, mask and shapes)."""
+    final_as_level: bool = False
+    """The library lays each block's output out as the level reads it (PVT v2's
+    encoder turns a stage's tokens into its map): the final output is that map."""
     reshape: Callable[[nn.Module, Tensor, int, tuple[int, int]], Tensor] | None = None
     """``(trunk, level tensor, block index, input (H, W)) -> NCHW map`` where a model
     keeps its tokens in an order of its own (Hiera's unrolled mask units, the
@@ -553,10 +556,15 @@ class HookFinder:
         container_parts = (self.container or "").split(".")
         ancestors = {".".join(container_parts[:i]) for i in range(len(container_parts) + 1)}
         chain: list[str] = []
-        for record in self.records[last + 1 :]:
+        after = self.records[last + 1 :]
+        for i, record in enumerate(after):
             if record.path in ancestors:
                 continue
             if any(record.path.startswith(f"{kept}.") for kept in chain):
+                continue
+            # Records come as modules finish, a module's children first: the norm
+            # is judged as a whole (BiT's GroupNorm runs its activation inside).
+            if any(record.path.startswith(f"{outer.path}.") for outer in after[i + 1 :]):
                 continue
             if record.primary != shape or not is_norm(record.module):
                 break
@@ -818,7 +826,8 @@ class HookRunner(Runner):
             if whole is not None:
                 return maps, whole
         deepest = store[self.last_level]
-        output = deepest[1] if deepest[1] is not None else deepest[0]
+        as_level = plan.convention.final_as_level or deepest[1] is None
+        output = deepest[0] if as_level else deepest[1]
         if self._norm_applies():
             output = self._normed(root, output)
         return maps, output
