@@ -201,8 +201,10 @@ def _fx(make: Any) -> nn.Module:
 def _with_timms_interface(library: nn.Module) -> Any:
     """The classifier model over ``library`` with its own head: timm's options
     (here ``num_classes`` equal to the library's) ask for timm's interface."""
-    with torch.no_grad():
-        out = library.eval()(torch.zeros(1, 3, 64, 64))
+    config = getattr(library, "config", None)
+    size = getattr(library, "image_size", None) or getattr(config, "image_size", 64)
+    with torch.no_grad():  # at the model's own size: torchvision's ViT takes no other
+        out = library.eval()(torch.zeros(1, 3, size, size))
     logits = getattr(out, "logits", None) if isinstance(out, Mapping) else out
     classes = 0 if logits is None else logits.shape[1]  # a transformers base model: none
     return unifeat.create_model(library, num_classes=classes)
