@@ -499,25 +499,20 @@ class HfAdapter(Adapter):
             )
         runner: Any = source.get_submodule(trunk)
         width = int(runner.num_features if family == "swin" else config.hidden_size)
+        tokens = functools.partial(
+            HeadRecipe, "tokens", path, num_features=width, num_classes=classes
+        )
         if family == "swin":
             pooler = _join(trunk, "pooler")
-            return HeadRecipe(
-                "tokens",
-                path,
-                num_features=width,
+            return tokens(
                 head_hidden_size=width,
-                num_classes=classes,
                 pools=("avg", "max", ""),
                 pool_module=pooler if _has_module(source, pooler) else None,
                 num_prefix_tokens=0,
             )
         if family == "dinov2":
-            return HeadRecipe(
-                "tokens",
-                path,
-                num_features=width,
+            return tokens(
                 head_hidden_size=2 * width,
-                num_classes=classes,
                 default_pool=TOKEN_AVG,
                 pools=(TOKEN_AVG, "token", "avg", ""),
                 num_prefix_tokens=1 + int(getattr(config, "num_register_tokens", 0) or 0),
@@ -531,21 +526,9 @@ class HfAdapter(Adapter):
                     f"pooling: pass a {kind} model with it (its *ForImageClassification "
                     "has one)"
                 )
-            return HeadRecipe(
-                "tokens",
-                path,
-                num_features=width,
-                head_hidden_size=width,
-                num_classes=classes,
-                default_pool="avg",
-                pre_logits=(norm,),
-            )
-        return HeadRecipe(  # vit, deit, beit with a class-token head
-            "tokens",
-            path,
-            num_features=width,
+            return tokens(head_hidden_size=width, default_pool="avg", pre_logits=(norm,))
+        return tokens(  # vit, deit, beit with a class-token head
             head_hidden_size=width,
-            num_classes=classes,
             default_pool="token",
             num_prefix_tokens=2 if kind == "deit" else 1,
         )

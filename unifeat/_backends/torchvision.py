@@ -53,19 +53,38 @@ _INPUT_SIZES = {"inception_v3": 299}
 
 
 # Classifier heads by class (docs/training.md, "Classifier models"): how the
-# model pools the last map or token, its pre-logits and dropout modules, and its
-# classifier, as module paths: class name -> (pool module, pre-logits, drop, classifier).
-_MAP_HEADS: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...], str]] = {
-    "ResNet": ("avgpool", (), (), "fc"),
-    "RegNet": ("avgpool", (), (), "fc"),
-    "ConvNeXt": ("avgpool", ("classifier.0", "classifier.1"), (), "classifier.2"),
-    "EfficientNet": ("avgpool", (FLATTEN,), ("classifier.0",), "classifier.1"),
-    "MobileNetV2": (None, (FLATTEN,), ("classifier.0",), "classifier.1"),
-    "MobileNetV3": (
-        "avgpool",
-        (FLATTEN, "classifier.0", "classifier.1"),
-        ("classifier.2",),
-        "classifier.3",
+# model pools its last map, its pre-logits and dropout steps and its classifier,
+# as HeadRecipe fields; "features_from" names the module whose in_features is
+# num_features where the classifier's input is not the map itself (MobileNetV3).
+_MAP_HEADS: dict[str, dict[str, Any]] = {
+    "ResNet": dict(pool_module="avgpool", classifier="fc"),
+    "RegNet": dict(pool_module="avgpool", classifier="fc"),
+    "ConvNeXt": dict(
+        pool_module="avgpool",
+        pre_logits=("classifier.0", "classifier.1"),
+        classifier="classifier.2",
+    ),
+    "EfficientNet": dict(
+        pool_module="avgpool",
+        pre_logits=(FLATTEN,),
+        drop=("classifier.0",),
+        classifier="classifier.1",
+    ),
+    "MobileNetV2": dict(pre_logits=(FLATTEN,), drop=("classifier.0",), classifier="classifier.1"),
+    "MobileNetV3": dict(
+        pool_module="avgpool",
+        pre_logits=(FLATTEN, "classifier.0", "classifier.1"),
+        drop=("classifier.2",),
+        classifier="classifier.3",
+        features_from="classifier.0",
+    ),
+    # norm -> permute -> avgpool -> flatten -> head
+    "SwinTransformer": dict(
+        pool_module="avgpool", pre_pool=(NHWC_TO_NCHW,), pre_logits=(FLATTEN,), classifier="head"
+    ),
+    # its final ReLU is in the final output; then F.adaptive_avg_pool2d
+    "DenseNet": dict(
+        pool_function="adaptive_avg_pool2d", pre_logits=(FLATTEN,), classifier="classifier"
     ),
 }
 
@@ -123,29 +142,6 @@ class TorchvisionAdapter(Adapter):
                 default_pool="token",
                 pre_logits=pre,
             )
-        if kind == "SwinTransformer":  # norm -> permute -> avgpool -> flatten -> head
-            head = source.get_submodule("head")
-            return HeadRecipe(
-                "map",
-                "head",
-                num_features=_width(head, "in_features"),
-                head_hidden_size=_width(head, "in_features"),
-                num_classes=_width(head, "out_features"),
-                pool_module="avgpool",
-                pre_pool=(NHWC_TO_NCHW,),
-                pre_logits=(FLATTEN,),
-            )
-        if kind == "DenseNet":  # relu (in the final output) -> F.adaptive_avg_pool2d
-            head = source.get_submodule("classifier")
-            return HeadRecipe(
-                "map",
-                "classifier",
-                num_features=_width(head, "in_features"),
-                head_hidden_size=_width(head, "in_features"),
-                num_classes=_width(head, "out_features"),
-                pool_function="adaptive_avg_pool2d",
-                pre_logits=(FLATTEN,),
-            )
         if kind in ("VGG", "AlexNet"):
             raise UnsupportedOptionError(
                 f"{plan.label} is a torchvision {kind}: its classifier MLP reads the last "
@@ -156,22 +152,17 @@ class TorchvisionAdapter(Adapter):
         found = _MAP_HEADS.get(kind)
         if found is None:
             return None
-        pool, pre, drop, path = found
+        fields = dict(found)
+        path = fields.pop("classifier")
         classifier = source.get_submodule(path)
-        width = (
-            _width(source.get_submodule("classifier.0"), "in_features")
-            if kind == "MobileNetV3"
-            else _width(classifier, "in_features")
-        )
+        widest = source.get_submodule(fields.pop("features_from", path))
         return HeadRecipe(
             "map",
             path,
-            num_features=width,
+            num_features=_width(widest, "in_features"),
             head_hidden_size=_width(classifier, "in_features"),
             num_classes=_width(classifier, "out_features"),
-            pool_module=pool,
-            pre_logits=pre,
-            drop=drop,
+            **fields,
         )
 
     def native_input_size(self, plan: BuildPlan, source: nn.Module) -> tuple[int, int, int]:

@@ -80,8 +80,6 @@ class HeadRecipe:
     pre_logits: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()
     num_prefix_tokens: int = 1
-    logits: Callable[[Any], Tensor] | None = None
-    """How the library model's own output gives logits (transformers' ``.logits``)."""
 
 
 KNOWN_HEADS = (
