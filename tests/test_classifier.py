@@ -299,7 +299,8 @@ def test_num_classes_and_global_pool_by_name() -> None:
     assert "fc.weight" not in pooled.state_dict()
     assert ten.state_dict()["fc.weight"].shape == (10, 512)
     # the library model is the wrapper's, head included
-    assert isinstance(ten.model, torchvision.models.ResNet) and ten.model.fc is ten.get_classifier()
+    assert isinstance(ten.library_model, torchvision.models.ResNet)
+    assert ten.fc is ten.library_model.fc is ten.get_classifier()
 
 
 def test_reset_classifier_and_pools_of_a_token_model() -> None:
@@ -311,7 +312,7 @@ def test_reset_classifier_and_pools_of_a_token_model() -> None:
         features = model.forward_features(x)
         assert features.shape == (2, 17, 32)
         model.reset_classifier(5)
-        assert model(x).shape == (2, 5) and model.model.heads.head.out_features == 5
+        assert model(x).shape == (2, 5) and model.heads.head.out_features == 5
         model.reset_classifier(0, global_pool="avg")
         torch.testing.assert_close(model(x), features[:, 1:].mean(1))
         model.reset_classifier(0, global_pool="")
@@ -324,10 +325,10 @@ def test_reset_classifier_and_pools_of_a_token_model() -> None:
 
 def test_a_transformers_base_model_has_no_classifier_until_reset() -> None:
     model = unifeat.create_model("hf:convnext", num_classes=0, **_HF_CONVNEXT).eval()
-    assert isinstance(model.model, transformers.ConvNextModel) and model.num_classes == 0
+    assert isinstance(model.library_model, transformers.ConvNextModel) and model.num_classes == 0
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        own = model.model(pixel_values=x).pooler_output
+        own = model.library_model(pixel_values=x).pooler_output
         torch.testing.assert_close(model(x), own, rtol=0, atol=0)
     keys = set(model.state_dict())
     model.reset_classifier(4)
@@ -348,7 +349,7 @@ def test_training_the_classifier_model_trains_the_library_model() -> None:
     loss.backward()
     optimizer.step()
     assert not torch.equal(library.conv1.weight, before)
-    assert model.model.conv1.weight is library.conv1.weight
+    assert model.conv1.weight is library.conv1.weight
     assert not torch.equal(library.bn1.running_mean, torch.zeros(64))  # statistics shared
 
 
@@ -372,7 +373,7 @@ def test_state_dict_round_trips_and_copies() -> None:
 
 def test_to_dtype_and_modes_follow_the_wrapper() -> None:
     model = unifeat.create_model("tv:resnet18", num_classes=4).train()
-    assert model.training and model.model.training
+    assert model.training and model.library_model.training
     model.eval().to(torch.float64)
     assert all(p.dtype == torch.float64 for p in model.parameters())
     with torch.no_grad():
@@ -450,7 +451,7 @@ def test_transformers_heads_that_are_refused_say_why() -> None:
     base = unifeat.create_model("hf:swin", num_classes=0, **_HF_SWIN).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(base(x), base.model(pixel_values=x).pooler_output)
+        assert torch.equal(base(x), base.library_model(pixel_values=x).pooler_output)
 
 
 # -- open_clip towers: the projection is the classifier, as in timm -------------------------
@@ -472,7 +473,7 @@ def test_an_open_clip_tower_gives_its_embedding_and_its_projection_is_the_classi
         pooled = model.forward_head(tokens, pre_logits=True)
         assert torch.equal(pooled @ tower.proj, expected)
     assert (model.num_classes, model.num_features, model.head_hidden_size) == (512, 64, 64)
-    assert model.get_classifier().weight is model.model.proj
+    assert model.get_classifier().weight is model.proj
     assert list(model.state_dict()) == list(tower.state_dict())
     model.reset_classifier(10)
     with torch.no_grad():
@@ -533,7 +534,7 @@ def test_a_modules_head_is_its_own_and_resets() -> None:
     module = _fx(_PooledNet)
     model = unifeat.create_model(module, num_classes=3).train()
     assert model.get_classifier().out_features == 3 and module.fc.out_features == 5
-    assert model.model.features[0].weight is module.features[0].weight
+    assert model.features[0].weight is module.features[0].weight
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
 
 
@@ -568,8 +569,8 @@ def test_parameters_the_head_does_not_use_are_left_to_ddp() -> None:
     # a transformers ViT base model's pooler (dense + tanh) is not part of timm's head
     model = unifeat.create_model("hf:vit", num_classes=3, **_HF_VIT)
     assert sorted(model._ddp_params_and_buffers_to_ignore) == [
-        "model.pooler.dense.bias",
-        "model.pooler.dense.weight",
+        "pooler.dense.bias",
+        "pooler.dense.weight",
     ]
     assert all(p.device.type == "cpu" for p in model.parameters())  # found on meta only
     used = unifeat.create_model("tv:resnet18", num_classes=3)

@@ -232,9 +232,9 @@ class AdapterContract:
     # -- classifier models (docs/training.md) -------------------------------------------
 
     def test_classifier_interface_where_the_head_is_known(self) -> None:
-        """features_only=False: timm's interface (forward_features = the feature
-        model's final output, forward_head, reset_classifier) where the head is
-        known; elsewhere num_classes= is refused, not ignored."""
+        """features_only=False: timm's interface (forward_features = the final output of
+        a feature model that keeps the final norm, forward_head, reset_classifier)
+        where the head is known; elsewhere num_classes= is refused, not ignored."""
         try:
             whole = unifeat.create_model(self.model_arg(), num_classes=0, **self.kwargs)
         except unifeat.UnsupportedOptionError as refusal:
@@ -245,7 +245,11 @@ class AdapterContract:
             return
         assert whole.num_classes == 0
         whole.eval()
-        features = self.build(out_indices=(-1,))
+        try:
+            features = self.build(out_indices=(-1,), norm=True)
+        except unifeat.UnsupportedOptionError as refusal:
+            assert "no final norm" in str(refusal) and not self.tokens
+            features = self.build(out_indices=(-1,))
         features.load_state_dict(whole.state_dict())
         x = self.input()
         with torch.no_grad():
@@ -261,31 +265,41 @@ class AdapterContract:
 
     # -- training (docs/training.md) --------------------------------------------------
 
-    def test_freeze_trains_only_the_later_levels(self) -> None:
-        """Frozen parameters get no gradient and do not move, the frozen part's
-        BatchNorm statistics stay, and the rest learns: a few SGD steps in train mode."""
-        torch.manual_seed(0)
-        model = self.build().train()
-        model.freeze(0, norm_eval=True)
-        model.train()  # norm_eval holds through later .train() calls
-        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        assert frozen and trainable
-        norms = {
-            n: m
-            for n, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
-        }
-        held = {n for n, m in norms.items() if m.weight is not None and not m.weight.requires_grad}
-        stats = {n: m.running_mean.clone() for n, m in norms.items()}
-        before = {n: p.detach().clone() for n, p in trainable.items()}
-        optimizer = torch.optim.SGD(trainable.values(), lr=0.1)
-        for _ in range(3):
+    def _train_steps(self, model: Any, steps: int = 3) -> None:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(trainable, lr=0.1)
+        for _ in range(steps):
             maps = _tensors(model(self.input()))
             loss = torch.stack([m.float().pow(2).mean() for m in maps]).sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+
+    @staticmethod
+    def _batch_norms(model: Any) -> dict[str, nn.Module]:
+        return {
+            n: m
+            for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+        }
+
+    def test_freeze_trains_only_the_later_levels(self) -> None:
+        """mmdetection's ``frozen_stages`` (docs/training.md): frozen parameters get no
+        gradient and do not move, the frozen part stays in eval mode (its BatchNorm
+        statistics stay), and the rest learns, its BatchNorms updating: a few SGD
+        steps in train mode."""
+        torch.manual_seed(0)
+        model = self.build().train()
+        model.freeze(0)
+        model.train()  # the frozen part stays in eval through later .train() calls
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert frozen and trainable
+        norms = self._batch_norms(model)
+        held = {n for n, m in norms.items() if m.weight is not None and not m.weight.requires_grad}
+        stats = {n: m.running_mean.clone() for n, m in norms.items()}
+        before = {n: p.detach().clone() for n, p in trainable.items()}
+        self._train_steps(model)
         for name, value in frozen.items():
             parameter = model.get_parameter(name)
             assert parameter.grad is None and torch.equal(parameter, value), name
@@ -294,7 +308,27 @@ class AdapterContract:
             assert not norms[name].training and torch.equal(norms[name].running_mean, stats[name])
         moving = [n for n in norms if n not in held]
         if moving:
+            assert all(norms[n].training for n in moving)
             assert any(not torch.equal(norms[n].running_mean, stats[n]) for n in moving)
+
+    def test_mmdetection_frozen_stages_and_norm_eval(self) -> None:
+        """mmdetection's detection configs say ``frozen_stages=1, norm_eval=True``: every
+        BatchNorm of the backbone keeps its running statistics through training
+        steps, whatever is frozen, while the unfrozen weights change."""
+        torch.manual_seed(0)
+        model = self.build(frozen_levels=1, norm_eval=True).train()
+        norms = self._batch_norms(model)
+        stats = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in norms.items()}
+        trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable
+        self._train_steps(model)
+        for name, norm in norms.items():
+            assert not norm.training, name
+            assert torch.equal(norm.running_mean, stats[name][0]), name
+            assert torch.equal(norm.running_var, stats[name][1]), name
+        assert any(not torch.equal(model.get_parameter(n), value) for n, value in trainable.items())
+        norm_modules = [m for m in model.modules() if "Norm" in type(m).__name__]
+        assert all(not m.training for m in norm_modules)
 
     def test_grad_checkpointing_gives_the_same_outputs_and_gradients(self) -> None:
         """Recomputing in backward changes no number (timm's set_grad_checkpointing,

@@ -93,7 +93,7 @@ def test_preprocessing_is_the_libraries_own(tmp_path: Path) -> None:
 
     timm_model = unifeat.create_model("timm:resnet18", features_only=True)
     image = Image.new("RGB", (300, 200), "olive")
-    expected_size = resolve_data_config({}, model=timm_model.model)["input_size"]
+    expected_size = resolve_data_config({}, model=timm_model)["input_size"]
     assert tuple(preprocessing_for(timm_model)(image).shape) == expected_size
     # A transformers model saved with its image processor is preprocessed by it.
     config = AutoConfig.for_model(

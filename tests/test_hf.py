@@ -80,6 +80,11 @@ def _input(model: nn.Module, batch: int = 2, size: int | None = None) -> Tensor:
     return torch.randn(batch, getattr(config, "num_channels", 3), side, side)
 
 
+def _input_for(model: unifeat.FeatureModel, size: int | None = None) -> Tensor:
+    channels, height, width = model.input_size
+    return torch.randn(2, channels, size or height, size or width)
+
+
 def _all(info: unifeat.FeatureInfo) -> list[int]:
     return list(range(len(info)))
 
@@ -106,7 +111,7 @@ def test_levels_match_output_shapes(model_type: str) -> None:
     model = unifeat.create_model(
         f"hf:{model_type}", features_only=True, out_indices=_all(info), **kwargs
     ).eval()
-    x = _input(model.model)
+    x = _input_for(model)
     with torch.no_grad():
         maps = model(x)
     assert len(maps) == len(info) >= 4
@@ -214,7 +219,7 @@ def test_stage_maps_equal_the_models_backbone(model_type: str, saved: dict[str, 
     model = unifeat.create_model(
         f"hf:{saved[model_type]}", pretrained=True, features_only=True, out_indices=(-4, -3, -2, -1)
     ).eval()
-    x = _input(model.model)
+    x = _input_for(model)
     with torch.no_grad():
         expected = reference(pixel_values=x).feature_maps
         maps = model(x)
@@ -225,12 +230,17 @@ def test_stage_maps_equal_the_models_backbone(model_type: str, saved: dict[str, 
 
 @pytest.mark.parametrize("model_type", sorted(ALL_MODELS))
 def test_final_output_is_the_models_last_hidden_state(model_type: str) -> None:
-    """forward_intermediates' final output is what the model itself gives as its
+    """forward_intermediates' final output of a feature model that keeps the final norm
+    (``norm=True``, where the model has one) is what the model itself gives as its
     unpooled output after its final norm (docs/levels.md): last_hidden_state, in
     the model's own layout (tokens for ViTs and Swin, maps for conv nets and PVT
     v2, BiT's pre-activation norm included)."""
     native = _native(model_type)
-    model = unifeat.create_model(native, features_only=True).eval()
+    try:
+        model = unifeat.create_model(native, features_only=True, norm=True).eval()
+    except unifeat.UnsupportedOptionError as refused:
+        assert "no final norm" in str(refused), refused
+        model = unifeat.create_model(native, features_only=True).eval()
     x = _input(native)
     with torch.no_grad():
         final, _ = model.forward_intermediates(x)
@@ -347,8 +357,8 @@ def test_a_task_model_passed_in_is_shared_not_mutated() -> None:
     model = unifeat.create_model(source, features_only=True, out_indices=(1,)).eval()
     assert len(source.vit.layers) == 4 and isinstance(source.classifier, nn.Linear)
     assert list(source.state_dict()) == keys
-    ours = dict(model.named_parameters())
-    assert ours["model.vit.embeddings.cls_token"] is source.vit.embeddings.cls_token
+    ours = dict(model.named_parameters())  # the source's names, no prefix of unifeat's
+    assert ours["vit.embeddings.cls_token"] is source.vit.embeddings.cls_token
     # State-dict keys are the source's (what was cut off is ignored on load).
     assert set(model.state_dict()) <= set(keys)
     model.load_state_dict(source.state_dict())
@@ -368,7 +378,7 @@ def test_level_2_of_a_12_layer_vit_runs_3_layers_and_a_quarter_of_the_flops() ->
     native = AutoModel.from_config(AutoConfig.for_model("vit", **kwargs)).eval()
     model = unifeat.create_model(native, features_only=True, out_indices=(2,)).eval()
     ran: list[int] = []
-    for layers in (native.layers, model.model.layers):  # the feature model's own copies
+    for layers in (native.layers, model.layers):  # the feature model's own copies
         for i, layer in enumerate(layers):
             layer.register_forward_hook(lambda *_, i=i: ran.append(i))
     x = _input(native)
@@ -396,7 +406,7 @@ def test_prune_and_forward_intermediates() -> None:
         pruned = model(x)
     assert [m.shape for m in pruned] == [full[1].shape, full[2].shape]
     assert torch.equal(pruned[1], full[2])
-    assert len(model.model.encoder.stages) == 2
+    assert len(model.encoder.stages) == 2
     with pytest.raises(unifeat.InvalidIndicesError, match="pruned after level 2"):
         model.forward_intermediates(x, indices=(3,))
     with pytest.raises(unifeat.UnsupportedOptionError, match="norm=True"):
@@ -485,7 +495,7 @@ def test_torch_compile_gives_the_eager_maps(model_type: str) -> None:
     model = unifeat.create_model(
         f"hf:{model_type}", features_only=True, **ALL_MODELS[model_type]
     ).eval()
-    x = _input(model.model, size=64 if model_type == "resnet" else None)
+    x = _input_for(model, size=64 if model_type == "resnet" else None)
     with torch.no_grad():
         eager = model(x)
         compiled = torch.compile(model)(x)

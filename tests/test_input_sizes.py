@@ -66,7 +66,7 @@ def _timm_reference(model: Any, x: Tensor) -> list[Tensor]:
     reference = timm.create_model(
         "vit_tiny_patch16_224", dynamic_img_size=resized, **TIMM_KWARGS
     ).eval()
-    reference.load_state_dict(model.model.state_dict(), strict=False)
+    reference.load_state_dict(model.state_dict(), strict=False)
     indices = list(model.feature_info.out_indices)
     return list(reference.forward_intermediates(x, indices=indices, intermediates_only=True))
 
@@ -117,7 +117,7 @@ def _hf_build() -> nn.Module:
 def _hf_reference(model: Any, x: Tensor) -> list[Tensor]:
     """transformers' hidden states, with interpolate_pos_encoding=True at other sizes."""
     reference = transformers.ViTModel(transformers.ViTConfig(**HF_KWARGS)).eval()
-    reference.load_state_dict(model.model.state_dict(), strict=False)
+    reference.load_state_dict(model.state_dict(), strict=False)
     resized = tuple(x.shape[-2:]) != NATIVE
     hidden = reference(
         pixel_values=x, output_hidden_states=True, interpolate_pos_encoding=resized
@@ -140,7 +140,7 @@ def _oc_reference(model: Any, x: Tensor) -> list[Tensor]:
     size = tuple(int(s) for s in x.shape[-2:])
     vision = {**config["vision_cfg"], **OC_KWARGS, "image_size": size}
     tower = _build_vision_tower(config["embed_dim"], vision).eval()
-    state = {f"visual.{k}": v for k, v in model.model.state_dict().items()}
+    state = {f"visual.{k}": v for k, v in model.state_dict().items()}
     resize_pos_embed(state, types.SimpleNamespace(visual=tower))
     tower.load_state_dict({k.removeprefix("visual."): v for k, v in state.items()}, strict=False)
     indices = list(model.feature_info.out_indices)
@@ -339,7 +339,8 @@ def test_timm_dynamic_img_size_is_the_callers_choice() -> None:
         fixed(torch.randn(1, 3, 48, 64))
     whole = unifeat.create_model("timm:vit_tiny_patch16_224", **TIMM_KWARGS)
     assert whole.dynamic_img_size is False
-    assert _model(CASES[0]).model.dynamic_img_size is True
+    # timm's dynamic_img_size: a patch embedding that takes any size, tokens as NHWC
+    assert _model(CASES[0]).patch_embed.strict_img_size is False
 
 
 def test_torchvision_vit_by_name_at_another_size() -> None:

@@ -63,11 +63,9 @@ def test_vit_gradients_reach_every_block_up_to_the_last_level():
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert {n for n, _ in model.named_parameters() if ".blocks.5." in n} <= with_grad
     assert not any(".blocks.6." in n for n, _ in model.named_parameters())  # pruned
-    # The final norm does not feed any block output, so it gets no gradient.
-    assert {n for n, _ in model.named_parameters()} - with_grad == {
-        "model.norm.weight",
-        "model.norm.bias",
-    }
+    # It holds only what its levels compute (no final norm): every parameter learns.
+    assert {n for n, _ in model.named_parameters()} == with_grad
+    assert not any(n.startswith("norm.") for n in with_grad)
 
 
 def test_state_dict_keys_are_the_source_models():
@@ -100,9 +98,9 @@ def test_state_dict_keys_when_nested_in_a_larger_module():
     assert "backbone.conv1.weight" in keys and "head.weight" in keys
     assert not any(k.startswith("backbone.model.") for k in keys)
     clone = copy.deepcopy(detector)
-    torch.nn.init.zeros_(clone.backbone.model.conv1.weight)
+    torch.nn.init.zeros_(clone.backbone.conv1.weight)
     clone.load_state_dict(detector.state_dict(), strict=True)
-    assert torch.equal(clone.backbone.model.conv1.weight, backbone.model.conv1.weight)
+    assert torch.equal(clone.backbone.conv1.weight, backbone.conv1.weight)
 
 
 def test_the_module_passed_in_is_never_mutated_and_shares_parameters():
@@ -122,8 +120,8 @@ def test_the_module_passed_in_is_never_mutated_and_shares_parameters():
     with torch.no_grad():
         torch.testing.assert_close(source.eval()(x), logits)
     # Parameters are shared, as torchvision's extractor shares them.
-    assert model.model.cls_token is source.cls_token
-    assert model.model.blocks[0].attn.qkv.weight is source.blocks[0].attn.qkv.weight
+    assert model.cls_token is source.cls_token
+    assert model.blocks[0].attn.qkv.weight is source.blocks[0].attn.qkv.weight
 
 
 def test_checkpoint_path_loads_pth_and_safetensors(tmp_path):
@@ -159,7 +157,7 @@ def test_checkpoint_with_a_module_does_not_write_into_the_callers_tensors(tmp_pa
     torch.save(other.state_dict(), path)
     model = unifeat.create_model(source, features_only=True, checkpoint_path=path)
     assert torch.equal(source.conv1.weight, before)
-    assert torch.equal(model.model.conv1.weight, other.conv1.weight)
+    assert torch.equal(model.conv1.weight, other.conv1.weight)
 
 
 def test_pretrained_uses_timms_own_loading(tmp_path):
@@ -171,7 +169,7 @@ def test_pretrained_uses_timms_own_loading(tmp_path):
     model = unifeat.create_model(
         "resnet18", pretrained=True, features_only=True, pretrained_cfg_overlay={"file": str(path)}
     )
-    assert torch.equal(model.model.conv1.weight, trained.conv1.weight)
+    assert torch.equal(model.conv1.weight, trained.conv1.weight)
 
 
 def test_features_only_false_is_timms_own_model():
@@ -189,11 +187,11 @@ def test_features_only_false_is_timms_own_model():
 
 
 def test_dict_output_and_nhwc():
-    _, model = _resnet18_features(out_indices=(1, -1))
+    source, model = _resnet18_features(out_indices=(1, -1))
     x = torch.randn(1, 3, 64, 64)
     nchw = model(x)
     as_dict = unifeat.create_model(
-        model.model, backend="timm", features_only=True, out_indices=(1, -1), output_type="dict"
+        source, backend="timm", features_only=True, out_indices=(1, -1), output_type="dict"
     ).eval()(x)
     assert list(as_dict) == ["layer1", "layer4"]
     _outputs_equal(list(as_dict.values()), nchw)
@@ -249,7 +247,7 @@ def test_forward_intermediates_matches_timm():
 def test_vit_forward_intermediates_norm_and_prefix_tokens():
     source = timm.create_model("vit_tiny_patch16_224", img_size=32).eval()
     model = unifeat.create_model(
-        source, features_only=True, out_indices=(2, 5), return_prefix_tokens=True
+        source, features_only=True, out_indices=(2, 5), return_prefix_tokens=True, norm=True
     ).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -257,8 +255,20 @@ def test_vit_forward_intermediates_norm_and_prefix_tokens():
         theirs = source.forward_intermediates(
             x, indices=[5], norm=True, return_prefix_tokens=True, intermediates_only=True
         )
+        normed = model(x)  # norm=True at creation: the levels come normed, as timm's getter
+        raw = source.forward_intermediates(
+            x, indices=[2, 5], norm=True, return_prefix_tokens=True, intermediates_only=True
+        )
     torch.testing.assert_close(ours[0][0], theirs[0][0])
     torch.testing.assert_close(ours[0][1], theirs[0][1])
+    for (ours_map, ours_prefix), (their_map, their_prefix) in zip(normed, raw, strict=True):
+        torch.testing.assert_close(ours_map, their_map, rtol=0, atol=0)
+        torch.testing.assert_close(ours_prefix, their_prefix, rtol=0, atol=0)
+    # Without norm=True the model holds no final norm: asking for it is refused,
+    # not answered with un-normed maps (timm's pruned model would return them).
+    plain = unifeat.create_model(source, features_only=True, out_indices=(2, 5)).eval()
+    with pytest.raises(unifeat.UnsupportedOptionError, match="norm=True"):
+        plain.forward_intermediates(x, norm=True)
 
 
 def test_prune_intermediate_layers_removes_work_and_returns_normalized_indices():

@@ -52,13 +52,19 @@ def test_vit_levels_equal_open_clips_forward_intermediates() -> None:
 
 
 def test_vit_final_output_is_the_normed_tokens_before_pooling() -> None:
+    """With norm=True the final output is the tower's normed tokens before pooling (its
+    forward_features); without it, the last block's tokens (docs/levels.md)."""
     tower = _tower("ViT-B-32", **TINY_VIT)
-    model = unifeat.create_model(tower, features_only=True).eval()
+    model = unifeat.create_model(tower, features_only=True, norm=True).eval()
+    plain = unifeat.create_model(tower, features_only=True).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         final, _ = model.forward_intermediates(x, indices=(1,))
-        tokens = tower.ln_post(tower.transformer(tower._embeds(x)))
+        last_block, _ = plain.forward_intermediates(x, indices=(1,))
+        blocks = tower.transformer(tower._embeds(x))
+        tokens = tower.ln_post(blocks)
     torch.testing.assert_close(final, tokens, rtol=0, atol=0)
+    torch.testing.assert_close(last_block, blocks, rtol=0, atol=0)
     assert final.shape == (2, 17, 64)  # class token + 4x4 patches, open_clip's own layout
     model.prune_intermediate_layers((1,))
     with torch.no_grad():
@@ -131,6 +137,6 @@ def test_timm_towers_use_the_timm_trunks_levels() -> None:
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ours = model(x)
-        theirs = model.model.trunk.forward_intermediates(x, intermediates_only=True)
+        theirs = model.trunk.forward_intermediates(x, intermediates_only=True)
     for mine, ref in zip(ours, theirs, strict=True):
         torch.testing.assert_close(mine, ref, rtol=0, atol=0)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 import unifeat
@@ -415,12 +416,10 @@ def test_nhwc_and_dict_models_give_the_same_descriptors(
     folder: Path, tmp_path: Path, reference: dict
 ) -> None:
     torch.manual_seed(0)
-    base = unifeat.create_model("tv:resnet18", features_only=True, out_indices=(-2, -1))
+    base = torchvision.models.resnet18()
     results = {}
     for options in ({}, {"output_fmt": "NHWC"}, {"output_type": "dict"}):
-        model = unifeat.create_model(
-            base.model, features_only=True, out_indices=(-2, -1), **options
-        )
+        model = unifeat.create_model(base, features_only=True, out_indices=(-2, -1), **options)
         out = tmp_path / f"{'_'.join(options) or 'plain'}.npy"
         unifeat.extract(model, [folder], out, input_size=(32, 32), progress=False)
         results[out.stem] = unifeat.load_features(out)

@@ -355,7 +355,7 @@ def test_fx_feature_model_module_behaviour():
     assert all(p.grad is not None for p in model.parameters())
     # The caller's module is untouched and its parameters are shared.
     assert source.fc.out_features == 1000 and len(source.layer4) == 2
-    assert model.model.conv1.weight is not other.conv1.weight
+    assert model.conv1.weight is not other.conv1.weight
 
 
 def test_fx_forward_intermediates_and_pruning():
@@ -447,8 +447,8 @@ def test_pretrained_uses_torchvisions_weights_loading(tmp_path, monkeypatch):
     cache.mkdir(parents=True)
     torch.save(trained.state_dict(), cache / weights.url.rsplit("/", 1)[-1])
     model = unifeat.create_model("tv:resnet18", pretrained=True, features_only=True)
-    assert torch.equal(model.model.conv1.weight, trained.conv1.weight)
+    assert torch.equal(model.conv1.weight, trained.conv1.weight)
     path = tmp_path / "ckpt.pth"
     torch.save({"model": trained.state_dict()}, path)
     model = unifeat.create_model("tv:resnet18", features_only=True, checkpoint_path=path)
-    assert torch.equal(model.model.conv1.weight, trained.conv1.weight)
+    assert torch.equal(model.conv1.weight, trained.conv1.weight)

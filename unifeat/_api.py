@@ -27,7 +27,7 @@ __all__ = ["create_model", "feature_info", "get_node_names", "list_models"]
 
 def _plan(model: str | nn.Module, *, backend: str | None, **options: Any) -> BuildPlan:
     if isinstance(model, ClassifierModel):
-        model = model.model  # it stands for its library model, head as it is now
+        model = model.library_model  # it stands for its library model, head as it is now
     if isinstance(model, nn.Module):
         chosen = (
             _registry.canonical_backend(backend, context=f"module {type(model).__qualname__}")
@@ -77,6 +77,8 @@ def create_model(
     tracer_kwargs: Mapping[str, Any] | None = None,
     frozen_levels: int | None = None,
     norm_eval: bool = False,
+    norm: bool = False,
+    pyramid: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     **model_kwargs: Any,
@@ -99,7 +101,7 @@ def create_model(
             for torchvision and transformers models whose head unifeat knows, a
             :class:`~unifeat.ClassifierModel` with timm's interface
             (``forward_features``, ``forward_head``, ``reset_classifier``, ...)
-            over the library model (``.model``, parameters shared). See the
+            over the library model (``.library_model``, parameters and names shared). See the
             docs page "Training and deployment".
         out_indices: ``None`` (the default: every level of a hierarchical net,
             the last 3 blocks of a plain ViT), an int ``n`` (the last ``n``
@@ -127,9 +129,22 @@ def create_model(
         tracer_kwargs: torchvision's tracer options for models cut from FX
             graphs: ``leaf_modules``, ``autowrap_modules``, ``autowrap_functions``.
         frozen_levels: freeze the parameters that levels ``0..frozen_levels``
-            depend on (``-1``: all); see :meth:`FeatureModel.freeze`.
-        norm_eval: hold normalization layers in eval mode while training: those
-            of the frozen levels, or every one when ``frozen_levels`` is None.
+            depend on (``-1``: all) and hold that part in eval mode, as
+            mmdetection's ``frozen_stages``; see :meth:`FeatureModel.freeze`.
+        norm_eval: hold every normalization layer in eval mode while training,
+            whatever is frozen (mmdetection's ``norm_eval``).
+        norm: keep the final norm and apply it to the levels it fits (timm's
+            ``FeatureGetterNet(norm=True)``, DINOv2's normalized intermediate
+            layers); refused where it would change no requested level. Without
+            it a feature model holds only what its levels compute, and
+            ``forward_intermediates``' final output is its deepest level's block
+            output (docs/levels.md, "The final output").
+        pyramid: ``"simple"``: ViTDet's simple feature pyramid on a plain model's
+            (a ViT's) last block: four levels at a quarter, half, one and two
+            patch sizes (4, 8, 16, 32 for patch 16), ``C/4``, ``C/2``, ``C``, ``C``
+            channels, which ``out_indices`` then indexes; its layers are trainable
+            parameters under ``pyramid.``. Refused for hierarchical models
+            (docs/levels.md, "A simple pyramid for plain models").
         device: build a model named by string there (random weights are made
             on it directly; pretrained ones are loaded, then moved).
         dtype: a floating dtype for its parameters (``torch.bfloat16``, ...).
@@ -184,6 +199,8 @@ def feature_info(
     tracer_kwargs: Mapping[str, Any] | None = None,
     frozen_levels: int | None = None,
     norm_eval: bool = False,
+    norm: bool = False,
+    pyramid: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     **model_kwargs: Any,
@@ -260,6 +277,8 @@ def get_node_names(
     tracer_kwargs: Mapping[str, Any] | None = None,
     frozen_levels: int | None = None,
     norm_eval: bool = False,
+    norm: bool = False,
+    pyramid: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     **model_kwargs: Any,

@@ -115,23 +115,72 @@ def _check_fits(
         )
 
 
+def _split(state: dict[str, Any], set_aside: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    if set_aside is None:
+        return state, {}
+    prefix = f"{set_aside}."
+    aside = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    return {key: value for key, value in state.items() if not key.startswith(prefix)}, aside
+
+
 def check_checkpoint(
-    model: nn.Module, path: str | Path, *, context: str, optional: Collection[str] = ()
-) -> None:
+    model: nn.Module,
+    path: str | Path,
+    *,
+    context: str,
+    optional: Collection[str] = (),
+    set_aside: str | None = None,
+) -> dict[str, Any]:
     """Raise the :class:`CheckpointError` :func:`load_checkpoint` would, without loading
-    (``model`` may live on the meta device)."""
-    _check_fits(read_state_dict(path), model, path, context, optional)
+    (``model`` may live on the meta device); returns what it sets aside."""
+    state, aside = _split(read_state_dict(path), set_aside)
+    _check_fits(state, model, path, context, optional)
+    return aside
 
 
 def load_checkpoint(
-    model: nn.Module, path: str | Path, *, context: str, optional: Collection[str] = ()
-) -> None:
+    model: nn.Module,
+    path: str | Path,
+    *,
+    context: str,
+    optional: Collection[str] = (),
+    set_aside: str | None = None,
+) -> dict[str, Any]:
     """Load ``path`` into ``model`` strictly, with a message that names what did not fit.
 
     ``optional``: keys that may be missing, because what holds them is cut away
     afterwards (a feature model's own state dict lacks the modules after its
     deepest level); those keep their initial values until they are dropped.
+    ``set_aside``: a prefix of keys that belong to layers unifeat adds (a
+    pyramid's): not loaded, returned without the prefix for :func:`load_part`.
     """
-    state = read_state_dict(path)
+    state, aside = _split(read_state_dict(path), set_aside)
     _check_fits(state, model, path, context, optional)
     model.load_state_dict(state, strict=not any(key not in state for key in optional))
+    return aside
+
+
+def _part(module: nn.Module, state: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    held = {name for name, _ in module.named_children()}
+    kept = {key: value for key, value in state.items() if key.split(".", 1)[0] in held}
+    return kept, [key for key in module.state_dict() if key not in kept]
+
+
+def check_part(
+    module: nn.Module, state: Mapping[str, Any], path: str | Path, *, context: str
+) -> None:
+    """Raise the :class:`CheckpointError` :func:`load_part` would, without loading."""
+    kept, missing = _part(module, state)
+    _check_fits(kept, module, path, context, optional=missing)
+
+
+def load_part(
+    module: nn.Module, state: Mapping[str, Any], path: str | Path, *, context: str
+) -> None:
+    """Load the keys a checkpoint has for ``module`` (layers unifeat adds), checked
+    like :func:`load_checkpoint`: a key of a submodule ``module`` does not hold
+    (a pruned pyramid level) is ignored, a missing key keeps its initial value (a
+    backbone's checkpoint has none), a wrong shape is refused."""
+    kept, missing = _part(module, state)
+    _check_fits(kept, module, path, context, optional=missing)
+    module.load_state_dict(kept, strict=False)

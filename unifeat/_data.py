@@ -359,7 +359,7 @@ def model_data_config(model: nn.Module) -> DataConfig:
     carried = getattr(model, "data_config", None)
     if isinstance(carried, DataConfig):
         return carried
-    source = getattr(model, "model", model)
+    source = model.__dict__.get("_root", model)  # a feature model: the library's model
     for candidate in (source, model):
         if isinstance(candidate, nn.Module) and _is_timm(candidate):
             return from_timm_model(candidate)
@@ -367,6 +367,28 @@ def model_data_config(model: nn.Module) -> DataConfig:
     if own is not None:
         return from_transform(own)
     return default_config(getattr(model, "default_input_size", None))
+
+
+def timm_pretrained_cfg(model: nn.Module) -> dict[str, Any]:
+    """``model``'s :func:`model_data_config` in timm's ``pretrained_cfg`` format, over
+    the timm model's own ``pretrained_cfg`` where there is one (its other keys kept);
+    a classifier model adds ``num_classes`` and ``classifier``."""
+    config = model_data_config(model)
+    source = model.__dict__.get("_root", model)
+    own = getattr(source, "pretrained_cfg", None) if _is_timm(source) else None
+    cfg: dict[str, Any] = dict(own) if isinstance(own, dict) else {}
+    cfg.update(
+        input_size=config.input_size,
+        mean=config.mean,
+        std=config.std,
+        interpolation=config.interpolation,
+        crop_pct=config.crop_pct,
+        crop_mode=config.crop_mode,
+    )
+    classifier = getattr(model, "classifier_path", None)
+    if classifier is not None:
+        cfg.update(num_classes=int(getattr(model, "num_classes", 0)), classifier=classifier)
+    return cfg
 
 
 def with_input_size(config: DataConfig, size: Sequence[int] | None) -> DataConfig:

@@ -40,7 +40,9 @@ class FeatureLevel(BaseModel):
 
     index: int
     num_chs: int
-    reduction: int
+    reduction: int | float
+    """How many input pixels one map cell spans: an int, except where a level's
+    stride is fractional (a simple pyramid's finest level on a patch-14 ViT: 3.5)."""
     module: str
 
     def __getitem__(self, key: str) -> Any:

@@ -21,10 +21,14 @@ from unifeat._indices import IndexSpec, check_index_spec
 
 OutputType = Literal["list", "dict"]
 OutputFormat = Literal["NCHW", "NHWC"]
+FeatureClass = Literal["getter", "fx", "hook", "list", "dict"]
+Pyramid = Literal["simple"]
 
 _CHOICES: dict[str, tuple[object, ...]] = {
     "output_type": ("list", "dict"),
     "output_fmt": ("NCHW", "NHWC"),
+    "feature_cls": ("getter", "fx", "hook", "list", "dict"),
+    "pyramid": ("simple",),
 }
 
 
@@ -55,7 +59,16 @@ class BuildPlan(BaseModel):
     frozen_levels: StrictInt | None = None
     """Freeze what levels ``0..frozen_levels`` depend on (``-1``: everything)."""
     norm_eval: StrictBool = False
-    """Hold norm layers in eval mode while training (the frozen part's, or all)."""
+    """Hold every norm layer in eval mode while training (mmdetection's ``norm_eval``)."""
+    norm: StrictBool = False
+    """Keep the final norm and apply it to the levels it fits (timm's
+    ``FeatureGetterNet(norm=True)``); without it a feature model holds only what
+    its levels compute."""
+    feature_cls: FeatureClass | None = None
+    """timm's ``feature_cls=``: which runner computes the levels (docs/api.md)."""
+    pyramid: Pyramid | None = None
+    """``"simple"``: ViTDet's simple feature pyramid on a plain model's last map;
+    its four levels replace the blocks (docs/levels.md)."""
     device: str | None = None
     """Where a model built by name is made (``"cuda:0"``); ``None``: the CPU."""
     dtype: torch.dtype | None = None
@@ -82,6 +95,9 @@ _FEATURE_ONLY_OPTIONS = (
     "return_nodes",
     "frozen_levels",
     "norm_eval",
+    "norm",
+    "feature_cls",
+    "pyramid",
 )
 _TRACER_OPTIONS = ("leaf_modules", "autowrap_modules", "autowrap_functions")
 
@@ -107,6 +123,7 @@ def make_plan(**options: Any) -> BuildPlan:
             "of only one graph is served in that mode (docs/node-names.md)"
         )
     _take_head_options(options, context)
+    _take_feature_cls(options, context)
     try:
         plan = BuildPlan(**options)
     except ValidationError as exc:
@@ -119,6 +136,21 @@ def make_plan(**options: Any) -> BuildPlan:
             else error["msg"].lower()
         )
         raise UnsupportedOptionError(f"invalid {field}={value!r} for {context}: {valid}") from None
+    if plan.pyramid is not None and plan.features_only:
+        clashing = [
+            name
+            for name, given in (
+                ("return_nodes", plan.return_nodes is not None),
+                ("return_prefix_tokens", plan.return_prefix_tokens),
+                ("output_stride", plan.output_stride is not None),
+            )
+            if given
+        ]
+        if clashing:
+            raise UnsupportedOptionError(
+                f"pyramid={plan.pyramid!r} returns its own four levels, so {', '.join(clashing)} "
+                f"cannot be combined with it for {plan.label}"
+            )
     if plan.return_nodes is not None and plan.features_only:
         clashing = [k for k in ("out_indices", "output_stride") if getattr(plan, k) is not None]
         if plan.return_prefix_tokens:
@@ -166,6 +198,35 @@ def _take_head_options(options: dict[str, Any], context: str) -> None:
         if key in kwargs:
             options[key] = kwargs.pop(key)
     options["model_kwargs"] = kwargs
+
+
+def _take_feature_cls(options: dict[str, Any], context: str) -> None:
+    """timm's ``feature_cls=`` (a constructor keyword in timm) into the plan, lower-cased
+    as timm reads it. ``'list'``/``'dict'`` choose the output type, as timm's
+    ``FeatureListNet``/``FeatureDictNet`` do; an ``output_type`` saying otherwise is
+    refused rather than one of them ignored."""
+    kwargs = options.get("model_kwargs") or {}
+    if "feature_cls" not in kwargs:
+        return
+    kwargs = dict(kwargs)
+    value = kwargs.pop("feature_cls")
+    options["model_kwargs"] = kwargs
+    if not isinstance(value, str) or value.lower() not in _CHOICES["feature_cls"]:
+        raise UnsupportedOptionError(
+            f"invalid feature_cls={value!r} for {context}: expected "
+            f"{format_choices(_CHOICES['feature_cls'])} (timm's names; docs/api.md says which "
+            "runner each selects)"
+        )
+    value = value.lower()
+    options["feature_cls"] = value
+    if value in ("list", "dict"):
+        asked = options.get("output_type")
+        if asked is not None and asked != value:
+            raise UnsupportedOptionError(
+                f"feature_cls={value!r} returns a {value}, but output_type={asked!r} was asked "
+                f"for {context}: give one of them"
+            )
+        options["output_type"] = value
 
 
 def _check_return_nodes(nodes: object, context: str) -> tuple[str, ...] | dict[str, str] | None:

@@ -71,7 +71,8 @@ def test_a_mapping_that_misses_a_key_fails_loudly() -> None:
 
 @pytest.mark.parametrize("arch", ["resnet50", "convnext_tiny", "vit_b_16", "swin_t"])
 def test_the_final_output_means_the_same_in_every_backend(arch: str) -> None:
-    """forward_intermediates(intermediates_only=False)'s final output, with the same
+    """forward_intermediates(intermediates_only=False)'s final output of a feature model
+    that keeps the final norm (norm=True, where there is one), with the same
     weights: what timm's forward_features gives (the unpooled output of the last
     block after the final norm), in every backend, each in its library's layout
     (transformers' Swin keeps tokens where timm and torchvision keep NHWC)."""
@@ -82,7 +83,11 @@ def test_the_final_output_means_the_same_in_every_backend(arch: str) -> None:
     with torch.no_grad():
         expected = models["timm"].forward_features(x)
     for backend, model in models.items():
-        features = unifeat.create_model(model, features_only=True).eval()
+        try:
+            features = unifeat.create_model(model, features_only=True, norm=True).eval()
+        except unifeat.UnsupportedOptionError as refused:
+            assert "no final norm" in str(refused), (backend, refused)
+            features = unifeat.create_model(model, features_only=True).eval()
         with torch.no_grad():
             final, _ = features.forward_intermediates(x)
         if backend == "timm":

@@ -222,10 +222,11 @@ def _backbone(config_class: type, backbone_class: type, kwargs: dict, **extra) -
 
 def _load_trunk(backbone: nn.Module, model: nn.Module) -> None:
     """The feature model's weights (the base model's keys) into a ``*Backbone``: only
-    the backbone's own extra norms are left out."""
+    the backbone's own extra norms and what no level reads (DINOv2's mask token, a
+    feature model holds neither: docs/training.md) are left out."""
     missing, unexpected = backbone.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected
-    assert all("norm" in key for key in missing), missing
+    assert all("norm" in key or key.endswith("mask_token") for key in missing), missing
 
 
 def test_resnet_maps_equal_resnet_backbone() -> None:

@@ -11,6 +11,7 @@ which docs page says why.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -123,13 +124,28 @@ def test_forward_intermediates_final_is_forward_features(case: Case) -> None:
     final output of ``forward_intermediates`` equals the model's own
     ``forward_features(x)`` (timm), or its analogue, the unpooled output of the
     source's final feature module (torchvision, transformers, plain modules) —
-    after the final norm, in the model's native layout."""
+    after the final norm, in the model's native layout. A feature model holds that
+    final norm when built with ``norm=True``, as timm's getter feature models do
+    (docs/levels.md#the-final-output-of-forward_intermediates); where ``norm=True``
+    is refused (no final norm; EfficientNet's head conv is no norm), the final output
+    is the deepest level's block output, as timm's pruned model gives it."""
     source = case.source().eval()
-    model = case.build(source, out_indices=len(case.info())).eval()
+    levels = len(case.info())
+    try:
+        model = case.build(source, out_indices=levels, norm=True).eval()
+        kept = True
+    except unifeat.UnsupportedOptionError:
+        model = case.build(source, out_indices=levels).eval()
+        kept = False
     x = case.input()
     with torch.no_grad():
         final, _ = model.forward_intermediates(x)
-        expected = case.forward_features(source, x)
+        if kept or case.backend != "timm":
+            expected = case.forward_features(source, x)
+        else:
+            reference = copy.deepcopy(source)
+            reference.prune_intermediate_layers(levels, prune_norm=True)
+            expected = reference.forward_intermediates(x, indices=levels)[0]
     assert final.shape == expected.shape
     torch.testing.assert_close(final, expected)
 
@@ -174,12 +190,10 @@ def test_forward_intermediates_after_pruning(case: Case) -> None:
 def test_pruned_final_output_is_timms(case: Case) -> None:
     """Without ``prune_norm`` timm keeps the final norm after pruning and applies it
     to the final output (docs/levels.md): the same call on timm's own model gives
-    the same tensors."""
-    import copy
-
+    the same tensors, for a feature model that keeps the norm (``norm=True``)."""
     source = case.source().eval()
     reference = copy.deepcopy(source)
-    model = case.build(source, out_indices=len(case.info())).eval()
+    model = case.build(source, out_indices=len(case.info()), norm=True).eval()
     x = case.input()
     with torch.no_grad():
         model.prune_intermediate_layers((0, 1))

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, NoReturn, cast
 import torch
 from torch import nn
 
-from unifeat._checkpoint import check_checkpoint, load_checkpoint
+from unifeat._checkpoint import check_checkpoint, check_part, load_checkpoint, load_part
 from unifeat._engine import levels as _levels
 from unifeat._engine.classifier import ClassifierModel, HeadRecipe, check_head_options
 from unifeat._engine.graph import GraphFinder
@@ -30,7 +30,10 @@ from unifeat._engine.layout import Finder, Layout, apply_output_stride
 from unifeat._engine.levels import Level
 from unifeat._engine.model import FeatureModel, share_parameters_copy
 from unifeat._engine.native import NativeSpec
+from unifeat._engine.pyramid import PREFIX as PYRAMID_PREFIX
+from unifeat._engine.pyramid import check_pyramid, pyramid_levels
 from unifeat._engine.resize import PositionEmbedding
+from unifeat._engine.trim import check_norm
 from unifeat._errors import TracingError, UnifeatError, UnsupportedOptionError, close_matches
 from unifeat._feature_info import FeatureInfo
 from unifeat._feature_model import attach_image_transform
@@ -211,20 +214,47 @@ class Adapter:
             normalize_indices(
                 (plan.frozen_levels,), len(layout.info), context=plan.label, what="frozen_levels"
             )
-        if plan.checkpoint_path is not None:
+        if plan.checkpoint_path is not None or plan.norm:
             source = self.source_on_meta(plan)
-            check_checkpoint(
-                source,
-                plan.checkpoint_path,
-                context=plan.label,
-                optional=self._keys_cut_away(plan, layout, source),
-            )
+            if plan.norm:
+                runner, root = layout.make_runner(
+                    share_parameters_copy(source), context=plan.label, keep_final=True
+                )
+                check_norm(runner, root, layout, context=plan.label)
+            if plan.checkpoint_path is not None:
+                aside = check_checkpoint(
+                    source,
+                    plan.checkpoint_path,
+                    context=plan.label,
+                    optional=self._keys_cut_away(plan, layout, source),
+                    set_aside=PYRAMID_PREFIX if layout.pyramid else None,
+                )
+                if aside:
+                    _, root = layout.make_runner(
+                        share_parameters_copy(source), context=plan.label, keep_final=plan.norm
+                    )
+                    check_part(
+                        root.get_submodule(PYRAMID_PREFIX),
+                        aside,
+                        plan.checkpoint_path,
+                        context=plan.label,
+                    )
         return layout.info
 
-    def _load_checkpoint(self, plan: BuildPlan, layout: Layout | None, source: nn.Module) -> None:
+    def _load_checkpoint(
+        self, plan: BuildPlan, layout: Layout | None, source: nn.Module
+    ) -> dict[str, Any]:
+        """Load ``plan``'s checkpoint into ``source``; returns the keys of a pyramid's
+        layers (a unifeat feature model's own checkpoint), loaded once it exists."""
         assert plan.checkpoint_path is not None
         optional = self._keys_cut_away(plan, layout, source)
-        load_checkpoint(source, plan.checkpoint_path, context=plan.label, optional=optional)
+        return load_checkpoint(
+            source,
+            plan.checkpoint_path,
+            context=plan.label,
+            optional=optional,
+            set_aside=PYRAMID_PREFIX if layout is not None and layout.pyramid else None,
+        )
 
     @staticmethod
     def _keys_cut_away(plan: BuildPlan, layout: Layout | None, source: nn.Module) -> frozenset[str]:
@@ -234,7 +264,9 @@ class Adapter:
         if not plan.features_only or layout is None:
             return frozenset()
         # A structural copy (tensors shared): cutting it leaves ``source`` whole.
-        _, root = layout.make_runner(share_parameters_copy(source), context=plan.label)
+        _, root = layout.make_runner(
+            share_parameters_copy(source), context=plan.label, keep_final=plan.norm
+        )
         kept = set(nn.Module.state_dict(root).keys())
         return frozenset(nn.Module.state_dict(source).keys()) - kept
 
@@ -258,16 +290,28 @@ class Adapter:
         self._refuse_instance_kwargs(plan)
         self.check_kwargs(plan)
         context = plan.label
-        native = self.native(plan, {}) if plan.return_nodes is None else None
-        if native is not None:
+        runner_class = plan.feature_cls
+        wants_native = plan.return_nodes is None and runner_class != "hook"
+        native = self.native(plan, {}) if wants_native else None
+        self._check_feature_cls(plan, native)
+        if native is not None and runner_class != "fx":
             return self._native_layout(plan, native)
         source = self.source_on_meta(plan)
         size = self.input_size(plan, source)
-        kind = self.node_finder(plan) if plan.return_nodes is not None else self.finder
-        finder = self._finder(plan, source, size, kind)
+        if runner_class == "fx":
+            kind: FinderKind = "graph"
+        else:
+            kind = self.node_finder(plan) if plan.return_nodes is not None else self.finder
+        finder = self._finder(plan, source, size, kind, fallback=runner_class != "fx")
+        default: IndexSpec = None
         if plan.return_nodes is not None:
             levels = finder.node_levels(plan.return_nodes)
             indices: IndexSpec = tuple(range(len(levels)))
+        elif native is not None:
+            # timm's feature_cls='fx': the library's own levels, read off its FX graph.
+            assert isinstance(finder, GraphFinder)
+            levels, indices = finder.levels_at_modules(native.levels), plan.out_indices
+            default = native.default
         else:
             levels, indices = finder.levels(), plan.out_indices
         build_kwargs: dict[str, Any] = {}
@@ -294,7 +338,10 @@ class Adapter:
         )
         tokens = any(level.layout == "tokens" for level in levels)
         self._check_prefix_tokens(plan, tokens)
-        info = _levels.feature_info(levels, indices, context=context)
+        pyramid = self._pyramid(plan, levels)
+        info = _levels.feature_info(
+            pyramid or levels, indices, context=context, default=None if pyramid else default
+        )
         return Layout(
             levels,
             info,
@@ -303,6 +350,7 @@ class Adapter:
             dilation=dilation,
             dilation_root=finder.trunk_path if isinstance(finder, HookFinder) else "",
             build_kwargs=build_kwargs,
+            pyramid=pyramid,
         )
 
     def _finder(
@@ -313,9 +361,11 @@ class Adapter:
         kind: FinderKind,
         *,
         need_levels: bool = True,
+        fallback: bool = True,
     ) -> Finder:
         """The finder of ``kind``; a graph that does not trace falls back to hooks on
-        the model's block list, and the tracing error stands where that fails too.
+        the model's block list (unless ``fallback`` is off: ``feature_cls='fx'``),
+        and the tracing error stands where that fails too.
 
         Module paths (``return_nodes``, node names) need no block list: only
         automatic levels do (``need_levels``)."""
@@ -330,6 +380,8 @@ class Adapter:
                     tracer_options=plan.tracer_kwargs,
                 )
             except TracingError as untraceable:
+                if not fallback:
+                    raise
                 try:
                     hooks = self._hook_finder(plan, source, size)
                     if need_levels and plan.return_nodes is None:
@@ -385,8 +437,12 @@ class Adapter:
             tokens=native.tokens,
         )
         self._check_prefix_tokens(plan, native.tokens)
+        pyramid = self._pyramid(plan, levels)
         info = _levels.feature_info(
-            levels, plan.out_indices, context=plan.label, default=native.default
+            pyramid or levels,
+            plan.out_indices,
+            context=plan.label,
+            default=None if pyramid else native.default,
         )
         return Layout(
             levels,
@@ -394,7 +450,38 @@ class Adapter:
             _with_input_size(native.input_size, plan),
             native.spec,
             build_kwargs=build_kwargs,
+            pyramid=pyramid,
         )
+
+    @staticmethod
+    def _pyramid(plan: BuildPlan, levels: list[Level]) -> list[Level] | None:
+        """The levels of ``plan``'s pyramid on ``levels``, or None without one."""
+        if plan.pyramid is None:
+            return None
+        check_pyramid(plan.pyramid, levels, context=plan.label)
+        return pyramid_levels(levels[-1])
+
+    def _check_feature_cls(self, plan: BuildPlan, native: NativeLevels | None) -> None:
+        """timm's ``feature_cls`` values this model takes (docs/api.md, "feature_cls"):
+        ``'getter'`` is a library's own ``forward_intermediates`` (timm, open_clip);
+        ``'fx'`` a traced graph; ``'hook'`` forward hooks on the block list, which
+        unifeat runs for models FX cannot trace (transformers)."""
+        chosen = plan.feature_cls
+        if chosen == "getter" and native is None and plan.return_nodes is None:
+            raise UnsupportedOptionError(
+                f"feature_cls='getter' runs a library's own forward_intermediates, which "
+                f"{plan.label} does not have (timm and open_clip models do); unifeat's "
+                f"{'graph' if self.finder == 'graph' else 'hook'} runner gives it the same "
+                "interface: leave feature_cls out"
+            )
+        if chosen == "hook" and self.finder != "hooks":
+            raise UnsupportedOptionError(
+                f"feature_cls='hook' reads levels with forward hooks on a block list, which "
+                f"unifeat does for models FX cannot trace (transformers); {plan.label} is "
+                f"read {'through its library' if native is not None else 'off its FX graph'}, "
+                "with the same levels: leave feature_cls out, or pass return_nodes= to pick "
+                "modules"
+            )
 
     @staticmethod
     def _check_prefix_tokens(plan: BuildPlan, tokens: bool) -> None:
@@ -416,6 +503,11 @@ class Adapter:
 
     def create(self, plan: BuildPlan) -> nn.Module:
         """The backend's own model (``features_only=False``) or a feature model."""
+        return self._build(plan, keep_final=plan.norm)
+
+    def _build(self, plan: BuildPlan, *, keep_final: bool) -> nn.Module:
+        """:meth:`create`; ``keep_final``: the feature model also keeps what maps its
+        deepest block to the final output (its final norm), as a classifier needs."""
         if not plan.features_only and (
             plan.num_classes is not None or plan.global_pool is not None
         ):
@@ -431,7 +523,7 @@ class Adapter:
         if not needs_layout:
             self._refuse_instance_kwargs(plan)
             self.check_kwargs(plan)
-        source = self._real_source(plan, layout)
+        source, pyramid_state = self._real_source(plan, layout)
         if layout is not None:
             layout.apply_dilation(source)
         if not plan.features_only:
@@ -439,7 +531,17 @@ class Adapter:
         assert layout is not None
         source_keys = tuple(nn.Module.state_dict(source).keys())
         training = source.training
-        runner, root = layout.make_runner(source, context=plan.label)
+        runner, root = layout.make_runner(source, context=plan.label, keep_final=keep_final)
+        if plan.norm:
+            check_norm(runner, root, layout, context=plan.label)
+        if pyramid_state:
+            assert plan.checkpoint_path is not None
+            load_part(
+                root.get_submodule(PYRAMID_PREFIX),
+                pyramid_state,
+                plan.checkpoint_path,
+                context=plan.label,
+            )
         model = FeatureModel(
             runner,
             root,
@@ -452,6 +554,7 @@ class Adapter:
             context=plan.label,
             source_keys=source_keys,
             training=training,
+            norm=plan.norm,
         )
         transform = self.image_transform(plan, source)
         if transform is not None:
@@ -476,7 +579,7 @@ class Adapter:
         # timm builds the head for num_classes first, then loads the checkpoint: a
         # fine-tuned checkpoint with another class count loads. So does unifeat.
         checkpoint = plan.checkpoint_path
-        source = self._real_source(plan.model_copy(update={"checkpoint_path": None}), layout)
+        source, _ = self._real_source(plan.model_copy(update={"checkpoint_path": None}), layout)
         if layout is not None:
             layout.apply_dilation(source)
         if source is plan.module or (checkpoint is not None and plan.module is not None):
@@ -490,7 +593,7 @@ class Adapter:
             input_size=plan.input_size,
             tracer_kwargs=plan.tracer_kwargs,
         )
-        features = cast(FeatureModel, self.create(inner))
+        features = cast(FeatureModel, self._build(inner, keep_final=True))
         features._context = plan.label
         model = ClassifierModel(source, features, recipe, backend=self.name, context=plan.label)
         classes = model.num_classes if plan.num_classes is None else plan.num_classes
@@ -500,13 +603,17 @@ class Adapter:
         else:
             model.global_pool = pool
         if checkpoint is not None:
-            load_checkpoint(model.model, checkpoint, context=plan.label)
+            load_checkpoint(model.library_model, checkpoint, context=plan.label)
         return model
 
-    def _real_source(self, plan: BuildPlan, layout: Layout | None) -> nn.Module:
+    def _real_source(
+        self, plan: BuildPlan, layout: Layout | None
+    ) -> tuple[nn.Module, dict[str, Any]]:
         """The model to cut: a module passed in is shared (its parameters, never its
-        structure) or, to load a checkpoint, copied; a name is built for real."""
+        structure) or, to load a checkpoint, copied; a name is built for real. Also
+        the checkpoint's keys of a pyramid's layers (see :meth:`_load_checkpoint`)."""
         dilates = layout is not None and bool(layout.dilation)
+        aside: dict[str, Any] = {}
         if plan.module is not None:
             if plan.device is not None or plan.dtype is not None:
                 raise UnsupportedOptionError(
@@ -517,10 +624,10 @@ class Adapter:
             if plan.checkpoint_path is not None:
                 # Loading writes into the tensors, which the caller's module owns.
                 source = copy.deepcopy(source)
-                self._load_checkpoint(plan, layout, source)
+                aside = self._load_checkpoint(plan, layout, source)
             elif plan.features_only or dilates:
                 source = share_parameters_copy(source)
-            return source
+            return source, aside
         extra = layout.build_kwargs if layout is not None else {}
         device = torch.device(plan.device) if plan.device is not None else None
         with built_with_kwargs(plan):
@@ -531,10 +638,10 @@ class Adapter:
             else:
                 source = self.build(plan, meta=False, extra_kwargs=extra)
         if plan.checkpoint_path is not None:
-            self._load_checkpoint(plan, layout, source)
+            aside = self._load_checkpoint(plan, layout, source)
         if device is not None or plan.dtype is not None:
             source = source.to(device=device, dtype=plan.dtype)
-        return source
+        return source, aside
 
 
 def _with_input_size(native: tuple[int, int, int], plan: BuildPlan) -> tuple[int, int, int]:

@@ -22,11 +22,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from unifeat._engine.meta import weightless
+from unifeat._engine.meta import meta_batch, weightless
 from unifeat._engine.model import (
+    AdoptingModule,
     FeatureModel,
     _load_from_source_keys,
-    _state_dict_to_source_keys,
+    adopt,
+    root_of,
 )
 from unifeat._errors import UnsupportedOptionError, format_choices
 
@@ -158,15 +160,19 @@ def _reshare(copy: nn.Module, source: nn.Module) -> None:
                     ours[name] = found
 
 
-class ClassifierModel(nn.Module):
+class ClassifierModel(AdoptingModule):
     """A library model with timm's classifier interface, sharing its parameters.
 
     ``forward(x)`` = ``forward_head(forward_features(x))``: the library model's
     logits while its head is its own; pooled pre-logits features with
     ``num_classes=0``, unpooled ones with ``global_pool=""`` too.
 
+    Its parameters, buffers and submodules are the library model's, under the
+    library's own names (``model.fc``, ``state_dict()`` keys), as in timm.
+
     Attributes:
-        model: the library's own model (its head as :meth:`reset_classifier` left it).
+        library_model: the library's own model (its head as :meth:`reset_classifier`
+            left it).
         num_classes: classes of the classifier (0: none).
         num_features: channels of ``forward_features``' output.
         head_hidden_size: width of the pre-logits features.
@@ -183,8 +189,10 @@ class ClassifierModel(nn.Module):
         (1, 512)
     """
 
+    own_settings = frozenset(
+        {"backend", "num_features", "head_hidden_size", "global_pool", "num_classes"}
+    )
     backend: str
-    _pruned_keys: frozenset[str] = frozenset()
 
     def __init__(
         self,
@@ -196,9 +204,9 @@ class ClassifierModel(nn.Module):
         context: str,
     ) -> None:
         super().__init__()
-        self.model = model
+        adopt(self, model)
         # Not registered: it runs the model's own tensors, which state_dict, .to()
-        # and optimizers reach through ``model``.
+        # and optimizers reach through this model.
         self.__dict__["_features"] = features
         self.training = model.training
         self.backend = backend
@@ -211,8 +219,13 @@ class ClassifierModel(nn.Module):
         self.num_classes = (
             int(head.shape[-1]) if isinstance(head, Tensor) else self._classes_of(head or _NONE)
         )
-        self.register_state_dict_post_hook(_state_dict_to_source_keys)
         self.register_load_state_dict_pre_hook(_load_from_source_keys)
+
+    @property
+    def library_model(self) -> nn.Module:
+        """The library's own model, whose parameters, buffers and submodules this one
+        holds under the same names (its head as :meth:`reset_classifier` left it)."""
+        return root_of(self)
 
     # -- the head ------------------------------------------------------------------------
 
@@ -224,9 +237,9 @@ class ClassifierModel(nn.Module):
     def _head(self) -> nn.Module | Tensor | None:
         """What is at the classifier's path: a module, a projection parameter, or None."""
         parent, _, name = self._recipe.classifier.rpartition(".")
-        if parent and not _has_submodule(self.model, parent):
+        if parent and not _has_submodule(self.library_model, parent):
             return None
-        owner = self.model.get_submodule(parent) if parent else self.model
+        owner = self.library_model.get_submodule(parent) if parent else self.library_model
         found = getattr(owner, name, None)
         return found if isinstance(found, (nn.Module, Tensor)) else None
 
@@ -261,14 +274,14 @@ class ClassifierModel(nn.Module):
             )
         pool = self.global_pool if global_pool is None else global_pool
         check_head_options(self._recipe, num_classes, pool, context=self._context)
-        reference = next(self.model.parameters(), None)
+        reference = next(self.library_model.parameters(), None)
         self.head_hidden_size = self._hidden_size(pool)
         classifier: nn.Module = (
             nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
         )
         if reference is not None:
             classifier = classifier.to(device=reference.device, dtype=reference.dtype)
-        _set_submodule(self.model, self._recipe.classifier, classifier)
+        _set_submodule(self.library_model, self._recipe.classifier, classifier)
         self.global_pool = pool
         self.num_classes = num_classes
         self.__dict__.pop("_unused_by_forward", None)
@@ -286,11 +299,11 @@ class ClassifierModel(nn.Module):
             if self.global_pool == "max":
                 return x[:, prefix:].amax(dim=1)
             if default and recipe.pool_module is not None:
-                pool = self.model.get_submodule(recipe.pool_module)
+                pool = self.library_model.get_submodule(recipe.pool_module)
                 return pool(x[:, prefix:].transpose(1, 2))
             return x[:, prefix:].mean(dim=1)
         if default and recipe.pool_module is not None:
-            return self.model.get_submodule(recipe.pool_module)(x)
+            return self.library_model.get_submodule(recipe.pool_module)(x)
         if default and recipe.pool_function is not None:
             return _POOL_FUNCTIONS[recipe.pool_function](x)
         if self.global_pool == "max":
@@ -304,7 +317,7 @@ class ClassifierModel(nn.Module):
             elif path == NHWC_TO_NCHW:
                 x = x.permute(0, 3, 1, 2)
             else:
-                x = self.model.get_submodule(path)(x)
+                x = self.library_model.get_submodule(path)(x)
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -350,7 +363,7 @@ class ClassifierModel(nn.Module):
         features = self.__dict__.get("_features")
         if features is not None:
             features._apply(fn, recurse)
-            _reshare(features.model, self.model)
+            _reshare(root_of(features), self.library_model)
         return self
 
     # -- distributed training ---------------------------------------------------------------
@@ -372,6 +385,40 @@ class ClassifierModel(nn.Module):
     def default_input_size(self) -> tuple[int, int, int]:
         """The ``(C, H, W)`` input the library model was made for."""
         return self.__dict__["_features"].input_size
+
+    # -- timm's training tools ----------------------------------------------------------
+
+    @property
+    def classifier_path(self) -> str:
+        """Where the classifier is, as a module path (timm's ``pretrained_cfg["classifier"]``)."""
+        return self._recipe.classifier
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The preprocessing in timm's format, with ``num_classes`` and ``classifier``:
+        what ``timm.data.resolve_model_data_config`` reads (see
+        :attr:`FeatureModel.pretrained_cfg`)."""
+        from unifeat._data import timm_pretrained_cfg
+
+        return timm_pretrained_cfg(self)
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """:attr:`pretrained_cfg`, under timm's older name."""
+        return self.pretrained_cfg
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The feature model's groups (:meth:`FeatureModel.group_matcher`), from the stem
+        to the final norm; the head is left to timm's top group."""
+        features: FeatureModel = self.__dict__["_features"]
+        return features.group_matcher(coarse=coarse)
+
+    def no_weight_decay(self) -> set[str]:
+        """:meth:`FeatureModel.no_weight_decay` of the library model."""
+        own = getattr(self.library_model, "no_weight_decay", None)
+        names = set(own()) if callable(own) else set()
+        mine = {name for name, _ in self.named_parameters()}
+        return {name for name in names if name in mine}
 
     def extra_repr(self) -> str:
         return (
@@ -409,7 +456,7 @@ def _unused_by_forward(model: ClassifierModel) -> tuple[str, ...]:
     if not trainable:
         return ()
     features: FeatureModel = model.__dict__["_features"]
-    x = torch.empty(2, *model.default_input_size, device="meta")
+    x = meta_batch(model, model.default_input_size)
     # The feature model runs its own copy of the structure on the same tensors: it
     # reads the stand-ins of those tensors, matched by identity before the swap.
     originals = {id(t): name for name, t in _tensors_of(model)}

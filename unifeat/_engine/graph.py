@@ -25,6 +25,7 @@ level's grid: the input of the global pooling, after the final norm.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import sys
@@ -41,7 +42,7 @@ from torchvision.models.feature_extraction import NodePathTracer
 from unifeat._engine.dilation import SPATIAL_OPS
 from unifeat._engine.levels import FeatureMap, Level, spatial, to_map, token_grid
 from unifeat._engine.meta import weightless
-from unifeat._engine.model import Runner
+from unifeat._engine.model import Runner, final_norm_refusal
 from unifeat._engine.resize import PositionEmbedding, make_resizable
 from unifeat._errors import InvalidNodeError, TracingError, UnsupportedOptionError, close_matches
 
@@ -857,8 +858,16 @@ class GraphRunner(Runner):
     first put in training mode: a model built for inference costs one trace.
     """
 
+    trims = False  # a cut graph holds only the nodes its outputs need
+
     def __init__(
-        self, source: nn.Module, plan: GraphPlan, *, last_level: int, context: str
+        self,
+        source: nn.Module,
+        plan: GraphPlan,
+        *,
+        last_level: int,
+        context: str,
+        keep_final: bool = False,
     ) -> None:
         self._source = source
         """The source's structure, for tracing the train graph later (unregistered;
@@ -869,12 +878,12 @@ class GraphRunner(Runner):
         self._context = context
         self.levels = plan.levels
         self.last_level = last_level
-        self._keep_final = True
+        self._keep_final = keep_final
         self._train_differs: bool | None = None
         self._functions: dict[tuple[bool, bool], Any] = {}
         self._checkpointing = False
         self._segmented: dict[tuple[bool, bool], tuple[nn.Module, fx.GraphModule]] = {}
-        self.final_norm = None if plan.final_modules else "it has no final norm after its blocks"
+        self.final_norm = final_norm_refusal(bool(plan.final_modules), keep_final)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -927,6 +936,9 @@ class GraphRunner(Runner):
         for node in graph.nodes:
             if node.op in ("call_module", "get_attr"):
                 _share_attribute(root, self._source, str(node.target))
+
+    def level_module(self, index: int) -> str:
+        return self.levels[index].module  # the module whose output the node is, if any
 
     @property
     def train_trace(self) -> Trace | None:
@@ -1039,7 +1051,14 @@ class GraphRunner(Runner):
             value = root.get_submodule(target)(value)
         return value
 
-    def prune(self, root: nn.Module, last_level: int, *, drop_final: bool) -> nn.Module:
+    def prune(
+        self,
+        root: nn.Module,
+        last_level: int,
+        *,
+        drop_final: bool,
+        indices: Sequence[int] = (),
+    ) -> nn.Module:
         self.last_level = last_level
         if drop_final:
             self._keep_final = False
@@ -1152,6 +1171,53 @@ class GraphFinder:
             levels.append(raw_level(name, chosen[name], shape, (self.size[0], self.size[1])))
         order = {name: i for i, name in enumerate(available)}
         return sorted(levels, key=lambda lv: order[lv.where])
+
+    def levels_at_modules(self, levels: Sequence[Level]) -> list[Level]:
+        """``levels`` a library names by module (timm's ``feature_info``), read off
+        the graph: each at the last node of its module, laid out as that node's
+        value is (a map, a channels-last map, or tokens of the level's grid)."""
+        available = list(self.evaluation.names.values())
+        size = (self.size[0], self.size[1])
+        found = []
+        for level in levels:
+            matches = [n for n in available if n == level.where or n.startswith(f"{level.where}.")]
+            if not matches:
+                raise UnsupportedOptionError(
+                    f"{self.context}'s level {level.module!r} is no module of its FX graph, so "
+                    "feature_cls='fx' cannot read it: leave feature_cls out"
+                )
+            name = level.where if level.where in available else matches[-1]
+            node = self.evaluation.node(name)
+            shape = self.shapes.get(node) if node is not None else None
+            read = spatial(shape, size) if isinstance(shape, tuple) else None
+            if read is not None:
+                layout = "NHWC" if read[0] == "NHWC" else "NCHW"
+                prefix = 0
+            elif isinstance(shape, tuple) and len(shape) == 3 and level.reduction > 0:
+                cells = (size[0] // level.reduction) * (size[1] // level.reduction)
+                grid = token_grid(shape, cells)
+                if grid is None:
+                    raise UnsupportedOptionError(
+                        f"{self.context}'s level {level.module!r} gives {list(shape)} tokens, no "
+                        f"grid of its reduction {level.reduction}: feature_cls='fx' cannot "
+                        "read it; leave feature_cls out"
+                    )
+                layout, prefix = "tokens", grid
+            else:
+                raise UnsupportedOptionError(
+                    f"{self.context}'s level {level.module!r} is no map or tokens in its FX "
+                    f"graph ({shape}): feature_cls='fx' cannot read it; leave feature_cls out"
+                )
+            found.append(
+                dataclasses.replace(
+                    level,
+                    layout=layout,  # type: ignore[arg-type]
+                    where=name,
+                    num_prefix_tokens=prefix,
+                    extra={**level.extra, "node": name},
+                )
+            )
+        return found
 
     def _train_shapes(self) -> Mapping[fx.Node, Any]:
         graph_module = fx.GraphModule(self.source, self._train_trace().graph)

@@ -36,7 +36,7 @@ from unifeat._engine.dilation import SPATIAL_OPS
 from unifeat._engine.graph import is_norm, resolve_return_nodes
 from unifeat._engine.levels import FeatureMap, Level, spatial, to_map, token_grid
 from unifeat._engine.meta import weightless
-from unifeat._engine.model import Runner
+from unifeat._engine.model import Runner, final_norm_refusal
 from unifeat._errors import UnsupportedOptionError, format_choices
 
 Where = tuple[tuple[int, ...], tuple[int, ...] | None]
@@ -644,20 +644,14 @@ class HookPlan:
 class HookRunner(Runner):
     """Runs the trunk with hooks on the level modules (see the module docstring)."""
 
-    def __init__(self, plan: HookPlan, *, last_level: int) -> None:
+    def __init__(self, plan: HookPlan, *, last_level: int, keep_final: bool = False) -> None:
         self._plan = plan
         self.levels = plan.levels
         self.last_level = last_level
         self._raw = any(level.layout == "raw" for level in plan.levels)
-        self._keep_final = bool(plan.final_modules)
+        self._keep_final = keep_final and bool(plan.final_modules)
         self._handles: list[Any] = []
-        widths = {level.num_chs for level in plan.levels if level.layout == "tokens"}
-        if not plan.final_modules:
-            self.final_norm: str | None = "it has no final norm after its blocks"
-        elif len(widths) != 1:
-            self.final_norm = "its final norm fits only its last level's width"
-        else:
-            self.final_norm = None
+        self.final_norm = final_norm_refusal(bool(plan.final_modules), keep_final)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -677,6 +671,9 @@ class HookRunner(Runner):
             self._skip_after_blocks(source)
         self._cut(source, self.last_level)
         return source
+
+    def level_module(self, index: int) -> str:
+        return _join(self._plan.trunk, self.levels[index].where)
 
     def set_grad_checkpointing(self, root: nn.Module, enable: bool) -> int:
         from unifeat._engine.training import checkpoint_modules
@@ -816,7 +813,7 @@ class HookRunner(Runner):
                 tensor = plan.convention.reshape(
                     root.get_submodule(plan.trunk), tensor, level.block, size
                 )
-            if norm and level.layout == "tokens" and level.num_chs == self.levels[-1].num_chs:
+            if norm and self._norm_fits(level):
                 tensor = self._normed(root, tensor)
             maps.append(to_map(tensor, level, size, prefix_tokens=prefix_tokens, context=context))
         if not final:
@@ -832,13 +829,35 @@ class HookRunner(Runner):
             output = self._normed(root, output)
         return maps, output
 
+    def _norm_fits(self, level: Level) -> bool:
+        """The final norm takes what the last level is: a level as wide, laid out alike
+        (every block of a plain ViT, the last stage of a Swin, BiT's last map)."""
+        last = self.levels[-1]
+        return level.layout == last.layout and level.num_chs == last.num_chs
+
     def _normed(self, root: nn.Module, tensor: Tensor) -> Tensor:
         trunk = root.get_submodule(self._plan.trunk)
         for path in self._plan.final_modules:
-            tensor = trunk.get_submodule(path)(tensor)
+            norm = trunk.get_submodule(path)
+            if (
+                isinstance(norm, nn.LayerNorm)
+                and tensor.dim() == 4
+                and tuple(norm.normalized_shape) == (tensor.shape[1],)
+            ):
+                # A map read off tokens (a Swin stage): the norm runs over its channels.
+                tensor = norm(tensor.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            else:
+                tensor = norm(tensor)
         return tensor
 
-    def prune(self, root: nn.Module, last_level: int, *, drop_final: bool) -> nn.Module:
+    def prune(
+        self,
+        root: nn.Module,
+        last_level: int,
+        *,
+        drop_final: bool,
+        indices: Sequence[int] = (),
+    ) -> nn.Module:
         self.last_level = last_level
         if drop_final:
             self._keep_final = False

@@ -35,6 +35,8 @@ from unifeat._engine.hooks import HookFinder, HookPlan, HookRunner
 from unifeat._engine.levels import Level
 from unifeat._engine.model import Runner, share_parameters_copy
 from unifeat._engine.native import NativeRunner, NativeSpec
+from unifeat._engine.pyramid import PyramidRunner, attach_pyramid
+from unifeat._engine.trim import trim
 from unifeat._errors import UnsupportedOptionError
 from unifeat._feature_info import FeatureInfo
 
@@ -52,10 +54,33 @@ class Layout:
     """Where in the source the dilation's module names start (a transformers trunk)."""
     build_kwargs: dict[str, Any] = field(default_factory=dict)
     """Constructor arguments of the library's own ``output_stride`` switch."""
+    pyramid: list[Level] | None = None
+    """The levels of a simple pyramid on the last of ``levels``, which ``info``
+    describes then (``levels`` stay the backbone's)."""
 
-    def make_runner(self, source: nn.Module, *, context: str) -> tuple[Runner, nn.Module]:
-        """The runner over the real ``source`` (dilated already), and its root."""
-        last = max(self.info.out_indices)
+    def make_runner(
+        self, source: nn.Module, *, context: str, keep_final: bool = False
+    ) -> tuple[Runner, nn.Module]:
+        """The runner over the real ``source`` (dilated already), and its root, holding
+        only what the levels compute (and, with ``keep_final``, what maps the deepest
+        block to the final output: the final norm)."""
+        if self.pyramid is None:
+            runner, root = self._runner(
+                source, context=context, keep_final=keep_final, last=max(self.info.out_indices)
+            )
+        else:
+            inner, root = self._runner(
+                source, context=context, keep_final=keep_final, last=len(self.levels) - 1
+            )
+            kept = self.info.out_indices
+            attach_pyramid(root, self.levels[-1], [self.pyramid[i] for i in kept])
+            runner = PyramidRunner(inner, self.pyramid, kept)
+        trim(runner, root, self.input_size, context=context)
+        return runner, root
+
+    def _runner(
+        self, source: nn.Module, *, context: str, keep_final: bool, last: int
+    ) -> tuple[Runner, nn.Module]:
         if isinstance(self.plan, GraphPlan):
             plan = self.plan
             if lacks_graph_attributes(plan.evaluation, source):
@@ -65,12 +90,14 @@ class Layout:
                     source, train=False, context=context, extra_tracer_kwargs=plan.tracer_options
                 )
                 plan = dataclasses.replace(plan, evaluation=evaluation, train=None)
-            graph_runner = GraphRunner(source, plan, last_level=last, context=context)
+            graph_runner = GraphRunner(
+                source, plan, last_level=last, context=context, keep_final=keep_final
+            )
             return graph_runner, graph_runner.make_root()
         if isinstance(self.plan, HookPlan):
-            hook_runner = HookRunner(self.plan, last_level=last)
+            hook_runner = HookRunner(self.plan, last_level=last, keep_final=keep_final)
             return hook_runner, hook_runner.make_root(source)
-        native = NativeRunner(self.plan, self.levels, last_level=last)
+        native = NativeRunner(self.plan, self.levels, last_level=last, keep_final=keep_final)
         return native, native.make_root(source)
 
     def apply_dilation(self, source: nn.Module) -> None:

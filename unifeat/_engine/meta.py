@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -35,3 +35,12 @@ def weightless(
     }
     with _reparametrize_module(module, stand_ins):
         yield stand_ins
+
+
+def meta_batch(module: nn.Module, input_size: Sequence[int], batch: int = 2) -> Tensor:
+    """A meta-device batch of ``input_size`` in the dtype of ``module``'s floating
+    parameters (a model built with ``dtype=torch.float64`` takes float64 input)."""
+    dtype = next(
+        (p.dtype for p in module.parameters() if p.is_floating_point()), torch.get_default_dtype()
+    )
+    return torch.empty(batch, *input_size, device="meta", dtype=dtype)

@@ -13,22 +13,19 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 
 from unifeat._engine.levels import FeatureMap, Level, off_grid
-from unifeat._engine.meta import weightless
+from unifeat._engine.meta import meta_batch, weightless
 from unifeat._errors import InvalidIndicesError, UnsupportedOptionError
 from unifeat._feature_info import FeatureInfo
 from unifeat._indices import normalize_indices
 
 Features = list[FeatureMap] | dict[str, FeatureMap]
-
-_INNER = "model"
 
 
 class Runner:
@@ -46,6 +43,12 @@ class Runner:
     """The deepest level it still computes."""
     final_norm: str | None = None
     """Why ``norm=True`` is refused, or None where it is available."""
+    trims: bool = True
+    """Whether the root may hold parameters no level needs (a library's own code runs
+    it), which :func:`unifeat._engine.trim.trim` then takes out."""
+    prunes_apart: bool = False
+    """Whether levels are computed apart (a pyramid's), so that pruning to the same
+    deepest level may still drop others."""
 
     def run(
         self,
@@ -61,14 +64,44 @@ class Runner:
         """Maps of ``indices`` (NCHW, depth order) and, if ``final``, the final output."""
         raise NotImplementedError
 
-    def prune(self, root: nn.Module, last_level: int, *, drop_final: bool) -> nn.Module:
+    def prune(
+        self,
+        root: nn.Module,
+        last_level: int,
+        *,
+        drop_final: bool,
+        indices: Sequence[int] = (),
+    ) -> nn.Module:
         """Compute nothing after ``last_level`` from now on; ``drop_final`` also drops
-        the final norm kept for the final output. Returns the root (cut in place, or
-        a new one)."""
+        the final norm kept for the final output; ``indices`` are all the levels
+        kept (where levels do not nest, as a pyramid's). Returns the root (cut in
+        place, or a new one)."""
         raise NotImplementedError
+
+    @property
+    def input_levels(self) -> tuple[Level, ...]:
+        """The levels that say what input the model takes (token grids, patch size)."""
+        return self.levels
+
+    def grid_levels(self, indices: Sequence[int]) -> list[Level]:
+        """The levels whose grids computing ``indices`` reads the input on."""
+        return [self.levels[i] for i in indices]
+
+    def computable(self) -> list[int]:
+        """Every level it can still be asked for."""
+        return list(range(self.last_level + 1))
+
+    def depth_runner(self) -> Runner:
+        """The runner whose levels order the parameters by depth (for layer decay)."""
+        return self
 
     def set_mode(self, root: nn.Module, training: bool) -> None:
         """Called after ``FeatureModel.train(mode)`` switched every submodule's flag."""
+
+    def level_module(self, index: int) -> str:
+        """The path in the root of the module whose output level ``index`` is, where
+        it is one ("" otherwise)."""
+        return self.levels[index].where
 
     def set_grad_checkpointing(self, root: nn.Module, enable: bool) -> int:
         """Recompute each level's module in backward instead of keeping its inner
@@ -79,6 +112,22 @@ class Runner:
         from unifeat._engine.training import checkpoint_modules
 
         return checkpoint_modules(root, [level.where for level in self.levels], enable)
+
+
+def final_norm_refusal(has_final_norm: bool, kept: bool) -> str | None:
+    """Why ``norm=True`` cannot apply the final norm, or None where it can.
+
+    A feature model holds only what its levels compute, as timm's do: the final
+    norm (and whatever else maps the deepest block to ``forward_features``' output)
+    only when built with ``norm=True`` (docs/levels.md, "The final output")."""
+    if not has_final_norm:
+        return "it has no final norm after its blocks"
+    if not kept:
+        return (
+            "a feature model holds only what its levels compute, so its final norm was "
+            "left out: build it with norm=True to keep it"
+        )
+    return None
 
 
 def share_parameters_copy(module: nn.Module) -> nn.Module:
@@ -96,27 +145,37 @@ def to_format(tensor: Tensor, output_fmt: str) -> Tensor:
     return tensor.permute(0, 2, 3, 1) if output_fmt == "NHWC" else tensor
 
 
-def _state_dict_to_source_keys(
-    module: FeatureModel, state_dict: dict[str, Any], prefix: str, local_metadata: Any
-) -> None:
-    inner = f"{prefix}{_INNER}."
-    items = list(state_dict.items())
-    state_dict.clear()
-    for key, value in items:
-        state_dict[prefix + key[len(inner) :] if key.startswith(inner) else key] = value
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:
-        renamed = OrderedDict()
-        for key, value in metadata.items():
-            if key == f"{prefix}{_INNER}":
-                continue
-            renamed[prefix + key[len(inner) :] if key.startswith(inner) else key] = value
-        metadata.clear()
-        metadata.update(renamed)
+_ALIASED = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+_LEGACY_PREFIX = "model."
+"""Versions before 0.2 held the source under a ``model`` child: their ``state_dict``
+gave the source's keys, but tools that name tensors by ``named_parameters()``
+(torch.distributed.checkpoint, EMA copies) saved them with this prefix."""
+
+
+def adopt(module: nn.Module, root: nn.Module) -> None:
+    """Make ``module`` hold ``root``'s parameters, buffers and submodules under
+    ``root``'s own names, with no prefix of its own.
+
+    The stores are the same dict objects (not copies), so a runner that swaps a
+    submodule of ``root``, ``.to()``, ``load_state_dict``, optimizers, DDP and FSDP
+    all see one model: ``named_parameters()``, ``named_modules()`` and
+    ``state_dict()`` give the source's names (docs/training.md, "One name
+    scheme"). ``root`` stays reachable, unregistered, for the runner; deepcopy and
+    pickle keep the sharing (one memo).
+    """
+    state = module.__dict__
+    state["_root"] = root
+    for store in _ALIASED:
+        state[store] = root.__dict__[store]
+
+
+def root_of(module: nn.Module) -> nn.Module:
+    """The module whose stores :func:`adopt` shares."""
+    return cast(nn.Module, module.__dict__["_root"])
 
 
 def _load_from_source_keys(
-    module: FeatureModel,
+    module: nn.Module,
     state_dict: dict[str, Any],
     prefix: str,
     local_metadata: Any,
@@ -125,15 +184,50 @@ def _load_from_source_keys(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    own = [key for key in state_dict if key.startswith(prefix)]
-    for key in own:
-        value = state_dict.pop(key)
+    """Keys of what the model no longer holds (cut after its deepest level, or unused
+    by its levels) are accepted and ignored, so the source's own checkpoints load;
+    a legacy ``model.`` prefix is dropped where the key without it is the model's."""
+    pruned: frozenset[str] = module.__dict__.get("_pruned_keys", frozenset())
+    own = (
+        set(nn.Module.state_dict(module).keys())
+        if any(key.startswith(prefix + _LEGACY_PREFIX) for key in state_dict)
+        else set()
+    )
+    for key in [key for key in state_dict if key.startswith(prefix)]:
         relative = key[len(prefix) :]
-        if relative not in module._pruned_keys:
-            state_dict[f"{prefix}{_INNER}.{relative}"] = value
+        if relative.startswith(_LEGACY_PREFIX) and relative not in own:
+            unprefixed = relative[len(_LEGACY_PREFIX) :]
+            if unprefixed in own or unprefixed in pruned:
+                state_dict[prefix + unprefixed] = state_dict.pop(key)
+                relative = unprefixed
+        if relative in pruned:
+            state_dict.pop(prefix + relative)
 
 
-class FeatureModel(nn.Module):
+class AdoptingModule(nn.Module):
+    """A module that holds another module's parameters, buffers and submodules
+    (:func:`adopt`) and settings of its own."""
+
+    own_settings: ClassVar[frozenset[str]] = frozenset()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Its own settings live in its own __dict__ even where the adopted module has a
+        # submodule of that name (a ViT's ``norm``): the stores are that module's, so
+        # nn.Module would take the name for the submodule.
+        if name in self.own_settings:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def train(self, mode: bool = True) -> AdoptingModule:
+        super().train(mode)
+        root = self.__dict__.get("_root")
+        if root is not None:
+            root.training = mode  # not a child: its stores are this module's own
+        return self
+
+
+class FeatureModel(AdoptingModule):
     """The feature model :func:`unifeat.create_model` returns with ``features_only=True``.
 
     ``model(x)`` returns the levels ``feature_info.out_indices`` in depth order,
@@ -158,8 +252,25 @@ class FeatureModel(nn.Module):
         ['layer2', 'layer4']
     """
 
+    own_settings = frozenset(
+        {
+            "feature_info",
+            "backend",
+            "input_size",
+            "output_type",
+            "output_fmt",
+            "return_prefix_tokens",
+            "data_config",
+            "fixed_input_size",
+            "patch_size",
+            "grad_checkpointing",
+        }
+    )
     feature_info: FeatureInfo
     backend: str
+    _norm_levels: bool = False
+    """Whether ``forward`` applies the final norm to the levels it fits (``norm=True``
+    at creation, as timm's ``FeatureGetterNet(norm=True)``)."""
     _frozen_parameters: tuple[str, ...] = ()
     _held_in_eval: tuple[str, ...] = ()
     grad_checkpointing: bool = False
@@ -183,15 +294,17 @@ class FeatureModel(nn.Module):
         context: str = "the model",
         source_keys: Sequence[str] | None = None,
         training: bool = False,
+        norm: bool = False,
     ) -> None:
         """``source_keys``: the source model's state-dict keys, where the runner's
-        root is not the source itself (default: the root's keys)."""
+        root is not the source itself (default: the root's keys). ``norm``: the
+        levels go through the final norm (the runner was made keeping it)."""
         super().__init__()
-        self.model = root
+        adopt(self, root)
         self._runner = runner
-        # Start in the source's mode, as torchvision's extractor does (flag only:
+        # Start in the source's mode, as torchvision's extractor does (flags only:
         # submodules keep their own, e.g. norm layers a caller froze).
-        self.training = training
+        self.training = root.training = training
         runner.set_mode(root, training)
         self.feature_info = feature_info
         self.backend = backend
@@ -199,12 +312,12 @@ class FeatureModel(nn.Module):
         self.output_type = output_type
         self.output_fmt = output_fmt
         self.return_prefix_tokens = return_prefix_tokens
+        self._norm_levels = norm
         self.data_config: Any = None
         self._context = context
         self._source_keys = tuple(self._inner_keys() if source_keys is None else source_keys)
         self._pruned_keys: frozenset[str] = frozenset()
         self._after_prune()
-        self.register_state_dict_post_hook(_state_dict_to_source_keys)
         self.register_load_state_dict_pre_hook(_load_from_source_keys)
 
     # -- bookkeeping ----------------------------------------------------------------------
@@ -215,7 +328,7 @@ class FeatureModel(nn.Module):
         return self._runner.last_level
 
     def _inner_keys(self) -> list[str]:
-        return list(nn.Module.state_dict(self.model).keys())
+        return list(nn.Module.state_dict(root_of(self)).keys())
 
     def _after_prune(self) -> None:
         """Keys of modules the runner dropped are accepted and ignored on load."""
@@ -289,9 +402,10 @@ class FeatureModel(nn.Module):
 
     def train(self, mode: bool = True) -> FeatureModel:
         super().train(mode)
+        root = self.__dict__.get("_root")
         runner = self.__dict__.get("_runner")
-        if runner is not None:
-            runner.set_mode(self.model, mode)
+        if runner is not None and root is not None:
+            runner.set_mode(root, mode)
         for name in self.__dict__.get("_held_in_eval", ()):
             self.get_submodule(name).train(False)
         return self
@@ -315,7 +429,7 @@ class FeatureModel(nn.Module):
             raise UnsupportedOptionError(
                 f"invalid enable={enable!r} for {self._context}: expected True or False"
             )
-        segments = self._runner.set_grad_checkpointing(self.model, enable)
+        segments = self._runner.set_grad_checkpointing(root_of(self), enable)
         if enable and not segments:
             raise UnsupportedOptionError(
                 f"gradient checkpointing is not available for {self._context}: none of its "
@@ -323,29 +437,33 @@ class FeatureModel(nn.Module):
             )
         self.grad_checkpointing = enable
 
-    def freeze(self, levels: int | None = -1, norm_eval: bool = True) -> FeatureModel:
-        """Stop training the levels ``0..levels``: the parameters they depend on stop
-        requiring grad, and with ``norm_eval`` their normalization layers stay in
-        eval mode (running statistics frozen) even after later ``.train()`` calls.
+    def freeze(self, levels: int | None = -1, norm_eval: bool = False) -> FeatureModel:
+        """Stop training the levels ``0..levels``, as mmdetection's ``frozen_stages``
+        does: the parameters they depend on stop requiring grad, and the modules that
+        hold only such parameters stay in eval mode (BatchNorm statistics, dropout)
+        even after later ``.train()`` calls.
 
         ``levels`` counts like ``out_indices`` (over all levels, negatives from the
-        end); ``-1`` freezes every parameter, the final norm included. ``None``
-        freezes no parameter: ``norm_eval=True`` then holds every normalization
-        layer of the model in eval mode (mmdetection's ``norm_eval``). A second
-        call replaces the first; :meth:`unfreeze` undoes it. Returns the model.
-        See the docs page "Training and deployment".
+        end), so ``-1`` freezes everything (mmdetection's ``-1`` freezes nothing:
+        that is ``None`` here). ``norm_eval=True`` holds every normalization layer
+        of the model in eval mode, whatever ``levels`` is: mmdetection's
+        ``norm_eval`` (its detection configs say ``frozen_stages=1, norm_eval=True``,
+        which is ``freeze(1, norm_eval=True)``). A second call replaces the first;
+        :meth:`unfreeze` undoes it. Returns the model. The docs page "Training and
+        deployment" compares both with mmdetection's.
 
         Examples:
             >>> import torch, unifeat
             >>> model = unifeat.create_model("tv:resnet18", features_only=True)
-            >>> _ = model.freeze(1)  # the stem and layer1
-            >>> later = model.model.get_submodule("layer2.0.conv1")
-            >>> model.model.conv1.weight.requires_grad, later.weight.requires_grad
+            >>> _ = model.freeze(1, norm_eval=True)  # the stem and layer1; every BatchNorm
+            >>> conv = model.get_submodule("layer2.0.conv1")
+            >>> norm = model.get_submodule("layer2.0.bn1")
+            >>> model.conv1.weight.requires_grad, conv.weight.requires_grad
             (False, True)
-            >>> model.train().model.bn1.training
-            False
+            >>> model.train().layer1.training, norm.training, norm.weight.requires_grad
+            (False, False, True)
         """
-        from unifeat._engine.training import is_norm, modules_within, parameters_feeding
+        from unifeat._engine.training import is_norm, parameters_feeding, subtrees_within
 
         if levels is not None and (isinstance(levels, bool) or not isinstance(levels, int)):
             raise UnsupportedOptionError(
@@ -362,10 +480,12 @@ class FeatureModel(nn.Module):
             frozen = {name for name, _ in self.named_parameters()}
         elif levels is not None:
             (level,) = self.resolve_indices((levels,))
-            probe = torch.empty(2, *self.input_size, device="meta")
+            probe = meta_batch(self, self.input_size)
+            # Levels 0..level: where levels do not nest (a pyramid's), each its own.
+            upto = tuple(i for i in self._runner.computable() if i <= level)
             frozen = parameters_feeding(
                 self,
-                lambda x: self.forward_intermediates(x, indices=(level,), intermediates_only=True),
+                lambda x: self.forward_intermediates(x, indices=upto, intermediates_only=True),
                 probe,
             )
         changed = []
@@ -373,22 +493,22 @@ class FeatureModel(nn.Module):
             if name in frozen and parameter.requires_grad:
                 parameter.requires_grad_(False)
                 changed.append(name)
-        held: list[str] = []
+        held = subtrees_within(self, frozen)
         if norm_eval:
-            candidates = (
-                modules_within(self, frozen)
-                if levels is not None
-                else [name for name, _ in self.named_modules()]
-            )
-            held = [name for name in candidates if is_norm(self.get_submodule(name))]
+            inside = tuple(f"{name}." for name in held)
+            held += [
+                name
+                for name, module in self.named_modules()
+                if name and is_norm(module) and not name.startswith(inside) and name not in held
+            ]
         self._frozen_parameters = tuple(changed)
         self._held_in_eval = tuple(held)
         self.__dict__.pop("_unused_by_forward", None)
         return self.train(self.training)
 
     def unfreeze(self) -> FeatureModel:
-        """Undo :meth:`freeze`: its parameters require grad again and its norm layers
-        follow the model's mode. Parameters frozen before (by the caller) stay so."""
+        """Undo :meth:`freeze`: its parameters require grad again and the modules it
+        held follow the model's mode. Parameters frozen before (by the caller) stay so."""
         for name in self.__dict__.get("_frozen_parameters", ()):
             self.get_parameter(name).requires_grad_(True)
         self._frozen_parameters = ()
@@ -422,7 +542,7 @@ class FeatureModel(nn.Module):
         image = not any(level.layout == "raw" for level in getattr(self._runner, "levels", ()))
         if image:
             self._check_image_batch(x, shape, channels)
-        reference = next(self.model.parameters(), None)
+        reference = next(self.parameters(), None)
         if reference is None:
             return
         if x.device != reference.device:
@@ -471,8 +591,7 @@ class FeatureModel(nn.Module):
         where the model takes no other (a timm ViT passed in without
         ``dynamic_img_size``)."""
         fixed = self.fixed_input_size
-        levels = getattr(self._runner, "levels", ())
-        tokens = [lv for lv in levels if lv.layout == "tokens"]
+        tokens = [lv for lv in self._runner.input_levels if lv.layout == "tokens"]
         patch = (
             fixed[0]
             if fixed is not None
@@ -490,11 +609,10 @@ class FeatureModel(nn.Module):
                 "build it for that size (img_size=..., or dynamic_img_size=True)"
             )
         # The patch grids the returned levels are read on (a plain ViT: one).
-        selected = set(self.feature_info.out_indices)
         exact = [
             lv.reduction
-            for i, lv in enumerate(levels)
-            if i in selected and lv.layout == "tokens" and lv.grid == "exact" and lv.reduction > 0
+            for lv in self._runner.grid_levels(self.feature_info.out_indices)
+            if lv.layout == "tokens" and lv.grid == "exact" and lv.reduction > 0
         ]
         grid = math.lcm(self.patch_size or 1, *exact)
         if grid > 1 and (height % grid or width % grid):
@@ -519,11 +637,11 @@ class FeatureModel(nn.Module):
             return cast(Features, self._empty_batch(x, self.forward))
         indices = self.feature_info.out_indices
         maps, _ = self._runner.run(
-            self.model,
+            root_of(self),
             x,
             indices,
             final=False,
-            norm=False,
+            norm=self._norm_levels,
             prefix_tokens=self.return_prefix_tokens,
             context=self._context,
         )
@@ -588,7 +706,7 @@ class FeatureModel(nn.Module):
             )
         chosen = self.resolve_indices(indices)
         maps, final = self._runner.run(
-            self.model,
+            root_of(self),
             x,
             chosen,
             final=not intermediates_only,
@@ -622,20 +740,105 @@ class FeatureModel(nn.Module):
         """
         chosen = self.resolve_indices(indices)
         deepest = max(chosen)
-        if deepest < self.last_level or prune_norm:
-            self.model = self._runner.prune(self.model, deepest, drop_final=prune_norm)
+        if deepest < self.last_level or prune_norm or self._runner.prunes_apart:
+            from unifeat._engine.trim import trim
+
+            root = self._runner.prune(root_of(self), deepest, drop_final=prune_norm, indices=chosen)
+            trim(self._runner, root, self.input_size, context=self._context)
+            adopt(self, root)
+            if prune_norm:
+                self._norm_levels = False
             self.__dict__.pop("_unused_by_forward", None)
+            self.__dict__.pop("_depth_groups", None)
         self.feature_info = self.feature_info.from_other(chosen)
         self._after_prune()
         return list(chosen)
+
+    # -- timm's training tools ----------------------------------------------------------------
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Regexes over the parameter names, from the stem to the deepest level, in
+        timm's format: what ``timm.optim.create_optimizer_v2(model, layer_decay=...)``
+        reads for layer-wise learning-rate decay. A timm model's own table where it
+        has one; otherwise the stem, then one group per block (per stage with
+        ``coarse=True``), grouped by which level first needs each parameter. The
+        docs page "Training and deployment" shows the recipe.
+
+        Examples:
+            >>> import unifeat
+            >>> model = unifeat.create_model("tv:resnet18", features_only=True)
+            >>> import re
+            >>> matcher = model.group_matcher()
+            >>> [bool(re.match(matcher["stem"], n)) for n in ("bn1.bias", "layer1.0.bn1.bias")]
+            [True, False]
+            >>> len(matcher["blocks"]), len(model.group_matcher(coarse=True)["blocks"])
+            (8, 4)
+        """
+        if not isinstance(coarse, bool):
+            raise UnsupportedOptionError(
+                f"invalid coarse={coarse!r} for {self._context}: expected True or False"
+            )
+        own = getattr(root_of(self), "group_matcher", None)
+        if self.backend == "timm" and callable(own):
+            return cast(dict[str, Any], own(coarse=coarse))
+        from unifeat._engine.groups import as_group_matcher, depth_groups
+
+        cached = self.__dict__.get("_depth_groups")
+        if cached is None:
+            runner, root = self._runner.depth_runner(), root_of(self)
+            indices = list(range(runner.last_level + 1))
+
+            def levels(x: Tensor) -> list[FeatureMap]:
+                maps, _ = runner.run(
+                    root, x, indices, final=False, norm=False, prefix_tokens=False, context=""
+                )
+                return maps
+
+            cached = depth_groups(
+                self, levels, [runner.level_module(i) for i in indices], self.input_size
+            )
+            self.__dict__["_depth_groups"] = cached
+        return as_group_matcher(self, cached, coarse=coarse)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names the library keeps out of weight decay (a ViT's position
+        embedding and class token), as timm's and open_clip's models say; timm's
+        optimizer factory reads it. Empty where the library says nothing."""
+        own = getattr(root_of(self), "no_weight_decay", None)
+        names = set(own()) if callable(own) else set()
+        mine = {name for name, _ in self.named_parameters()}
+        return {name for name in names if name in mine}
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The model's preprocessing in timm's format (``input_size``, ``mean``, ``std``,
+        ``interpolation``, ``crop_pct``, ``crop_mode``): what
+        ``timm.data.resolve_model_data_config(model)`` reads, from the same source
+        as :func:`unifeat.data_config`. ``default_cfg`` is the same dict.
+
+        Examples:
+            >>> import timm, unifeat
+            >>> model = unifeat.create_model("tv:resnet18", features_only=True)
+            >>> timm.data.resolve_model_data_config(model)["crop_pct"]
+            0.875
+        """
+        from unifeat._data import timm_pretrained_cfg
+
+        return timm_pretrained_cfg(self)
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """:attr:`pretrained_cfg`, under timm's older name."""
+        return self.pretrained_cfg
 
     # -- distributed training ---------------------------------------------------------------
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
-        """Parameters ``forward`` never uses (a final norm kept for
-        ``forward_intermediates``): DistributedDataParallel reads this name and
-        leaves them out, so its default ``find_unused_parameters=False`` works."""
+        """Parameters ``forward`` never uses (a final norm kept with ``norm=True`` for
+        ``forward_intermediates``' final output): DistributedDataParallel reads this
+        name and leaves them out, so its default ``find_unused_parameters=False``
+        works."""
         cached = self.__dict__.get("_unused_by_forward")
         if cached is None:
             cached = _unused_by_forward(self)
@@ -653,7 +856,7 @@ def _unused_by_forward(model: FeatureModel) -> tuple[str, ...]:
     if not trainable:
         return ()
     channels, height, width = model.input_size
-    x = torch.empty(2, channels, height, width, device="meta")
+    x = meta_batch(model, (channels, height, width))
     try:
         with weightless(model, trainable=True) as stand_ins:
             outputs = model(x)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from unifeat._engine.levels import FeatureMap, Level, spatial
 from unifeat._engine.meta import weightless
-from unifeat._engine.model import Runner
+from unifeat._engine.model import Runner, final_norm_refusal
 
 Intermediates = Callable[[nn.Module, Tensor, list[int], bool, bool], list[FeatureMap]]
 """``(model, x, indices, prefix_tokens, norm) -> maps`` (NCHW; ``(map, prefix)``
@@ -60,12 +60,19 @@ def at(spec: NativeSpec, path: str) -> NativeSpec:
 class NativeRunner(Runner):
     """Runs a library's own ``forward_intermediates`` on the root (the source model)."""
 
-    def __init__(self, spec: NativeSpec, levels: Sequence[Level], *, last_level: int) -> None:
+    def __init__(
+        self,
+        spec: NativeSpec,
+        levels: Sequence[Level],
+        *,
+        last_level: int,
+        keep_final: bool = False,
+    ) -> None:
         self._spec = spec
         self.levels = tuple(levels)
         self.last_level = last_level
-        self.final_norm = spec.norm
-        self._keep_final = True
+        self.final_norm = spec.norm or final_norm_refusal(True, keep_final)
+        self._keep_final = keep_final
 
     def make_root(self, source: nn.Module) -> nn.Module:
         root = self._spec.wrap(source, self.last_level) if self._spec.wrap else source
@@ -91,7 +98,14 @@ class NativeRunner(Runner):
             return maps, output
         return self._spec.intermediates(root, x, list(indices), prefix_tokens, norm), None
 
-    def prune(self, root: nn.Module, last_level: int, *, drop_final: bool) -> nn.Module:
+    def prune(
+        self,
+        root: nn.Module,
+        last_level: int,
+        *,
+        drop_final: bool,
+        indices: Sequence[int] = (),
+    ) -> nn.Module:
         self.last_level = last_level
         if drop_final:
             self._keep_final = False

@@ -8,7 +8,7 @@ serves traced graphs, hooked block lists and libraries' own
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +49,27 @@ def parameters_feeding(model: nn.Module, run: Callable[[Tensor], Any], example: 
     return {name for name, grad in zip(names, grads, strict=True) if grad is not None}
 
 
+def parameters_per_output(
+    model: nn.Module, run: Callable[[Tensor], Sequence[Any]], example: Tensor
+) -> list[set[str]]:
+    """For each item ``run(example)`` returns, the names of the parameters it depends
+    on: one forward and one backward per item, all on meta stand-ins."""
+    names = [name for name, _ in model.named_parameters()]
+    found: list[set[str]] = []
+    with weightless(model, every_parameter=True) as stand_ins, torch.enable_grad():
+        inputs = [stand_ins[name] for name in names]
+        items = list(run(example))
+        for item in items:
+            tensors = [t for t in _tensors(item) if t.requires_grad]
+            if not tensors:
+                found.append(set())
+                continue
+            total = torch.stack([t.float().sum() for t in tensors]).sum()
+            grads = torch.autograd.grad(total, inputs, allow_unused=True, retain_graph=True)
+            found.append({n for n, g in zip(names, grads, strict=True) if g is not None})
+    return found
+
+
 def _tensors(value: Any) -> Iterable[Tensor]:
     if isinstance(value, Tensor):
         yield value
@@ -60,12 +81,15 @@ def _tensors(value: Any) -> Iterable[Tensor]:
             yield from _tensors(item)
 
 
-def modules_within(model: nn.Module, parameters: set[str]) -> list[str]:
-    """Names of the modules all of whose own parameters are in ``parameters``
-    (parameter-free modules are not claimed)."""
-    found = []
+def subtrees_within(model: nn.Module, parameters: set[str]) -> list[str]:
+    """Names of the outermost submodules whose parameters (their own and their
+    children's, at least one) are all in ``parameters``: a frozen stage as a whole,
+    its parameter-free children (dropout, activations) included."""
+    found: list[str] = []
     for name, module in model.named_modules():
-        own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        if not name or any(name.startswith(f"{outer}.") for outer in found):
+            continue
+        own = [f"{name}.{p}" for p, _ in module.named_parameters()]
         if own and all(p in parameters for p in own):
             found.append(name)
     return found
