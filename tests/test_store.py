@@ -509,3 +509,24 @@ def test_decoding_workers_give_the_same_rows(folder: Path, tmp_path: Path, refer
     config = unifeat.data_config("tv:resnet18")
     dataset = pickle.loads(pickle.dumps(_Decode(reference["paths"], decoder(config, True))))
     assert dataset[0][1].shape == (224, 224, 3)
+
+
+# -- what the images are -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", [str, Path])
+def test_one_image_folder_given_alone_is_that_folder(
+    form: Callable[[Path], object], folder: Path, tmp_path: Path, reference: dict
+) -> None:
+    result = unifeat.extract("tv:resnet18", form(folder), tmp_path / "f.npy", **SMALL)
+    assert result.written == READABLE
+    assert unifeat.load_features(tmp_path / "f.npy")["paths"] == reference["paths"]
+    one = reference["paths"][0]
+    assert unifeat.extract("tv:resnet18", form(one), tmp_path / "g.npy", **SMALL).written == 1
+
+
+@pytest.mark.parametrize("images", [3, b"photos", [3]])
+def test_images_that_are_not_paths_are_refused(images: object, tmp_path: Path) -> None:
+    with pytest.raises(unifeat.UnsupportedOptionError, match="images"):
+        unifeat.extract("tv:resnet18", images, tmp_path / "f.npy", **SMALL)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []

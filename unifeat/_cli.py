@@ -14,6 +14,7 @@ import torch
 
 import unifeat
 from unifeat._errors import UnifeatError, UnsupportedOptionError
+from unifeat._images import input_exists
 from unifeat._show import MAX_CHANNELS
 from unifeat._store import FORMATS
 
@@ -366,9 +367,7 @@ class _BadArgument(Exception):
 
 
 def _existing(paths: Sequence[str]) -> None:
-    from pathlib import Path
-
-    missing = [p for p in paths if not Path(p).exists()]
+    missing = [p for p in paths if not input_exists(p)]
     if missing:
         raise _BadArgument(f"no such image file or folder: {missing[0]!r}")
 

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import hashlib
 import itertools
+import os
 import platform
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,7 +30,7 @@ from unifeat._data import DataConfig, geometry, model_data_config, normalize, re
 from unifeat._data import with_input_size as _with_input_size
 from unifeat._errors import UnsupportedOptionError, format_choices
 from unifeat._feature_model import FeatureModel
-from unifeat._images import ImageReadError, find_images, in_part, load_image
+from unifeat._images import ImageReadError, find_images, image_inputs, in_part, load_image
 from unifeat._store import (
     Store,
     StoreError,
@@ -455,7 +456,7 @@ def _local_batches(
 
 def extract(
     model: nn.Module | str,
-    images: Iterable[str | Path],
+    images: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     output: str | Path,
     *,
     pool: str = "avg",
@@ -485,8 +486,9 @@ def extract(
             (then built with ``features_only=True`` and ``create_kwargs``, which
             must ask for weights: ``pretrained=True`` or ``checkpoint_path=``,
             or ``random_init=True`` for random features on purpose).
-        images: image files and folders (searched recursively, symlinked
-            folders followed). Paths are stored absolute with symlinks resolved.
+        images: an image file or folder, or a list of them (folders are
+            searched recursively, symlinked folders followed). Paths are stored
+            absolute with symlinks resolved.
         output: ``feats.safetensors``, ``feats.parquet`` or ``feats.npy`` (or
             any name with ``format``); shards are written beside it
             (``feats.00000.parquet``, ...) with the index ``feats.index.json``.
@@ -573,6 +575,8 @@ def extract(
     paths = part_paths(store_paths(output, format), part)
     if address is not None and engine != "ray":
         raise UnsupportedOptionError("address only applies to engine='ray'")
+    # Listed first: a missing folder is reported before any model is built.
+    listed = [p for p in find_images(image_inputs(images)) if in_part(p, part)]
     name = model if isinstance(model, str) else None
     was_training = model.training if isinstance(model, nn.Module) else False
     if pool == "cls" and isinstance(model, str):
@@ -593,7 +597,6 @@ def extract(
         random_seed=seed if random_init else None,
         create_kwargs=kwargs,
     )
-    listed = [p for p in find_images(images) if in_part(p, part)]
     store = Store(paths, record, overwrite=overwrite, flush_every=flush_every).open()
     completed = False
     try:
