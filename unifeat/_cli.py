@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 import torch
 
 import unifeat
+from unifeat._engines import engine_names, get_engine
 from unifeat._errors import UnifeatError, UnsupportedOptionError
 from unifeat._images import input_exists
 from unifeat._show import MAX_CHANNELS
@@ -192,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="I/N",
         help="take part I of N (writes OUTPUT's stem + .partIofN; combine with unifeat merge)",
     )
-    extract.add_argument("--engine", choices=("local", "ray"), default="local")
+    extract.add_argument("--engine", choices=engine_names(), default="local")
     extract.add_argument(
         "--address", help="Ray cluster for --engine ray: auto, ray://host:10001 (default: local)"
     )
@@ -394,10 +395,11 @@ def _extract(args: argparse.Namespace) -> int:
     from unifeat._extract import parse_device
 
     _existing(args.images)
-    if args.address is not None and args.engine != "ray":
+    engine = get_engine(args.engine)
+    if args.address is not None and not engine.takes_address:
         raise _BadArgument("--address only applies with --engine ray")
     try:
-        parse_device(args.device, here=args.engine == "local")
+        parse_device(args.device, here=engine.devices_here)
     except UnsupportedOptionError as exc:
         raise _BadArgument(f"--device: {exc}") from None
     size = _size(args.input_size)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from unifeat._data import DataConfig, geometry, model_data_config, normalize, resize_size
 from unifeat._data import with_input_size as _with_input_size
+from unifeat._engines import Batch, Engine, EngineRun, get_engine, register_engine
 from unifeat._errors import UnsupportedOptionError, format_choices
 from unifeat._feature_model import FeatureModel
 from unifeat._images import ImageReadError, find_images, image_inputs, in_part, load_image
@@ -46,7 +47,6 @@ from unifeat._store import (
 
 POOLS = ("avg", "max", "cls", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -411,9 +411,6 @@ def _collate(
     return [i for i, _ in good], batch, bad
 
 
-Batch = tuple[list[str], dict[str, np.ndarray], list[tuple[str, str]]]
-
-
 def aligned_batches(listed: Sequence[str], todo: set[str], batch_size: int) -> list[list[str]]:
     """The batches still to run: fixed slices of the whole listing, less what is
     done. A resumed run then runs exactly the batches an uninterrupted run
@@ -449,6 +446,24 @@ def _local_batches(
             yield [], {}, failures
             continue
         yield [todo[i] for i in positions], embed(batch), failures
+
+
+def _local_engine(run: EngineRun) -> Iterator[Batch]:
+    """This process runs the model; DataLoader workers decode."""
+    embed = Embedder(
+        run.model,
+        run.config,
+        pool=run.pool,
+        device=run.device,
+        dtype=run.dtype,
+        channels_last=run.channels_last,
+    )
+    return _local_batches(
+        run.batches, embed, num_workers=run.num_workers, fast_decode=run.fast_decode
+    )
+
+
+register_engine(Engine("local", _local_engine))
 
 
 # -- extract ------------------------------------------------------------------------------
@@ -552,10 +567,7 @@ def extract(
     """
     if pool not in POOLS:
         raise UnsupportedOptionError(f"invalid pool={pool!r}: expected {format_choices(POOLS)}")
-    if engine not in ENGINES:
-        raise UnsupportedOptionError(
-            f"invalid engine={engine!r}: expected {format_choices(ENGINES)}"
-        )
+    runner = get_engine(engine)
     batch_size = _positive("batch_size", batch_size)
     flush_every = _positive("flush_every", flush_every)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -570,11 +582,13 @@ def extract(
         )
     part = parse_part(shard)
     torch_dtype = parse_dtype(dtype)
-    # Ray's actors may have GPUs the driver lacks.
-    torch_device = parse_device(device, here=engine == "local")
+    torch_device = parse_device(device, here=runner.devices_here)
     paths = part_paths(store_paths(output, format), part)
-    if address is not None and engine != "ray":
-        raise UnsupportedOptionError("address only applies to engine='ray'")
+    if address is not None and not runner.takes_address:
+        raise UnsupportedOptionError(
+            f"address only applies to an engine that runs on a cluster (engine='ray'), not "
+            f"engine={engine!r}"
+        )
     # Listed first: a missing folder is reported before any model is built.
     listed = [p for p in find_images(image_inputs(images)) if in_part(p, part)]
     name = model if isinstance(model, str) else None
@@ -609,27 +623,20 @@ def extract(
         ]
         batches_todo = aligned_batches(listed, set(todo), batch_size)
         skipped = sum(1 for p in listed if p in store.done)
-        running: dict[str, Any] = dict(
-            pool=pool, device=torch_device, dtype=torch_dtype, channels_last=channels_last
-        )
-        if engine == "ray":
-            from unifeat.ray import _ray_batches
-
-            batches = _ray_batches(
-                batches_todo,
-                feature_model,
-                config,
+        batches = runner.run(
+            EngineRun(
+                batches=batches_todo,
+                model=feature_model,
+                config=config,
+                pool=pool,
+                device=torch_device,
+                dtype=torch_dtype,
+                channels_last=channels_last,
                 fast_decode=fast_decode,
-                address=address,
-                **running,
-            )
-        else:
-            batches = _local_batches(
-                batches_todo,
-                Embedder(feature_model, config, **running),
                 num_workers=num_workers,
-                fast_decode=fast_decode,
+                address=address,
             )
+        )
         failures: list[tuple[str, str]] = []
         bar = _progress(len(todo), progress)
         try:
