@@ -511,6 +511,70 @@ def test_decoding_workers_give_the_same_rows(folder: Path, tmp_path: Path, refer
     assert dataset[0][1].shape == (224, 224, 3)
 
 
+# -- where the output goes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["path", "str", "str-slash"])
+def test_an_existing_folder_as_output_is_written_inside(
+    form: str, folder: Path, tmp_path: Path, reference: dict
+) -> None:
+    out = tmp_path / "outdir"
+    out.mkdir()
+    given = {"path": out, "str": str(out), "str-slash": f"{out}/"}[form]
+    result = _extract(folder, given, flush_every=5)
+    assert result.index_path == out / "features.index.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outdir"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "features.00000.safetensors",
+        "features.00001.safetensors",
+        "features.index.json",
+    ]
+    for read in (given, out / "features.index.json", out / "features.safetensors"):
+        assert unifeat.load_features(read)["paths"] == reference["paths"]
+    assert _extract(folder, given).written == 0  # resumes in the same place
+
+
+def test_a_folder_output_takes_the_format_asked_for_and_keeps_it(
+    folder: Path, tmp_path: Path, reference: dict
+) -> None:
+    out = tmp_path / "outdir"
+    out.mkdir()
+    _extract(folder, out, format="parquet", flush_every=100)
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["features.00000.parquet", "features.index.json"]
+    # A rerun without format= resumes the parquet store, whatever the default.
+    assert _extract(folder, out).written == 0
+    assert np.array_equal(unifeat.load_matrix(out, 4), reference["level_4"].numpy())
+
+
+def test_a_path_ending_in_a_separator_is_a_folder_even_when_new(
+    folder: Path, tmp_path: Path
+) -> None:
+    _extract(folder, f"{tmp_path / 'new'}/")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [
+        "features.00000.safetensors",
+        "features.index.json",
+    ]
+
+
+def test_the_cli_writes_inside_an_existing_folder(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "outdir"
+    out.mkdir()
+    args = ["extract", "tv:resnet18", str(folder), "-o", f"{out}/", "--random-init"]
+    assert main([*args, "--input-size", "32", "--no-progress", "--format", "npy"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outdir"]
+    assert (out / "features.index.json").exists() and (out / "features.00000.paths.npy").exists()
+    assert len(unifeat.load_features(out)["paths"]) == READABLE
+
+
+def test_a_folder_without_the_default_store_names_the_ones_it_holds(
+    folder: Path, tmp_path: Path
+) -> None:
+    _extract(folder, tmp_path / "mine.parquet", out_indices=(-1,))
+    with pytest.raises(unifeat.StoreError, match=r"features\.index\.json.*'mine\.index\.json'"):
+        unifeat.load_features(tmp_path)
+
+
 # -- what the images are -----------------------------------------------------------------
 
 

@@ -154,7 +154,11 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("model", help="model name")
     extract.add_argument("images", nargs="+", help="image files or folders")
     extract.add_argument(
-        "--output", "-o", required=True, help="output: feats.safetensors, feats.parquet, feats.npy"
+        "--output",
+        "-o",
+        required=True,
+        help="output: feats.safetensors, feats.parquet, feats.npy, or a folder (an existing "
+        "one, or a path ending in /) to hold features.*",
     )
     extract.add_argument(
         "--format", choices=FORMATS, help="output format; default: from the --output suffix"

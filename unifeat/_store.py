@@ -1,6 +1,7 @@
 """The extraction store: shards plus an index, crash-safe, with provenance.
 
-Layout, for ``-o feats.parquet`` (likewise ``.safetensors`` and ``.npy``)::
+Layout, for ``-o feats.parquet`` (likewise ``.safetensors`` and ``.npy``; an
+existing folder as the output holds ``features.*`` inside it)::
 
     feats.index.json          what is committed: provenance, shards, failed images
     feats.00000.parquet       one shard per flush: paths and one column per level
@@ -70,6 +71,11 @@ class ProvenanceMismatchError(StoreError, ValueError):
     """A run would add rows computed differently from those already stored."""
 
 
+DEFAULT_STEM = "features"
+"""The stem of a store written into a folder given as the output: ``outdir/``
+holds ``outdir/features.index.json`` and ``outdir/features.00000.safetensors``."""
+
+
 # -- names ----------------------------------------------------------------------------
 
 
@@ -112,14 +118,29 @@ class StorePaths:
         return name.startswith(f".{self.stem}.") and ".tmp-" in name
 
 
+def names_folder(output: str | os.PathLike[str]) -> bool:
+    """Whether ``output`` is a folder to write the store in: an existing folder,
+    or a path ending in a separator (then created)."""
+    text = os.fspath(output)
+    separators = tuple(s for s in (os.sep, os.altsep, "/") if s)
+    return os.path.isdir(text) or text.endswith(separators)
+
+
 def store_paths(output: str | os.PathLike[str], storage: str | None = None) -> StorePaths:
-    """The store an output path names: ``feats.parquet``, ``feats.index.json``, or
-    any other name (safetensors unless ``storage`` says otherwise)."""
+    """The store an output path names: ``feats.parquet``, ``feats.index.json``,
+    a folder (the store ``features.*`` inside it), or any other name
+    (safetensors unless ``storage`` says otherwise)."""
     path = Path(output)
     if storage is not None and storage not in FORMATS:
         raise UnsupportedOptionError(
             f"invalid format={storage!r}: expected {format_choices(FORMATS)}"
         )
+    if names_folder(output):
+        if storage is None:
+            # A rerun into the folder resumes its store, whatever format it has.
+            index = read_index(path / f"{DEFAULT_STEM}.index.json")
+            storage = index.get("storage", "safetensors") if index else "safetensors"
+        return StorePaths(path, DEFAULT_STEM, storage)
     name = path.name
     if name.endswith(".index.json"):
         stem = name[: -len(".index.json")]
@@ -580,11 +601,19 @@ class Store:
 
 
 def open_index(output: str | os.PathLike[str]) -> tuple[StorePaths, dict[str, Any]]:
-    """The store at ``output`` (its output or index path) and its index."""
+    """The store at ``output`` (its output or index path, or its folder) and its index."""
     paths = store_paths(output)
     index = read_index(paths.index)
     if index is None:
-        raise StoreError(f"no extraction output at {str(output)!r} (no {paths.index.name})")
+        message = f"no extraction output at {str(output)!r} (no {paths.index.name})"
+        if names_folder(output):
+            others = sorted(p.name for p in Path(output).glob("*.index.json"))
+            held = f"it holds {format_choices(others)}: name one" if others else "it holds none"
+            message = (
+                f"no extraction output in the folder {str(output)!r}: a folder holds its "
+                f"store as {paths.index.name}, and {held}"
+            )
+        raise StoreError(message)
     return paths, index
 
 
