@@ -611,7 +611,9 @@ def extract(
         random_seed=seed if random_init else None,
         create_kwargs=kwargs,
     )
-    store = Store(paths, record, overwrite=overwrite, flush_every=flush_every).open()
+    store = Store(
+        paths, record, overwrite=overwrite, flush_every=flush_every, listing=listed
+    ).open()
     completed = False
     try:
         known_failed = store.failed
@@ -839,8 +841,8 @@ def merge_features(
     failed: dict[str, str] = {}
     for number, (paths, index) in enumerate(sources):
         failed.update(index.get("failed", {}))
-        for shard_number, shard in enumerate(index["shards"]):
-            for row, path in enumerate(read_shard_paths(paths, shard)):
+        for shard_number in range(len(index["shards"])):
+            for row, path in enumerate(read_shard_paths(paths, index, shard_number)):
                 if path in where:
                     raise StoreError(f"{path} is in two parts: the parts overlap")
                 where[path] = (number, shard_number, row)
@@ -863,7 +865,7 @@ def merge_features(
                     if len(cache) > 2 * len(sources):
                         cache.pop(next(iter(cache)))
                     paths, index = sources[number]
-                    cache[key] = read_shard(paths, index["shards"][shard_number], mmap=True)[1]
+                    cache[key] = read_shard(paths, index, shard_number, mmap=True)[1]
                 for name, array in cache[key].items():
                     rows.setdefault(name, []).append(array[row])
             store.add(chunk, {name: np.stack(values) for name, values in rows.items()})
