@@ -507,6 +507,8 @@ def extract(
         output: ``feats.safetensors``, ``feats.parquet`` or ``feats.npy`` (or
             any name with ``format``); shards are written beside it
             (``feats.00000.parquet``, ...) with the index ``feats.index.json``.
+            An existing folder (or a path ending in ``/``) holds the store
+            inside it as ``features.*`` (see the docs page "Extraction").
         pool: ``"avg"`` or ``"max"`` over space, ``"cls"`` (the class token of a
             token model) or ``"none"`` (whole maps).
         batch_size: images per forward; results do not depend on it.
@@ -551,6 +553,9 @@ def extract(
         ProvenanceMismatchError: the output holds rows computed with another
             model, weights, levels, pool, preprocessing or dtype.
         StoreLockedError: another process is writing the same output.
+        StoreError: the output's index names a shard outside its folder, or a
+            damaged shard held images this run does not list (a damaged shard
+            whose images it lists is extracted again).
         UnsupportedOptionError: an invalid option value, or random weights by
             name without ``random_init=True``.
 
@@ -678,8 +683,8 @@ def load_features(output: str | Path) -> dict[str, Any]:
     """Read what :func:`extract` wrote, in any of its formats.
 
     Args:
-        output: the output path (``feats.parquet``, ...) or its index
-            (``feats.index.json``).
+        output: the output path (``feats.parquet``, ...), its index
+            (``feats.index.json``), or the folder given to :func:`extract`.
 
     Returns:
         ``{"paths": [...], "level_<i>": Tensor, ..., "failed": [(path, reason), ...],
@@ -688,6 +693,11 @@ def load_features(output: str | Path) -> dict[str, Any]:
         ``(N, C, H, W)`` maps; ``failed`` lists the images recorded as
         unreadable; ``provenance`` is what the rows were computed with (model,
         weights hash, levels, pool, preprocessing, dtype, versions).
+
+    Raises:
+        StoreError: no output there; its index is damaged or names a shard
+            outside its folder; a shard is missing, truncated or garbled (the
+            message names the file, its rows and how to repair it).
 
     Examples:
         >>> import tempfile, pathlib
@@ -725,7 +735,7 @@ def load_matrix(output: str | Path, level: int | str | None = None) -> np.ndarra
     matrix, rows in :func:`load_features`' order: what FAISS indexes take.
 
     Args:
-        output: the output path or its index.
+        output: the output path, its index, or its folder.
         level: the level index (``4``) or column name (``"level_4"``); may be
             omitted when the output has a single level. Whole maps
             (``pool="none"``) are flattened to ``(N, C*H*W)``.
