@@ -31,7 +31,7 @@ from unifeat._data import with_input_size as _with_input_size
 from unifeat._engines import Batch, Engine, EngineRun, get_engine, register_engine
 from unifeat._errors import UnsupportedOptionError, format_choices
 from unifeat._feature_model import FeatureModel
-from unifeat._images import ImageReadError, find_images, image_inputs, in_part, load_image
+from unifeat._images import ImageReadError, find_images, in_part, load_image
 from unifeat._store import (
     Store,
     StoreError,
@@ -595,7 +595,7 @@ def extract(
             f"engine={engine!r}"
         )
     # Listed first: a missing folder is reported before any model is built.
-    listed = [p for p in find_images(image_inputs(images)) if in_part(p, part)]
+    listed = [p for p in find_images(images) if in_part(p, part)]
     name = model if isinstance(model, str) else None
     was_training = model.training if isinstance(model, nn.Module) else False
     if pool == "cls" and isinstance(model, str):
