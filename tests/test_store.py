@@ -750,6 +750,33 @@ def test_a_store_written_before_checksums_still_loads_and_names_damage(
             _extract(folder, store / "f.safetensors")
 
 
+def test_damaged_shards_of_two_runs_whose_images_interleave_are_repaired_together(
+    folder: Path, tmp_path: Path, reference: dict
+) -> None:
+    """A first run over three images, a second over the folder: the second run's
+    shards hold images sorted between the first run's, so neither damaged shard's
+    range alone holds exactly its images; together they do."""
+    import pickle
+
+    out = tmp_path / "f.safetensors"
+    first = [folder / "img0.png", folder / "nested" / "img2.png", folder / "nested" / "img5.png"]
+    unifeat.extract("tv:resnet18", first, out, **{**SMALL, "flush_every": 3})
+    _extract(folder, out, flush_every=3)
+    index = json.loads((tmp_path / "f.index.json").read_text())
+    spans = [(s["first"], s["last"]) for s in index["shards"]]
+    assert spans[0][0] < spans[1][0] < spans[0][1]  # the ranges overlap
+    for number in (0, 1):
+        _damage(tmp_path / f"f.0000{number}.safetensors", "garbled-middle")
+    with pytest.raises(unifeat.StoreError) as caught:
+        unifeat.load_features(out)
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert str(again) == str(caught.value) and again.file == caught.value.file
+    assert _extract(folder, out).written == 6
+    want = _by_path(reference)
+    for path, (level_3, level_4) in _by_path(unifeat.load_features(out)).items():
+        assert np.array_equal(level_3, want[path][0]) and np.array_equal(level_4, want[path][1])
+
+
 def test_merge_names_a_damaged_part(stores: dict[str, Path], tmp_path: Path) -> None:
     store = _copy(stores, "parquet", tmp_path)
     _damage(store / "p.part1of2.00000.parquet", "in-data")
