@@ -459,11 +459,20 @@ def images_digest(rows: Iterable[str]) -> str:
     """A digest of a set of image paths that does not depend on their order: the
     sum of their 128-bit BLAKE2b hashes. The index keeps it per shard, so the
     images of a shard too damaged to read can still be recognized among a run's."""
-    total = 0
-    for row in rows:
-        digest = hashlib.blake2b(row.encode("utf-8", "surrogateescape"), digest_size=16)
-        total += int.from_bytes(digest.digest(), "big")
-    return f"blake2b-sum:{total % (1 << 128):032x}"
+    hashes = (
+        hashlib.blake2b(row.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+        for row in rows
+    )
+    return _sum_digest(int.from_bytes(h, "big") for h in hashes)
+
+
+def _sum_digest(values: Iterable[int]) -> str:
+    return f"blake2b-sum:{sum(values) % (1 << 128):032x}"
+
+
+def union_digest(digests: Iterable[str]) -> str:
+    """The :func:`images_digest` of disjoint sets' union, from theirs."""
+    return _sum_digest(int(d.removeprefix("blake2b-sum:"), 16) for d in digests)
 
 
 def to_arrow(rows: list[str], levels: dict[str, np.ndarray], provenance: dict[str, Any]) -> Any:
@@ -951,10 +960,8 @@ class Store:
             low, high = min(s["first"] for s in shards), max(s["last"] for s in shards)
             found = [p for p in candidates if low <= p <= high and p not in claimed]
             wanted = sum(int(s["rows"]) for s in shards)
-            total = sum(int(s["images_digest"].split(":")[1], 16) for s in shards)
-            if len(found) != wanted or images_digest(found) != (
-                f"blake2b-sum:{total % (1 << 128):032x}"
-            ):
+            held = union_digest(s["images_digest"] for s in shards)
+            if len(found) != wanted or images_digest(found) != held:
                 raise self._cannot_repair(
                     group[0],
                     f"this run's images from {low!r} to {high!r} are not exactly the "
