@@ -225,3 +225,46 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
         _cli("extract", "tv:resnet18", "x", "-o", "y", "--pool", "median")
     assert exit_info.value.code == 2
     assert "invalid choice: 'median'" in capsys.readouterr().err
+
+
+def test_the_extraction_core_does_not_import_the_ray_engine() -> None:
+    """unifeat.ray depends on the core (_extract, _store), never the other way round:
+    no import of it anywhere in the core's source, function-level ones included, and
+    importing the core (or unifeat) leaves it unloaded."""
+    import ast
+    import subprocess
+    import sys
+
+    root = Path(unifeat.__file__).parent
+    for name in ("_extract.py", "_store.py", "_images.py"):
+        tree = ast.parse((root / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names] + [str(node.module)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n == "unifeat.ray" or n.startswith("unifeat.ray.") for n in names), (
+                f"{name}:{node.lineno} imports unifeat.ray"
+            )
+        strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)]
+        assert "unifeat.ray" not in strings, f"{name} names unifeat.ray for importlib"
+    code = (
+        "import sys, unifeat, unifeat._extract, unifeat._store, unifeat._cli\n"
+        "ray = ('ray', 'unifeat.ray')\n"
+        "print(sorted(m for m in sys.modules if m.partition('.')[0] == 'ray' or m in ray))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_engines_are_found_by_name_and_unknown_ones_refused(tmp_path: Path) -> None:
+    from unifeat._engines import engine_names, get_engine
+
+    assert engine_names() == ("local", "ray")
+    assert get_engine("local").name == "local"
+    with pytest.raises(unifeat.UnsupportedOptionError, match=r"engine='spark'.*'local' or 'ray'"):
+        get_engine("spark")

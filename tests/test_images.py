@@ -250,3 +250,28 @@ def test_show_reads_images_the_same_way(tmp_path: Path, gray: np.ndarray) -> Non
     # The input tile is the gradient, not a white square.
     tile = np.asarray(picture)[20:100, 10:80, 0]
     assert tile.std() > 20
+
+
+@pytest.mark.parametrize("loop", ["self", "pair"])
+def test_a_looping_symlink_is_an_unreadable_image_with_its_reason(
+    loop: str, tmp_path: Path
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (16, 16), "navy").save(photos / "a.png")
+    if loop == "self":
+        (photos / "b.jpg").symlink_to("b.jpg")
+    else:
+        (photos / "b.jpg").symlink_to("c.jpg")
+        (photos / "c.jpg").symlink_to("b.jpg")
+    found = [Path(p).name for p in find_images([photos])]
+    assert "b.jpg" in found
+    # Given by name, it is there (a link), not a missing file.
+    assert Path(find_images([photos / "b.jpg"])[0]).name == "b.jpg"
+    kwargs = dict(random_init=True, out_indices=(-1,), input_size=(32, 32), progress=False)
+    result = unifeat.extract("tv:resnet18", [photos], tmp_path / "f.npy", **kwargs)
+    assert result.written == 1
+    reasons = {Path(p).name: why for p, why in result.failed}
+    assert "b.jpg" in reasons and "symbolic links" in reasons["b.jpg"], reasons
+    stored = unifeat.load_features(tmp_path / "f.npy")["failed"]
+    assert {Path(p).name for p, _ in stored} >= {"b.jpg"}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -107,3 +110,32 @@ def test_integer_likes_are_accepted():
     assert check_index_spec(np.int64(2)) == 2
     assert check_index_spec(np.array([1, 3])) == (1, 3)
     assert check_index_spec(range(2, 4)) == (2, 3)
+
+
+ZERO_D_INTS = [np.array(2), np.array(2, dtype=np.uint8), torch.tensor(2), torch.tensor(2).int()]
+
+
+@pytest.mark.parametrize("value", ZERO_D_INTS, ids=repr)
+def test_zero_d_integer_arrays_and_tensors_mean_that_int(value):
+    assert check_index_spec(value) == check_index_spec(np.int64(2)) == 2
+    assert normalize_indices(value, 5) == (3, 4)
+    # As entries of a sequence too.
+    assert check_index_spec((value, np.array(-1), torch.tensor(0))) == (2, -1, 0)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [np.array(2.0), np.array(True), torch.tensor(2.0), torch.tensor(True), np.bool_(True)],
+    ids=repr,
+)
+def test_zero_d_float_and_bool_arrays_are_refused_naming_the_value(value):
+    with pytest.raises(InvalidIndicesError, match=re.escape(repr(value))):
+        check_index_spec(value)
+    with pytest.raises(InvalidIndicesError, match=re.escape(repr(value))):
+        check_index_spec((1, value))
+
+
+def test_arrays_of_more_than_one_dimension_are_not_single_indices():
+    with pytest.raises(InvalidIndicesError, match=re.escape(repr(torch.tensor([2])))):
+        check_index_spec((torch.tensor([2]),))
+    assert check_index_spec(torch.tensor([1, 3])) == (1, 3)

@@ -508,3 +508,361 @@ def test_decoding_workers_give_the_same_rows(folder: Path, tmp_path: Path, refer
     config = unifeat.data_config("tv:resnet18")
     dataset = pickle.loads(pickle.dumps(_Decode(reference["paths"], decoder(config, True))))
     assert dataset[0][1].shape == (224, 224, 3)
+
+
+# -- shard names from an index: inside the folder, or refused ---------------------------
+
+STORAGES = ("safetensors", "parquet", "npy")
+
+
+@pytest.fixture(scope="module")
+def stores(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Per format, a folder holding ``f.*`` (three shards of 4, 4 and 1 rows) and the
+    two parts ``p.part{0,1}of2.*``: copied by each test that damages them."""
+    made = {}
+    for storage in STORAGES:
+        root = tmp_path_factory.mktemp(f"base-{storage}")
+        _extract(folder, root / f"f.{storage}", flush_every=4)
+        for i in range(2):
+            _extract(folder, root / f"p.{storage}", shard=f"{i}/2")
+        made[storage] = root
+    return made
+
+
+def _copy(stores: dict[str, Path], storage: str, tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / "store"
+    shutil.copytree(stores[storage], target, symlinks=True)
+    return target
+
+
+BAD_NAMES = ["dotdot", "dotdot-alone", "absolute", "slash", "backslash", "symlink-out"]
+
+
+def _plant_bad_name(store: Path, index: Path, kind: str) -> str:
+    """Valid copies of shard 0 (its level file for npy) outside the store's folder
+    and in a subfolder, named from ``index`` the ``kind`` way; returns the name
+    the index now gives (the message must show it)."""
+    import shutil
+
+    record = json.loads(index.read_text())
+    files = record["shards"][0]["files"]
+    role = "level_4" if "level_4" in files else "shard"
+    original = files[role]
+    outside = store.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    shutil.copy(store / original, outside / original)
+    inner = store / "sub"
+    inner.mkdir(exist_ok=True)
+    shutil.copy(store / original, inner / original)
+    if kind == "symlink-out":
+        (store / original).unlink()
+        (store / original).symlink_to(outside / original)
+        return original
+    name = {
+        "dotdot": f"../outside/{original}",
+        "dotdot-alone": "..",
+        "absolute": str(outside / original),
+        "slash": f"sub/{original}",
+        "backslash": f"..\\outside\\{original}",
+    }[kind]
+    files[role] = name
+    index.write_text(json.dumps(record))
+    return name
+
+
+def _snapshot(root: Path) -> dict[str, object]:
+    """Every file and link under ``root``, with its bytes or target."""
+    return {
+        str(p.relative_to(root)): str(p.readlink()) if p.is_symlink() else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_symlink() or p.is_file()
+    }
+
+
+def _refused_as_unsafe(call: Callable[[], object], index: Path, name: str) -> None:
+    with pytest.raises(unifeat.StoreError) as caught:
+        call()
+    assert isinstance(caught.value, ValueError)
+    message = str(caught.value)
+    assert index.name in message, message
+    assert repr(name) in message, message
+    assert "plain file name inside" in message, message
+
+
+@pytest.mark.parametrize("kind", BAD_NAMES)
+@pytest.mark.parametrize("storage", STORAGES)
+def test_shard_names_leading_outside_the_folder_are_refused_by_every_reader(
+    storage: str, kind: str, stores: dict[str, Path], folder: Path, tmp_path: Path
+) -> None:
+    store = _copy(stores, storage, tmp_path)
+    index = store / "f.index.json"
+    name = _plant_bad_name(store, index, kind)
+    before = _snapshot(tmp_path)
+    _refused_as_unsafe(lambda: unifeat.load_features(store / f"f.{storage}"), index, name)
+    _refused_as_unsafe(lambda: unifeat.load_matrix(index, level=4), index, name)
+    _refused_as_unsafe(lambda: _extract(folder, store / f"f.{storage}"), index, name)
+    # Nothing was changed or removed, inside the folder or out.
+    assert _snapshot(tmp_path) == before
+    # The parts of a split, read by merge.
+    part = store / "p.part1of2.index.json"
+    name = _plant_bad_name(store, part, kind)
+    _refused_as_unsafe(lambda: unifeat.merge_features([], store / f"p.{storage}"), part, name)
+    assert not (store / "p.index.json").exists()
+
+
+def test_a_symlink_to_a_file_inside_the_folder_is_read(
+    stores: dict[str, Path], tmp_path: Path, reference: dict
+) -> None:
+    store = _copy(stores, "safetensors", tmp_path)
+    (store / "f.00000.safetensors").rename(store / "real.safetensors")
+    (store / "f.00000.safetensors").symlink_to("real.safetensors")
+    assert unifeat.load_features(store / "f.safetensors")["paths"] == reference["paths"]
+
+
+def test_index_entries_that_are_not_file_names_are_refused(
+    stores: dict[str, Path], tmp_path: Path
+) -> None:
+    store = _copy(stores, "parquet", tmp_path)
+    index = store / "f.index.json"
+    for bad in (3, None, "", ["f.00000.parquet"]):
+        record = json.loads(index.read_text())
+        record["shards"][0]["files"]["shard"] = bad
+        index.write_text(json.dumps(record))
+        with pytest.raises(unifeat.StoreError, match=r"f\.index\.json.*shard 0"):
+            unifeat.load_features(index)
+
+
+# -- damaged shards: named with their rows, repaired by a rerun ---------------------------
+
+DAMAGES = ["empty", "in-length", "in-header", "in-data", "garbled-middle", "garbled-end"]
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "empty":
+        data = bytearray()
+    elif how == "in-length":  # inside safetensors' 8-byte header length, npy's magic
+        data = data[:4]
+    elif how == "in-header":
+        data = data[:20]
+    elif how == "in-data":
+        data = data[: len(data) - 5]
+    else:  # a few bytes overwritten, the size unchanged
+        at = len(data) // 2 if how == "garbled-middle" else len(data) - 24
+        data[at : at + 4] = bytes(b ^ 0x5A for b in data[at : at + 4])
+    path.write_bytes(bytes(data))
+
+
+def _by_path(features: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {
+        p: (features["level_3"][i].numpy(), features["level_4"][i].numpy())
+        for i, p in enumerate(features["paths"])
+    }
+
+
+def _damaged_file(store: Path, storage: str, role: str = "level") -> Path:
+    if storage == "npy":
+        return store / ("f.00001.level_4.npy" if role == "level" else "f.00001.paths.npy")
+    return store / f"f.00001.{storage}"
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize(
+    ("storage", "role"),
+    [("safetensors", "level"), ("parquet", "level"), ("npy", "level"), ("npy", "paths")],
+)
+def test_a_damaged_shard_is_named_with_its_rows_and_a_rerun_repairs_it(
+    storage: str,
+    role: str,
+    how: str,
+    stores: dict[str, Path],
+    folder: Path,
+    tmp_path: Path,
+    reference: dict,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store = _copy(stores, storage, tmp_path)
+    damaged = _damaged_file(store, storage, role)
+    _damage(damaged, how)
+    output = store / f"f.{storage}"
+    for read in (lambda: unifeat.load_features(output), lambda: unifeat.load_matrix(output, 4)):
+        with pytest.raises(unifeat.StoreError) as caught:
+            read()
+        message = str(caught.value)
+        assert damaged.name in message, message
+        assert "rows 4 to 7" in message, message
+        assert "img2.png" in message and "img7.png" in message, message  # first and last
+        assert "rerun the extract command" in message, message
+    capsys.readouterr()
+    result = _extract(folder, output)
+    assert (result.written, result.skipped) == (4, READABLE - 4)
+    assert "damaged" in capsys.readouterr().err
+    repaired = unifeat.load_features(output)
+    assert sorted(repaired["paths"]) == sorted(reference["paths"])
+    want = _by_path(reference)
+    for path, (level_3, level_4) in _by_path(repaired).items():
+        assert np.array_equal(level_3, want[path][0]) and np.array_equal(level_4, want[path][1])
+    assert [Path(p).name for p, _ in repaired["failed"]] == ["corrupt.jpg", "truncated.png"]
+
+
+def test_a_damaged_shard_is_re_extracted_from_any_listing_that_holds_its_images(
+    stores: dict[str, Path], folder: Path, tmp_path: Path
+) -> None:
+    store = _copy(stores, "safetensors", tmp_path)
+    output = store / "f.safetensors"
+    # Shard 1 holds nested/img2, img4, img5 and img7: the nested folder alone will do.
+    _damage(store / "f.00001.safetensors", "empty")
+    assert _extract(folder / "nested", output).written == 4
+    # Shard 0 holds img0, img3, img6 and nested/img1: the nested folder lacks three.
+    _damage(store / "f.00000.safetensors", "in-data")
+    before = {p.name: p.read_bytes() for p in store.iterdir() if p.is_file()}
+    with pytest.raises(unifeat.StoreError, match=r"f\.00000\.safetensors.*rows 0 to 3"):
+        _extract(folder / "nested", output)
+    assert {p.name: p.read_bytes() for p in store.iterdir() if p.is_file()} == before
+    assert _extract(folder, output).written == 4
+    assert len(unifeat.load_features(output)["paths"]) == READABLE
+
+
+@pytest.mark.parametrize("storage", ["safetensors", "npy"])
+def test_a_store_written_before_checksums_still_loads_and_names_damage(
+    storage: str, stores: dict[str, Path], folder: Path, tmp_path: Path, reference: dict
+) -> None:
+    """Indexes of unifeat 0.1.0 record no sizes, CRCs or image digests."""
+    store = _copy(stores, storage, tmp_path)
+    index = store / "f.index.json"
+    record = json.loads(index.read_text())
+    for shard in record["shards"]:
+        for key in ("bytes", "crc32", "first", "last", "images_digest"):
+            del shard[key]
+    index.write_text(json.dumps(record))
+    assert unifeat.load_features(index)["paths"] == reference["paths"]
+    _damage(_damaged_file(store, storage), "in-data")
+    with pytest.raises(unifeat.StoreError, match=r"rows 4 to 7 \(4 images"):
+        unifeat.load_features(index)
+    if storage == "npy":  # the paths file is intact: the rows are known, and re-extracted
+        assert _extract(folder, store / "f.npy").written == 4
+        assert sorted(unifeat.load_features(index)["paths"]) == sorted(reference["paths"])
+    else:
+        with pytest.raises(unifeat.StoreError, match="does not record which images"):
+            _extract(folder, store / "f.safetensors")
+
+
+def test_damaged_shards_of_two_runs_whose_images_interleave_are_repaired_together(
+    folder: Path, tmp_path: Path, reference: dict
+) -> None:
+    """A first run over three images, a second over the folder: the second run's
+    shards hold images sorted between the first run's, so neither damaged shard's
+    range alone holds exactly its images; together they do."""
+    import pickle
+
+    out = tmp_path / "f.safetensors"
+    first = [folder / "img0.png", folder / "nested" / "img2.png", folder / "nested" / "img5.png"]
+    unifeat.extract("tv:resnet18", first, out, **{**SMALL, "flush_every": 3})
+    _extract(folder, out, flush_every=3)
+    index = json.loads((tmp_path / "f.index.json").read_text())
+    spans = [(s["first"], s["last"]) for s in index["shards"]]
+    assert spans[0][0] < spans[1][0] < spans[0][1]  # the ranges overlap
+    for number in (0, 1):
+        _damage(tmp_path / f"f.0000{number}.safetensors", "garbled-middle")
+    with pytest.raises(unifeat.StoreError) as caught:
+        unifeat.load_features(out)
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert str(again) == str(caught.value) and again.file == caught.value.file
+    assert _extract(folder, out).written == 6
+    want = _by_path(reference)
+    for path, (level_3, level_4) in _by_path(unifeat.load_features(out)).items():
+        assert np.array_equal(level_3, want[path][0]) and np.array_equal(level_4, want[path][1])
+
+
+def test_merge_names_a_damaged_part(stores: dict[str, Path], tmp_path: Path) -> None:
+    store = _copy(stores, "parquet", tmp_path)
+    _damage(store / "p.part1of2.00000.parquet", "in-data")
+    with pytest.raises(unifeat.StoreError, match=r"p\.part1of2\.00000\.parquet.*rows 0 to"):
+        unifeat.merge_features([], store / "p.parquet")
+
+
+# -- where the output goes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["path", "str", "str-slash"])
+def test_an_existing_folder_as_output_is_written_inside(
+    form: str, folder: Path, tmp_path: Path, reference: dict
+) -> None:
+    out = tmp_path / "outdir"
+    out.mkdir()
+    given = {"path": out, "str": str(out), "str-slash": f"{out}/"}[form]
+    result = _extract(folder, given, flush_every=5)
+    assert result.index_path == out / "features.index.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outdir"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "features.00000.safetensors",
+        "features.00001.safetensors",
+        "features.index.json",
+    ]
+    for read in (given, out / "features.index.json", out / "features.safetensors"):
+        assert unifeat.load_features(read)["paths"] == reference["paths"]
+    assert _extract(folder, given).written == 0  # resumes in the same place
+
+
+def test_a_folder_output_takes_the_format_asked_for_and_keeps_it(
+    folder: Path, tmp_path: Path, reference: dict
+) -> None:
+    out = tmp_path / "outdir"
+    out.mkdir()
+    _extract(folder, out, format="parquet", flush_every=100)
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["features.00000.parquet", "features.index.json"]
+    # A rerun without format= resumes the parquet store, whatever the default.
+    assert _extract(folder, out).written == 0
+    assert np.array_equal(unifeat.load_matrix(out, 4), reference["level_4"].numpy())
+
+
+def test_a_path_ending_in_a_separator_is_a_folder_even_when_new(
+    folder: Path, tmp_path: Path
+) -> None:
+    _extract(folder, f"{tmp_path / 'new'}/")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [
+        "features.00000.safetensors",
+        "features.index.json",
+    ]
+
+
+def test_the_cli_writes_inside_an_existing_folder(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "outdir"
+    out.mkdir()
+    args = ["extract", "tv:resnet18", str(folder), "-o", f"{out}/", "--random-init"]
+    assert main([*args, "--input-size", "32", "--no-progress", "--format", "npy"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outdir"]
+    assert (out / "features.index.json").exists() and (out / "features.00000.paths.npy").exists()
+    assert len(unifeat.load_features(out)["paths"]) == READABLE
+
+
+def test_a_folder_without_the_default_store_names_the_ones_it_holds(
+    folder: Path, tmp_path: Path
+) -> None:
+    _extract(folder, tmp_path / "mine.parquet", out_indices=(-1,))
+    with pytest.raises(unifeat.StoreError, match=r"features\.index\.json.*'mine\.index\.json'"):
+        unifeat.load_features(tmp_path)
+
+
+# -- what the images are -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", [str, Path])
+def test_one_image_folder_given_alone_is_that_folder(
+    form: Callable[[Path], object], folder: Path, tmp_path: Path, reference: dict
+) -> None:
+    result = unifeat.extract("tv:resnet18", form(folder), tmp_path / "f.npy", **SMALL)
+    assert result.written == READABLE
+    assert unifeat.load_features(tmp_path / "f.npy")["paths"] == reference["paths"]
+    one = reference["paths"][0]
+    assert unifeat.extract("tv:resnet18", form(one), tmp_path / "g.npy", **SMALL).written == 1
+
+
+@pytest.mark.parametrize("images", [3, b"photos", [3]])
+def test_images_that_are_not_paths_are_refused(images: object, tmp_path: Path) -> None:
+    with pytest.raises(unifeat.UnsupportedOptionError, match="images"):
+        unifeat.extract("tv:resnet18", images, tmp_path / "f.npy", **SMALL)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []

@@ -13,7 +13,9 @@ from typing import Any, NoReturn
 import torch
 
 import unifeat
+from unifeat._engines import engine_names, get_engine
 from unifeat._errors import UnifeatError, UnsupportedOptionError
+from unifeat._images import input_exists
 from unifeat._show import MAX_CHANNELS
 from unifeat._store import FORMATS
 
@@ -152,7 +154,11 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("model", help="model name")
     extract.add_argument("images", nargs="+", help="image files or folders")
     extract.add_argument(
-        "--output", "-o", required=True, help="output: feats.safetensors, feats.parquet, feats.npy"
+        "--output",
+        "-o",
+        required=True,
+        help="output: feats.safetensors, feats.parquet, feats.npy, or a folder (an existing "
+        "one, or a path ending in /) to hold features.*",
     )
     extract.add_argument(
         "--format", choices=FORMATS, help="output format; default: from the --output suffix"
@@ -191,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="I/N",
         help="take part I of N (writes OUTPUT's stem + .partIofN; combine with unifeat merge)",
     )
-    extract.add_argument("--engine", choices=("local", "ray"), default="local")
+    extract.add_argument("--engine", choices=engine_names(), default="local")
     extract.add_argument(
         "--address", help="Ray cluster for --engine ray: auto, ray://host:10001 (default: local)"
     )
@@ -366,9 +372,7 @@ class _BadArgument(Exception):
 
 
 def _existing(paths: Sequence[str]) -> None:
-    from pathlib import Path
-
-    missing = [p for p in paths if not Path(p).exists()]
+    missing = [p for p in paths if not input_exists(p)]
     if missing:
         raise _BadArgument(f"no such image file or folder: {missing[0]!r}")
 
@@ -395,10 +399,11 @@ def _extract(args: argparse.Namespace) -> int:
     from unifeat._extract import parse_device
 
     _existing(args.images)
-    if args.address is not None and args.engine != "ray":
+    engine = get_engine(args.engine)
+    if args.address is not None and not engine.takes_address:
         raise _BadArgument("--address only applies with --engine ray")
     try:
-        parse_device(args.device, here=args.engine == "local")
+        parse_device(args.device, here=engine.devices_here)
     except UnsupportedOptionError as exc:
         raise _BadArgument(f"--device: {exc}") from None
     size = _size(args.input_size)

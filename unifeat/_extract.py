@@ -14,6 +14,7 @@ import contextlib
 import copy
 import hashlib
 import itertools
+import os
 import platform
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from unifeat._data import DataConfig, geometry, model_data_config, normalize, resize_size
 from unifeat._data import with_input_size as _with_input_size
+from unifeat._engines import Batch, Engine, EngineRun, get_engine, register_engine
 from unifeat._errors import UnsupportedOptionError, format_choices
 from unifeat._feature_model import FeatureModel
 from unifeat._images import ImageReadError, find_images, in_part, load_image
@@ -45,7 +47,6 @@ from unifeat._store import (
 
 POOLS = ("avg", "max", "cls", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -410,9 +411,6 @@ def _collate(
     return [i for i, _ in good], batch, bad
 
 
-Batch = tuple[list[str], dict[str, np.ndarray], list[tuple[str, str]]]
-
-
 def aligned_batches(listed: Sequence[str], todo: set[str], batch_size: int) -> list[list[str]]:
     """The batches still to run: fixed slices of the whole listing, less what is
     done. A resumed run then runs exactly the batches an uninterrupted run
@@ -450,12 +448,30 @@ def _local_batches(
         yield [todo[i] for i in positions], embed(batch), failures
 
 
+def _local_engine(run: EngineRun) -> Iterator[Batch]:
+    """This process runs the model; DataLoader workers decode."""
+    embed = Embedder(
+        run.model,
+        run.config,
+        pool=run.pool,
+        device=run.device,
+        dtype=run.dtype,
+        channels_last=run.channels_last,
+    )
+    return _local_batches(
+        run.batches, embed, num_workers=run.num_workers, fast_decode=run.fast_decode
+    )
+
+
+register_engine(Engine("local", _local_engine))
+
+
 # -- extract ------------------------------------------------------------------------------
 
 
 def extract(
     model: nn.Module | str,
-    images: Iterable[str | Path],
+    images: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     output: str | Path,
     *,
     pool: str = "avg",
@@ -485,11 +501,14 @@ def extract(
             (then built with ``features_only=True`` and ``create_kwargs``, which
             must ask for weights: ``pretrained=True`` or ``checkpoint_path=``,
             or ``random_init=True`` for random features on purpose).
-        images: image files and folders (searched recursively, symlinked
-            folders followed). Paths are stored absolute with symlinks resolved.
+        images: an image file or folder, or a list of them (folders are
+            searched recursively, symlinked folders followed). Paths are stored
+            absolute with symlinks resolved.
         output: ``feats.safetensors``, ``feats.parquet`` or ``feats.npy`` (or
             any name with ``format``); shards are written beside it
             (``feats.00000.parquet``, ...) with the index ``feats.index.json``.
+            An existing folder (or a path ending in ``/``) holds the store
+            inside it as ``features.*`` (see the docs page "Extraction").
         pool: ``"avg"`` or ``"max"`` over space, ``"cls"`` (the class token of a
             token model) or ``"none"`` (whole maps).
         batch_size: images per forward; results do not depend on it.
@@ -534,6 +553,9 @@ def extract(
         ProvenanceMismatchError: the output holds rows computed with another
             model, weights, levels, pool, preprocessing or dtype.
         StoreLockedError: another process is writing the same output.
+        StoreError: the output's index names a shard outside its folder, or a
+            damaged shard held images this run does not list (a damaged shard
+            whose images it lists is extracted again).
         UnsupportedOptionError: an invalid option value, or random weights by
             name without ``random_init=True``.
 
@@ -550,10 +572,7 @@ def extract(
     """
     if pool not in POOLS:
         raise UnsupportedOptionError(f"invalid pool={pool!r}: expected {format_choices(POOLS)}")
-    if engine not in ENGINES:
-        raise UnsupportedOptionError(
-            f"invalid engine={engine!r}: expected {format_choices(ENGINES)}"
-        )
+    runner = get_engine(engine)
     batch_size = _positive("batch_size", batch_size)
     flush_every = _positive("flush_every", flush_every)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -568,11 +587,15 @@ def extract(
         )
     part = parse_part(shard)
     torch_dtype = parse_dtype(dtype)
-    # Ray's actors may have GPUs the driver lacks.
-    torch_device = parse_device(device, here=engine == "local")
+    torch_device = parse_device(device, here=runner.devices_here)
     paths = part_paths(store_paths(output, format), part)
-    if address is not None and engine != "ray":
-        raise UnsupportedOptionError("address only applies to engine='ray'")
+    if address is not None and not runner.takes_address:
+        raise UnsupportedOptionError(
+            f"address only applies to an engine that runs on a cluster (engine='ray'), not "
+            f"engine={engine!r}"
+        )
+    # Listed first: a missing folder is reported before any model is built.
+    listed = [p for p in find_images(images) if in_part(p, part)]
     name = model if isinstance(model, str) else None
     was_training = model.training if isinstance(model, nn.Module) else False
     if pool == "cls" and isinstance(model, str):
@@ -593,8 +616,9 @@ def extract(
         random_seed=seed if random_init else None,
         create_kwargs=kwargs,
     )
-    listed = [p for p in find_images(images) if in_part(p, part)]
-    store = Store(paths, record, overwrite=overwrite, flush_every=flush_every).open()
+    store = Store(
+        paths, record, overwrite=overwrite, flush_every=flush_every, listing=listed
+    ).open()
     completed = False
     try:
         known_failed = store.failed
@@ -606,27 +630,20 @@ def extract(
         ]
         batches_todo = aligned_batches(listed, set(todo), batch_size)
         skipped = sum(1 for p in listed if p in store.done)
-        running: dict[str, Any] = dict(
-            pool=pool, device=torch_device, dtype=torch_dtype, channels_last=channels_last
-        )
-        if engine == "ray":
-            from unifeat.ray import _ray_batches
-
-            batches = _ray_batches(
-                batches_todo,
-                feature_model,
-                config,
+        batches = runner.run(
+            EngineRun(
+                batches=batches_todo,
+                model=feature_model,
+                config=config,
+                pool=pool,
+                device=torch_device,
+                dtype=torch_dtype,
+                channels_last=channels_last,
                 fast_decode=fast_decode,
-                address=address,
-                **running,
-            )
-        else:
-            batches = _local_batches(
-                batches_todo,
-                Embedder(feature_model, config, **running),
                 num_workers=num_workers,
-                fast_decode=fast_decode,
+                address=address,
             )
+        )
         failures: list[tuple[str, str]] = []
         bar = _progress(len(todo), progress)
         try:
@@ -666,8 +683,8 @@ def load_features(output: str | Path) -> dict[str, Any]:
     """Read what :func:`extract` wrote, in any of its formats.
 
     Args:
-        output: the output path (``feats.parquet``, ...) or its index
-            (``feats.index.json``).
+        output: the output path (``feats.parquet``, ...), its index
+            (``feats.index.json``), or the folder given to :func:`extract`.
 
     Returns:
         ``{"paths": [...], "level_<i>": Tensor, ..., "failed": [(path, reason), ...],
@@ -676,6 +693,11 @@ def load_features(output: str | Path) -> dict[str, Any]:
         ``(N, C, H, W)`` maps; ``failed`` lists the images recorded as
         unreadable; ``provenance`` is what the rows were computed with (model,
         weights hash, levels, pool, preprocessing, dtype, versions).
+
+    Raises:
+        StoreError: no output there; its index is damaged or names a shard
+            outside its folder; a shard is missing, truncated or garbled (the
+            message names the file, its rows and how to repair it).
 
     Examples:
         >>> import tempfile, pathlib
@@ -713,7 +735,7 @@ def load_matrix(output: str | Path, level: int | str | None = None) -> np.ndarra
     matrix, rows in :func:`load_features`' order: what FAISS indexes take.
 
     Args:
-        output: the output path or its index.
+        output: the output path, its index, or its folder.
         level: the level index (``4``) or column name (``"level_4"``); may be
             omitted when the output has a single level. Whole maps
             (``pool="none"``) are flattened to ``(N, C*H*W)``.
@@ -829,8 +851,8 @@ def merge_features(
     failed: dict[str, str] = {}
     for number, (paths, index) in enumerate(sources):
         failed.update(index.get("failed", {}))
-        for shard_number, shard in enumerate(index["shards"]):
-            for row, path in enumerate(read_shard_paths(paths, shard)):
+        for shard_number in range(len(index["shards"])):
+            for row, path in enumerate(read_shard_paths(paths, index, shard_number)):
                 if path in where:
                     raise StoreError(f"{path} is in two parts: the parts overlap")
                 where[path] = (number, shard_number, row)
@@ -853,7 +875,7 @@ def merge_features(
                     if len(cache) > 2 * len(sources):
                         cache.pop(next(iter(cache)))
                     paths, index = sources[number]
-                    cache[key] = read_shard(paths, index["shards"][shard_number], mmap=True)[1]
+                    cache[key] = read_shard(paths, index, shard_number, mmap=True)[1]
                 for name, array in cache[key].items():
                     rows.setdefault(name, []).append(array[row])
             store.add(chunk, {name: np.stack(values) for name, values in rows.items()})

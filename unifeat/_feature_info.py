@@ -8,7 +8,6 @@ validated once and serializable to JSON.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
@@ -20,7 +19,13 @@ from unifeat._errors import (
     UnsupportedOptionError,
     format_choices,
 )
-from unifeat._indices import check_index_spec, normalize_indices
+from unifeat._indices import (
+    check_index_spec,
+    index_value,
+    is_index_sequence,
+    normalize_indices,
+    shown_value,
+)
 
 __all__ = ["FeatureInfo", "FeatureLevel"]
 
@@ -139,13 +144,11 @@ class FeatureInfo(BaseModel):
         """Level ``index`` (negatives from the end), or an error naming the valid range."""
         count = len(self.levels)
         valid = f"valid indices are 0..{count - 1} or -{count}..-1"
-        if isinstance(index, bool):
-            raise InvalidIndicesError(f"level index {index!r} is a bool, not an index: {valid}")
         try:
-            position = operator.index(index)  # type: ignore[arg-type]
-        except TypeError:
+            position = index_value(index)
+        except InvalidIndicesError:
             raise InvalidIndicesError(
-                f"level index {index!r} ({type(index).__name__}) is not an int: {valid}"
+                f"level index {shown_value(index)} is not an int: {valid}"
             ) from None
         if not -count <= position < count:
             raise InvalidIndicesError(f"level index {position} is out of range: {valid}")
@@ -154,8 +157,8 @@ class FeatureInfo(BaseModel):
     def _selected(self, idx: object) -> list[FeatureLevel] | FeatureLevel:
         if idx is None:
             return [self.levels[i] for i in self.out_indices]
-        if isinstance(idx, Sequence) and not isinstance(idx, (str, bytes)):
-            return [self._level(i) for i in idx]
+        if is_index_sequence(idx):
+            return [self._level(i) for i in idx]  # type: ignore[attr-defined]
         return self._level(idx)
 
     @overload

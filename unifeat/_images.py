@@ -10,17 +10,18 @@ the conversion that keeps its values (see the docs page "Extraction", section
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from unifeat._errors import UnifeatError
+from unifeat._errors import UnifeatError, UnsupportedOptionError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -41,16 +42,54 @@ def canonical(path: str | os.PathLike[str]) -> str:
     return os.path.realpath(os.path.abspath(path))
 
 
-def find_images(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
+def _is_link_loop(path: str) -> bool:
+    """Whether ``path`` is a symlink that never reaches a file (``a.jpg -> a.jpg``,
+    or a cycle of links): there is something there, which cannot be read."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
+def image_inputs(images: object) -> list[str | os.PathLike[str]]:
+    """``images`` as a list of paths: one ``str`` or path is that file or folder,
+    not a sequence of letters; anything that is not a path is refused."""
+    if isinstance(images, (str, os.PathLike)):
+        return [images]
+    if isinstance(images, (bytes, Mapping)) or not isinstance(images, Iterable):
+        raise UnsupportedOptionError(
+            f"invalid images={images!r}: expected an image file or folder, or a list of them "
+            "(str or pathlib.Path)"
+        )
+    items = list(images)
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)) or isinstance(os.fspath(item), bytes):
+            raise UnsupportedOptionError(
+                f"invalid entry {item!r} in images: expected image files and folders as str "
+                "or pathlib.Path"
+            )
+    return items
+
+
+def input_exists(path: str | os.PathLike[str]) -> bool:
+    """Whether an input names something: a file, a folder, or a symlink loop (an
+    unreadable image, recorded as such, not a missing one)."""
+    return os.path.exists(path) or _is_link_loop(os.fspath(path))
+
+
+def find_images(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[str]:
     """Image files among ``inputs``, canonical, each once, sorted.
 
     Files are taken as given; folders are searched recursively for the known
     image suffixes, following symlinked folders (a folder reached twice, e.g.
-    through a symlink loop, is searched once).
+    through a symlink loop, is searched once). A symlink loop with an image
+    suffix is listed: reading it fails, and it is recorded as unreadable with
+    that reason. Dangling symlinks are skipped: they name no file.
     """
     found: dict[str, None] = {}
     seen_dirs: set[tuple[int, int]] = set()
-    for item in inputs:
+    for item in image_inputs(inputs):
         path = os.fspath(item)
         if os.path.isdir(path):
             for root, dirs, files in os.walk(path, followlinks=True):
@@ -64,9 +103,9 @@ def find_images(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
                 for name in files:
                     if Path(name).suffix.lower() in IMAGE_SUFFIXES:
                         full = os.path.join(root, name)
-                        if os.path.isfile(full):  # not a dangling symlink
+                        if os.path.isfile(full) or _is_link_loop(full):
                             found.setdefault(canonical(full))
-        elif os.path.exists(path):
+        elif input_exists(path):
             found.setdefault(canonical(path))
         else:
             raise MissingInputError(f"no such image file or folder: {path!r}")

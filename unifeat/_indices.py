@@ -17,16 +17,46 @@ IndexSpec = int | tuple[int, ...] | None
 """``None`` (backend default), ``n`` (the last n levels) or explicit indices."""
 
 
-def _as_int(value: object, what: str, where: str) -> int:
+def _scalar(value: object) -> object:
+    """The Python number a 0-d array or tensor holds (NumPy scalars too); anything
+    else as it is. ``np.array(2)`` is then the int 2 everywhere, and a 0-d bool
+    tensor is a bool, which ``operator.index`` would silently take as 0 or 1."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return value.item()  # type: ignore[attr-defined]
+    return value
+
+
+def index_value(value: object, what: str = "indices", where: str = "") -> int:
+    """One level index: an int, or a 0-d integer array or tensor; bools, floats
+    and anything else are refused naming ``value`` (the rule of docs/levels.md)."""
+    scalar = _scalar(value)
     # bool is an int subclass, but out_indices=True is always a mistake.
-    if isinstance(value, bool):
-        raise InvalidIndicesError(f"{what} must be integers{where}, got {value!r}")
+    if isinstance(scalar, bool) or getattr(value, "ndim", 0) != 0:
+        raise InvalidIndicesError(f"{what} must be integers{where}, got {shown_value(value)}")
     try:
-        return operator.index(value)  # type: ignore[arg-type]
+        return operator.index(scalar)  # type: ignore[arg-type]
     except TypeError:
         raise InvalidIndicesError(
-            f"{what} must be integers{where}, got {value!r} ({type(value).__name__})"
+            f"{what} must be integers{where}, got {shown_value(value)}"
         ) from None
+
+
+def shown_value(value: object) -> str:
+    """``value`` as messages name it: its repr and type (and dtype for arrays)."""
+    kind = type(value).__name__
+    dtype = getattr(value, "dtype", None)
+    dtype_name = str(dtype).removeprefix("torch.")
+    if getattr(value, "ndim", None) is not None and dtype is not None and dtype_name != kind:
+        return f"{value!r} ({kind} of {dtype_name})"
+    return f"{value!r} ({kind})"
+
+
+def is_index_sequence(value: object) -> bool:
+    """Whether ``value`` asks for several levels (a sequence, a 1-d array or
+    tensor) rather than naming one (an int, a 0-d array or tensor)."""
+    if getattr(value, "ndim", None) == 0:
+        return False
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
 
 
 def check_index_spec(
@@ -35,7 +65,8 @@ def check_index_spec(
     """Validate the form of an index request and return it canonical.
 
     Accepts ``None``, a positive int ``n`` (the last ``n`` levels) or a
-    non-empty sequence of ints; returns ``None``, an ``int`` or a tuple.
+    non-empty sequence of ints; returns ``None``, an ``int`` or a tuple. A 0-d
+    integer array or tensor is the int it holds, wherever an int is taken.
 
     >>> check_index_spec([1, -1])
     (1, -1)
@@ -47,19 +78,20 @@ def check_index_spec(
     where = f" for {context}" if context else ""
     if value is None:
         return None
-    if isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping)):
-        indices = tuple(_as_int(v, what, where) for v in value)
+    if is_index_sequence(value):
+        indices = tuple(index_value(v, what, where) for v in value)  # type: ignore[attr-defined]
         if not indices:
             raise InvalidIndicesError(
                 f"{what} is empty ({value!r}){where}; ask for at least one level"
             )
         return indices
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
+    scalar = _scalar(value)
+    if isinstance(scalar, bool) or not hasattr(scalar, "__index__"):
         raise InvalidIndicesError(
             f"{what} must be None, a positive int (the last n levels) or a sequence "
-            f"of ints{where}, got {value!r} ({type(value).__name__})"
+            f"of ints{where}, got {shown_value(value)}"
         )
-    count = _as_int(value, what, where)
+    count = index_value(value, what, where)
     if count < 1:
         raise InvalidIndicesError(
             f"{what}={count!r}{where} asks for the last {count} levels; an int {what} must "

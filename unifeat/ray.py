@@ -38,9 +38,10 @@ import torch
 from torch import nn
 
 from unifeat._data import DataConfig, data_config, with_input_size
+from unifeat._engines import Batch, Engine, EngineRun, register_engine
 from unifeat._errors import BackendUnavailableError, UnsupportedOptionError
 from unifeat._extract import (
-    Batch,
+    POOLS,
     Embedder,
     build_for_extraction,
     decoder,
@@ -185,7 +186,6 @@ class Embed:
         **create_kwargs: Any,
     ) -> None:
         from unifeat._data import model_data_config
-        from unifeat._extract import POOLS
 
         if pool not in POOLS:
             raise UnsupportedOptionError(f"invalid pool={pool!r}: expected one of {POOLS}")
@@ -236,19 +236,9 @@ def _preprocess_task(
     return Preprocess(config, fast_decode=fast_decode)(batch)
 
 
-def _ray_batches(
-    batches: Sequence[Sequence[str]],
-    model: nn.Module,
-    config: DataConfig,
-    *,
-    pool: str,
-    device: torch.device,
-    dtype: torch.dtype,
-    channels_last: bool | None,
-    fast_decode: bool,
-    address: str | None,
-) -> Iterator[Batch]:
-    """Preprocess -> Embed on Ray Data over ``batches``, rows back in their order."""
+def _ray_batches(run: EngineRun) -> Iterator[Batch]:
+    """Preprocess -> Embed on Ray Data over the run's batches, rows back in their order."""
+    batches, model, config, device = run.batches, run.model, run.config, run.device
     if not batches:
         return
     try:
@@ -263,7 +253,7 @@ def _ray_batches(
     started = not ray.is_initialized()
     if started:
         ray.init(
-            address=address,
+            address=run.address,
             include_dashboard=False,
             logging_level=logging.ERROR,
             log_to_driver=False,
@@ -286,7 +276,7 @@ def _ray_batches(
         dataset: Any = ray.data.from_arrow(blocks)
         dataset = dataset.map_batches(
             _preprocess_task,
-            fn_kwargs={"config": config.model_dump(mode="json"), "fast_decode": fast_decode},
+            fn_kwargs={"config": config.model_dump(mode="json"), "fast_decode": run.fast_decode},
             batch_size=None,
             batch_format="numpy",
         )
@@ -296,11 +286,11 @@ def _ray_batches(
                 # Ray Data ships constructor arguments through its object store
                 # (and logs that actors holding such arguments cannot be restarted).
                 "model": model,
-                "pool": pool,
+                "pool": run.pool,
                 "device": str(device),
-                "dtype": str(dtype).removeprefix("torch."),
+                "dtype": str(run.dtype).removeprefix("torch."),
                 "config": config.model_dump(mode="json"),
-                "channels_last": channels_last,
+                "channels_last": run.channels_last,
             },
             batch_size=None,
             batch_format="numpy",
@@ -308,7 +298,7 @@ def _ray_batches(
             num_gpus=1 if gpu else 0,
             num_cpus=0 if gpu else 1,
         )
-        names = level_names(model)  # type: ignore[arg-type]
+        names = level_names(model)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             errors = [str(e) for e in batch["error"]]
             paths = [str(p) for p in batch["path"]]
@@ -319,3 +309,7 @@ def _ray_batches(
     finally:
         if started:
             ray.shutdown()
+
+
+# Ray's actors may have GPUs the driver lacks; address names the cluster.
+register_engine(Engine("ray", _ray_batches, devices_here=False, takes_address=True))

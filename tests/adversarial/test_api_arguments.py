@@ -14,8 +14,10 @@ every backend: they must refuse the same values the same way.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -588,3 +590,45 @@ def test_hf_return_prefix_tokens_needs_a_token_model() -> None:
     with torch.no_grad():
         ((feature_map, prefix),) = model(_X)[:1]
     assert prefix.shape == (1, 1, 32) and feature_map.shape == (1, 32, 4, 4)
+
+
+# -- 0-d arrays and tensors as indices: the int they hold, at every entry point ----------
+
+ZERO_D = [np.array(2), torch.tensor(2)]
+ZERO_D_BAD = [np.array(2.0), np.array(True), torch.tensor(2.0), torch.tensor(True)]
+
+
+@pytest.mark.parametrize("value", ZERO_D, ids=repr)
+def test_zero_d_integer_indices_are_that_int_everywhere(value: Any) -> None:
+    assert TV.info(out_indices=value) == TV.info(out_indices=2)
+    assert TV.create(out_indices=value).feature_info.out_indices == (3, 4)
+    info = _info()
+    assert info.from_other(value) == info.from_other(2)
+    assert FeatureInfo.from_dicts(_LEVELS, out_indices=value).out_indices == (1, 2)
+    assert info.channels(value) == info.channels(2) == 128
+    assert info.channels([value, np.array(-1)]) == [128, 512]
+    assert info[value] == info[2]
+    model = TV.create(out_indices=(0, -1)).eval()
+    with torch.no_grad():
+        _, maps = model.forward_intermediates(_X, indices=value)
+        _, expected = model.forward_intermediates(_X, indices=2)
+    assert all(torch.equal(a, b) for a, b in zip(maps, expected, strict=True))
+    assert list(model.prune_intermediate_layers(value)) == [3, 4]
+
+
+@pytest.mark.parametrize("value", ZERO_D_BAD, ids=repr)
+def test_zero_d_float_and_bool_indices_are_refused_everywhere(value: Any) -> None:
+    shown = re.escape(repr(value))
+    refused(lambda: TV.info(out_indices=value), InvalidIndicesError, [shown, TV.named])
+    refused(lambda: TV.create(out_indices=value), InvalidIndicesError, [shown, TV.named])
+    info = _info()
+    refused(lambda: info.from_other(value), InvalidIndicesError, [shown])
+    refused(lambda: info.channels(value), InvalidIndicesError, [shown, r"0\.\.4"])
+    refused(lambda: info.channels([0, value]), InvalidIndicesError, [shown])
+    refused(lambda: info[value], InvalidIndicesError, [shown])
+    model = eval_model(TV)
+    with torch.no_grad():
+        refused(
+            lambda: model.forward_intermediates(_X, indices=value), InvalidIndicesError, [shown]
+        )
+    refused(lambda: model.prune_intermediate_layers(value), InvalidIndicesError, [shown])
