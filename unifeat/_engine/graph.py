@@ -40,7 +40,7 @@ from torchvision.models.feature_extraction import NodePathTracer
 
 from unifeat._engine.dilation import SPATIAL_OPS
 from unifeat._engine.levels import FeatureMap, Level, spatial, to_map, token_grid
-from unifeat._engine.meta import weightless
+from unifeat._engine.meta import replica, weightless
 from unifeat._engine.model import Runner
 from unifeat._engine.resize import PositionEmbedding, make_resizable
 from unifeat._errors import InvalidNodeError, TracingError, UnsupportedOptionError, close_matches
@@ -134,6 +134,25 @@ class _FastNodePathTracer(NodePathTracer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._latest_suffix: dict[str, int] = {}
+        self._thread = threading.get_ident()
+
+    # FX patches nn.Module.__call__ and __getattr__ for every thread while it
+    # traces: a module another thread runs meanwhile (a forward, another build's
+    # probe) would be recorded into this graph, or fail. Only this thread traces.
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        self._thread = threading.get_ident()
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def _get_node_qualname(self, module_qualname: str, node: fx.Node) -> str:
         qualname = module_qualname
@@ -155,19 +174,9 @@ class _FastNodePathTracer(NodePathTracer):
 
 
 # torch.fx's tracer patches nn.Module.__call__/__getattr__ process-wide while it
-# traces, and a trace or shape pass flips the source's train/eval flags until it
-# restores them: two at once would break each other or leave a caller's module in
-# the wrong mode. Builds are rare and short next to forwards, so they take turns.
+# traces (the tracer lets other threads' calls through, above): two traces at once
+# would restore each other's patches. Traces are rare and short, so they take turns.
 _SOURCE_LOCK = threading.RLock()
-
-
-def _modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
-    return [(m, m.training) for m in module.modules()]
-
-
-def _restore_modes(modes: Iterable[tuple[nn.Module, bool]]) -> None:
-    for module, training in modes:
-        module.training = training
 
 
 def trace(
@@ -177,8 +186,9 @@ def trace(
     context: str,
     extra_tracer_kwargs: Mapping[str, Any] | None = None,
 ) -> Trace:
-    """Trace ``module`` in train or eval mode; every submodule's mode is restored
-    afterwards, whatever happens (a caller's frozen norm layers stay frozen)."""
+    """Trace ``module`` in train or eval mode, on a replica over its tensors: the
+    mode switch never shows on ``module`` (a caller's frozen norm layers stay frozen,
+    and a build reading its modes in another thread sees the caller's)."""
     tracer = _FastNodePathTracer(**tracer_kwargs(extra_tracer_kwargs))
     with _SOURCE_LOCK:
         return _trace_locked(module, tracer, train=train, context=context)
@@ -187,10 +197,9 @@ def trace(
 def _trace_locked(
     module: nn.Module, tracer: _FastNodePathTracer, *, train: bool, context: str
 ) -> Trace:
-    modes = _modes(module)
+    traced = replica(module)
     try:
-        module.train(train)
-        graph = tracer.trace(module)
+        graph = tracer.trace(traced.train(train))
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TracingError(
@@ -200,8 +209,12 @@ def _trace_locked(
             "tracer_kwargs={'leaf_modules': [...]}, or pick levels from a module whose "
             "blocks are in an nn.ModuleList/nn.Sequential (found with hooks)"
         ) from exc
-    finally:
-        _restore_modes(modes)
+    # The tracer stores the tensor constants it lifts out of the code (timm Swin's
+    # masks, read by get_attr nodes) on the module it traced, as tracing the source
+    # itself did: graph modules of this trace take them from the source.
+    for name, value in traced.__dict__.items():
+        if isinstance(value, Tensor) and name not in module.__dict__:
+            setattr(module, name, value)
     return Trace(graph, dict(tracer.node_to_qualname))
 
 
@@ -231,9 +244,12 @@ def propagate_shapes(
                 _quiet_shape_prop(graph_module, mode, mode.from_tensor(example))
             except Exception:
                 # Data-dependent code (a leaf module that branches on values) needs
-                # values: one real forward of zeros, in eval mode, without grad.
+                # values: one real forward of zeros without grad, on a replica in eval
+                # mode, so that no norm updates the source's running statistics.
                 with torch.no_grad():
-                    _ShapeRecorder(graph_module).propagate(torch.zeros_like(example))
+                    _ShapeRecorder(replica(graph_module).eval()).propagate(
+                        torch.zeros_like(example)
+                    )
     else:
         _MetaShapeProp(graph_module).propagate(example)
     shapes: dict[fx.Node, Any] = {}
@@ -318,9 +334,10 @@ class _MetaShapeProp(_ShapeRecorder):
 
 
 def _propagate_with_meta_stand_ins(graph_module: fx.GraphModule, example: Tensor) -> None:
-    """Shape propagation over a real module with meta stand-ins for its weights."""
-    with weightless(graph_module), torch.no_grad():
-        _MetaShapeProp(graph_module).propagate(example.to("meta"))
+    """Shape propagation over a real module with meta stand-ins for its weights (on a
+    replica: the module itself is never written). Shapes land on the shared graph."""
+    with torch.no_grad():
+        _MetaShapeProp(weightless(graph_module).module).propagate(example.to("meta"))
 
 
 def _is_meta(module: nn.Module) -> bool:
@@ -335,7 +352,9 @@ def shapes_of(
     Two samples and eval mode, so that norm layers after a global pool (LeViT)
     see the statistics they need, whatever mode the module is in.
     """
-    graph_module = fx.GraphModule(source, evaluation.graph)
+    # Eval mode on a replica over the source's tensors: the source's own modes stay
+    # as they are for whoever runs or builds from it meanwhile.
+    graph_module = replica(fx.GraphModule(source, evaluation.graph)).eval()
     channels, height, width = input_size
     on_meta = _is_meta(source)
     example = torch.empty(2, channels, height, width, device="meta" if on_meta else "cpu")
@@ -347,8 +366,6 @@ def _shapes_locked(
     graph_module: fx.GraphModule, example: Tensor, on_meta: bool, *, context: str
 ) -> dict[fx.Node, Any]:
     channels, height, width = example.shape[1:]
-    modes = _modes(graph_module)
-    graph_module.eval()
     try:
         return propagate_shapes(graph_module, example, fake=not on_meta)
     except Exception as exc:
@@ -358,8 +375,6 @@ def _shapes_locked(
             "pass the input it takes: input_size=(H, W), or input_size=(C, H, W) for "
             f"other than {channels} channels"
         ) from None
-    finally:
-        _restore_modes(modes)
 
 
 def _first_line(exc: BaseException) -> str:
