@@ -108,13 +108,24 @@ class Trace:
 
     graph: fx.Graph
     names: dict[fx.Node, str]
+    constants: dict[str, Tensor] = field(default_factory=dict)
+    """Tensors the tracer lifted out of the forward's code (timm Swin's masks), by the
+    root attribute name its ``get_attr`` nodes read. The traced module does not get
+    them (it may be a module passed in): see :func:`with_constants`."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Trace:
         # fx.Graph deep-copies its nodes without the memo, so the name map is
         # rebuilt on the copied nodes (by their unique graph names).
         graph = copy.deepcopy(self.graph, memo)
         copied = {node.name: node for node in graph.nodes}
-        return Trace(graph, {copied[node.name]: name for node, name in self.names.items()})
+        names = {copied[node.name]: name for node, name in self.names.items()}
+        return Trace(graph, names, copy.deepcopy(self.constants, memo))
+
+    def attach_constants(self, module: nn.Module) -> None:
+        """Give ``module``, a model the build owns (never one passed in), the lifted
+        constants, for graph modules and functions over it to read."""
+        for name, value in self.constants.items():
+            setattr(module, name, value)
 
     def node(self, name: str) -> fx.Node | None:
         return next((n for n, q in self.names.items() if q == name), None)
@@ -209,13 +220,26 @@ def _trace_locked(
             "tracer_kwargs={'leaf_modules': [...]}, or pick levels from a module whose "
             "blocks are in an nn.ModuleList/nn.Sequential (found with hooks)"
         ) from exc
-    # The tracer stores the tensor constants it lifts out of the code (timm Swin's
-    # masks, read by get_attr nodes) on the module it traced, as tracing the source
-    # itself did: graph modules of this trace take them from the source.
-    for name, value in traced.__dict__.items():
-        if isinstance(value, Tensor) and name not in module.__dict__:
-            setattr(module, name, value)
-    return Trace(graph, dict(tracer.node_to_qualname))
+    # The tracer stores the tensor constants it lifts out of the code on the module
+    # it traced: the replica, so the trace keeps them.
+    constants = {
+        name: value
+        for name, value in traced.__dict__.items()
+        if isinstance(value, Tensor) and name not in module.__dict__
+    }
+    return Trace(graph, dict(tracer.node_to_qualname), constants)
+
+
+def with_constants(module: nn.Module, trace_: Trace) -> nn.Module:
+    """``module`` for an ``fx.GraphModule`` of ``trace_``: itself, or where the trace
+    lifted constants, a copy of its top level (its children, tensors and attributes
+    shared) that holds them too; ``module`` is not written."""
+    if not trace_.constants:
+        return module
+    holder = object.__new__(type(module))
+    holder.__dict__.update(module.__dict__)
+    holder.__dict__.update(trace_.constants)
+    return holder
 
 
 # -- shapes ---------------------------------------------------------------------------
@@ -354,7 +378,8 @@ def shapes_of(
     """
     # Eval mode on a replica over the source's tensors: the source's own modes stay
     # as they are for whoever runs or builds from it meanwhile.
-    graph_module = replica(fx.GraphModule(source, evaluation.graph)).eval()
+    graph_module = replica(fx.GraphModule(with_constants(source, evaluation), evaluation.graph))
+    graph_module.eval()
     channels, height, width = input_size
     on_meta = _is_meta(source)
     example = torch.empty(2, channels, height, width, device="meta" if on_meta else "cpu")
@@ -976,6 +1001,7 @@ class GraphRunner(Runner):
                     context=self._context,
                     extra_tracer_kwargs=self._plan.tracer_options,
                 )
+                self._plan.train.attach_constants(self._source)
                 _resizable(self._plan.train, self._plan)
             self._train_differs = list(self._plan.train.names.values()) != list(
                 self._plan.evaluation.names.values()
@@ -1169,7 +1195,8 @@ class GraphFinder:
         return sorted(levels, key=lambda lv: order[lv.where])
 
     def _train_shapes(self) -> Mapping[fx.Node, Any]:
-        graph_module = fx.GraphModule(self.source, self._train_trace().graph)
+        train = self._train_trace()
+        graph_module = fx.GraphModule(with_constants(self.source, train), train.graph)
         channels, height, width = self.input_size
         example = torch.empty(2, channels, height, width, device="meta")
         try:
