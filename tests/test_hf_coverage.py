@@ -82,6 +82,9 @@ TINY: dict[str, dict[str, Any]] = {
     "timm_wrapper": dict(architecture="resnet18"),
     "efficientnet": dict(width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320),
     "pp_lcnet": dict(scale=0.25),
+    # Configs without num_channels: their forward's pixel_values makes them vision models.
+    "textnet": dict(stem_out_channels=8, hidden_sizes=[8, 8, 16, 24, 32], depths=[1, 1, 1, 1]),
+    "pp_lcnet_v3": dict(scale=0.25),
 }
 _SIZES = {"siglip2": 32, "metaclip_2": 32}
 
@@ -281,6 +284,40 @@ def test_default_configs_have_timms_levels(model_type: str, timm_name: str) -> N
     )
 
 
+def test_input_channels_where_the_config_names_none_are_the_first_convs() -> None:
+    """TextNet's config has ``stem_num_channels``, not ``num_channels``."""
+    model = unifeat.create_model(
+        "hf:textnet", features_only=True, input_size=64, stem_num_channels=1, **TINY["textnet"]
+    ).eval()
+    assert model.input_size == (1, 64, 64)
+    with torch.no_grad():
+        maps = model(torch.randn(2, 1, 64, 64))
+    assert [m.shape[1] for m in maps] == model.feature_info.channels()
+
+
+@pytest.mark.parametrize(
+    ("model_type", "takes"), [("imagegpt", "input_ids"), ("perceiver", "inputs")]
+)
+def test_a_model_that_takes_no_pixel_values_is_refused_naming_what_it_takes(
+    model_type: str, takes: str
+) -> None:
+    with pytest.raises(unifeat.UnsupportedOptionError, match=rf"takes {takes}, not pixel_values"):
+        unifeat.feature_info(f"hf:{model_type}")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AttributeError,
+    reason="the hook runner skips the modules after the deepest level, and UVDocBackbone "
+    "reads .hidden_states off its skipped bridge's output",
+)
+def test_uvdoc_backbone_runs() -> None:
+    model = unifeat.create_model("hf:uvdoc_backbone", features_only=True, input_size=64).eval()
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == model.feature_info.channels()
+
+
 @pytest.mark.slow
 def test_survey_of_every_vision_model_type() -> None:
     """Every transformers model type with an image-classification head or a backbone:
@@ -302,10 +339,13 @@ def test_survey_of_every_vision_model_type() -> None:
             except unifeat.UnifeatError as error:
                 refused[model_type] = str(error)
     assert len(types) == 58
-    assert sorted(refused) == [
-        "dinat",  # needs the natten package
-        "imagegpt",  # takes color-cluster ids, not pixels
-        "perceiver",  # takes preprocessed inputs; its latents are no grid
-        "pp_lcnet_v4",  # a text-line backbone: height and width reduce differently
-        "timm_backbone",  # its config names no timm model until given backbone=
-    ]
+    reasons = {
+        "dinat": "requires the natten library",
+        "imagegpt": "takes input_ids, not pixel_values",  # color-cluster ids
+        "perceiver": "takes inputs, not pixel_values",  # a task preprocessor's output
+        "pp_lcnet_v4": "reduce height and width by different factors",  # text lines
+        "timm_backbone": "backbone is not set in the config",  # no timm model named
+    }
+    assert sorted(refused) == sorted(reasons)
+    for model_type, reason in reasons.items():
+        assert reason in refused[model_type], (model_type, refused[model_type])

@@ -124,6 +124,31 @@ def test_the_module_passed_in_is_never_mutated_and_shares_parameters():
     assert model.blocks[0].attn.qkv.weight is source.blocks[0].attn.qkv.weight
 
 
+class _LiftedConstant(torch.nn.Module):
+    """A forward that makes a tensor while it runs: FX lifts it into a constant of the
+    graph (``_tensor_constant0``), as it does timm Swin's masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, 2, 1)
+        self.stage = torch.nn.Conv2d(8, 16, 3, 2, 1)
+
+    def forward(self, x):
+        return self.stage(self.stem(x) + torch.ones(8, 1, 1))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_traced_module_is_not_given_the_constants_fx_lifts_from_it(mode):
+    source = _LiftedConstant().train(mode == "train")
+    attributes = sorted(vars(source))
+    model = unifeat.create_model(source, features_only=True).train(mode == "train")
+    assert sorted(vars(source)) == attributes
+    assert unifeat.get_node_names(source) and sorted(vars(source)) == attributes
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _outputs_equal(model(x)[-1:], [source.stage(source.stem(x) + 1)])
+
+
 def test_checkpoint_path_loads_pth_and_safetensors(tmp_path):
     trained = timm.create_model("resnet18")
     torch.nn.init.normal_(trained.conv1.weight)

@@ -209,8 +209,15 @@ def test_building_from_threads(backend: Backend) -> None:
 # functions) process-wide while it traces; two traces at once break each other
 # and can leave the patch in place. So these run in a fresh interpreter, which
 # reports every error and whether torch was left as it was.
+#
+# "mixed" is the stress case for one module passed in from many threads: builds,
+# feature_info, get_node_names (a train-mode trace), freeze (meta probes) and the
+# module's own forward at once. Each must give what it gives alone, and the
+# module must never be seen changed: no meta stand-in in place of a weight, no
+# mode switched, no hook left, no forward recorded into another thread's trace.
 _FX_THREADS_SCRIPT = """
 import json, threading
+import torch
 from torch import nn
 import unifeat
 from tests.adversarial._support import TinyNet
@@ -218,11 +225,12 @@ from tests.adversarial._support import TinyNet
 ORIGINAL = (nn.Module.__call__, nn.Module.__getattr__)
 
 
-def in_threads(call, threads=4, rounds=16):
-    call()  # imports and adapters first: only the concurrency is under test
-    barrier, errors = threading.Barrier(threads), []
+def in_threads(calls, rounds):
+    for call in dict.fromkeys(calls):
+        call()  # imports and adapters first: only the concurrency is under test
+    barrier, errors = threading.Barrier(len(calls)), []
 
-    def work():
+    def work(call):
         for _ in range(rounds):
             barrier.wait(timeout=120)
             try:
@@ -230,7 +238,7 @@ def in_threads(call, threads=4, rounds=16):
             except Exception as error:
                 errors.append(f"{type(error).__name__}: {str(error)[:160]}")
 
-    workers = [threading.Thread(target=work) for _ in range(threads)]
+    workers = [threading.Thread(target=work, args=(call,)) for call in calls]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -240,15 +248,75 @@ def in_threads(call, threads=4, rounds=16):
     return {"errors": errors, "intact": intact}
 
 
+def state(module):
+    return (
+        [(name, id(t), t.device.type, t.requires_grad) for name, t in module.named_parameters()],
+        [(name, id(t), t.device.type) for name, t in module.named_buffers()],
+        [(name, m.training, len(m._forward_hooks), len(m._forward_pre_hooks))
+         for name, m in module.named_modules()],
+        sorted(vars(module)),
+    )
+
+
+def modes(module):
+    return [(name, m.training) for name, m in module.named_modules()]
+
+
+def mixed(threads=10, rounds=6):
+    source = TinyNet().eval()
+    x = torch.randn(2, 3, 64, 64)
+    alone = unifeat.create_model(source, features_only=True)
+    built = modes(alone)
+    with torch.no_grad():
+        maps = alone(x)
+    info = unifeat.feature_info(source)
+    names = unifeat.get_node_names(source)
+    with torch.no_grad():
+        output = source(x)
+    held = alone.freeze(1)._held_in_eval
+    alone.unfreeze()
+    before = state(source)
+
+    def build():
+        model = unifeat.create_model(source, features_only=True)
+        assert modes(model) == built, f"built in modes {modes(model)}"
+        with torch.no_grad():
+            found = model(x)
+        assert all(torch.equal(a, b) for a, b in zip(found, maps, strict=True)), "other maps"
+
+    def described():
+        assert unifeat.feature_info(source) == info, "other feature_info"
+
+    def named():
+        assert unifeat.get_node_names(source) == names, "other node names"
+
+    def frozen():
+        model = unifeat.create_model(source, features_only=True)
+        found = model.freeze(1)._held_in_eval
+        model.unfreeze()
+        assert found == held, f"froze {found}, alone {held}"
+
+    def served():
+        with torch.no_grad():
+            assert torch.equal(source(x), output), "the module itself gave another output"
+
+    calls = [build, described, named, frozen, served] * (threads // 5)
+    report = in_threads(calls, rounds)
+    if state(source) != before:
+        report["errors"].append("the module passed in was left changed")
+    return report
+
+
 source = TinyNet().eval()
 report = {
-    "tv": in_threads(lambda: unifeat.feature_info("tv:resnet18"), rounds=3),
+    "tv": in_threads([lambda: unifeat.feature_info("tv:resnet18")] * 4, rounds=3),
     "module": in_threads(
-        lambda: unifeat.create_model(TinyNet(), features_only=True).feature_info
+        [lambda: unifeat.create_model(TinyNet(), features_only=True).feature_info] * 4, rounds=16
     ),
     "module-one-source": in_threads(
-        lambda: unifeat.create_model(source, features_only=True).feature_info
+        [lambda: unifeat.create_model(source, features_only=True).feature_info] * 4, rounds=16
     ),
+    "module-one-source-mixed": mixed(),
 }
 print(json.dumps(report))
 """
@@ -274,13 +342,14 @@ def fx_threads_report() -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # a fresh interpreter: about 15 s of CPU
+@pytest.mark.slow  # a fresh interpreter: about 20 s of CPU
 @pytest.mark.parametrize(
     "check",
     [
         param("tv", id="tv"),
         param("module", id="module"),
         param("module-one-source", id="module-one-source"),
+        param("module-one-source-mixed", id="module-one-source-mixed"),
     ],
 )
 def test_fx_building_from_threads(fx_threads_report: dict[str, Any], check: str) -> None:

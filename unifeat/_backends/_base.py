@@ -192,7 +192,7 @@ class Adapter:
 
     def source_on_meta(self, plan: BuildPlan) -> nn.Module:
         """The source without weights (meta device); a module passed in as it is
-        (finders run it with weightless stand-ins and restore its modes)."""
+        (finders probe weightless replicas of it, never the module itself)."""
         if plan.module is not None:
             return plan.module
         with built_with_kwargs(plan):

@@ -204,17 +204,10 @@ def _vision_config(config: PretrainedConfig) -> PretrainedConfig:
 
 def _model_class(config: PretrainedConfig, label: str) -> type[PreTrainedModel]:
     """The base model of ``config``; its ``*Backbone`` where it has only that (RT-DETR's
-    ResNet, ViTPose's ViT)."""
+    ResNet, ViTPose's ViT). Refused where that class takes no ``pixel_values``."""
     for mapping in (MODEL_MAPPING, MODEL_FOR_BACKBONE_MAPPING):
         if type(config) in mapping:
-            # Vision configs say how many channels their images have; text ones do not.
-            if not hasattr(config, "num_channels") and config.model_type not in _vision_types():
-                raise UnsupportedOptionError(
-                    f"{label} is a {config.model_type!r} model, not a vision model (it takes "
-                    f"no pixel_values); vision model types include "
-                    f"{format_choices(_vision_types())}"
-                )
-            return cast(type[PreTrainedModel], mapping[type(config)])
+            return _taking_pixels(mapping[type(config)], config, label)
     # A vision config without an auto mapping of its own (MetaCLIP 2's): its model
     # class is named after it.
     import transformers
@@ -222,12 +215,41 @@ def _model_class(config: PretrainedConfig, label: str) -> type[PreTrainedModel]:
     name = type(config).__name__
     named = getattr(transformers, name.replace("Config", "Model"), None)
     if name.endswith("VisionConfig") and isinstance(named, type):
-        return cast(type[PreTrainedModel], named)
+        return _taking_pixels(named, config, label)
     raise UnsupportedOptionError(
         f"{label}: transformers has no base model or backbone for config "
         f"{type(config).__name__} (model type {config.model_type!r}); vision model types "
         f"include {format_choices(_vision_types())}"
     )
+
+
+def _taking_pixels(model_class: Any, config: PretrainedConfig, label: str) -> type[PreTrainedModel]:
+    """``model_class``, where its ``forward`` takes images as ``pixel_values``; what a
+    model takes is its forward's to say (a config's ``num_channels`` is not: TextNet
+    and PP-LCNet V3 configs have none)."""
+    try:
+        parameters = [p for p in inspect.signature(model_class.forward).parameters if p != "self"]
+    except (TypeError, ValueError):
+        parameters = []
+    if "pixel_values" in parameters:
+        return cast(type[PreTrainedModel], model_class)
+    takes = parameters[0] if parameters else "no input it names"
+    raise UnsupportedOptionError(
+        f"{label}: its model {model_class.__name__} takes {takes}, not pixel_values "
+        f"(model type {config.model_type!r}); unifeat runs models that take images as "
+        f"pixel_values: vision model types include {format_choices(_vision_types())}"
+    )
+
+
+def _input_channels(config: PretrainedConfig, runner: nn.Module) -> int:
+    """The channels of the images ``runner`` takes: its config's ``num_channels``, else
+    the input channels of its first convolution (TextNet's ``stem_num_channels``,
+    PP-LCNet's fixed RGB stem), else 3."""
+    channels = getattr(config, "num_channels", None)
+    if isinstance(channels, int) and channels > 0:
+        return channels
+    first = next((m for m in runner.modules() if isinstance(m, nn.Conv2d)), None)
+    return int(first.in_channels) if first is not None else 3
 
 
 def _check_config_kwargs(model_type: str, kwargs: Mapping[str, Any], plan: BuildPlan) -> None:
@@ -428,10 +450,11 @@ class HfAdapter(Adapter):
         return source
 
     def native_input_size(self, plan: BuildPlan, source: nn.Module) -> tuple[int, int, int]:
-        config = _config_of(source, _trunk_path(source))
+        trunk = _trunk_path(source)
+        config = _config_of(source, trunk)
         size = getattr(config, "image_size", None) or 224
         height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
-        return int(getattr(config, "num_channels", 3) or 3), height, width
+        return _input_channels(config, source.get_submodule(trunk)), height, width
 
     def convention(self, plan: BuildPlan, source: nn.Module) -> tuple[str, CallingConvention]:
         trunk = _trunk_path(source)

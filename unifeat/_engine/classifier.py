@@ -446,38 +446,28 @@ class _Projection(nn.Module):
 def _unused_by_forward(model: ClassifierModel) -> tuple[str, ...]:
     """Names of the trainable parameters that get no gradient from ``forward``.
 
-    Found on the meta device with stand-ins for every tensor (the feature model's
-    copy of the structure reads the same stand-ins): nothing is computed, nothing of
-    the model changes.
+    Found on the meta device with stand-ins for every tensor, on a replica (the
+    feature model's copy of the structure, replicated alongside, reads the same
+    stand-ins): nothing is computed, nothing of the model changes.
     """
-    from torch.nn.utils.stateless import _reparametrize_module
-
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         return ()
     features: FeatureModel = model.__dict__["_features"]
     x = meta_batch(model, model.default_input_size)
-    # The feature model runs its own copy of the structure on the same tensors: it
-    # reads the stand-ins of those tensors, matched by identity before the swap.
-    originals = {id(t): name for name, t in _tensors_of(model)}
-    theirs_by_name = {
-        name: originals[id(t)] for name, t in _tensors_of(features) if id(t) in originals
-    }
+    # The feature model runs its own copy of the structure on the same tensors:
+    # replicated with one memo of modules and stand-ins, it reads the stand-ins of
+    # those tensors, and the replica of the model calls it.
+    memo: dict[int, nn.Module] = {}
+    by_id: dict[int, Tensor] = {}
     try:
-        with weightless(model, trainable=True) as stand_ins:
-            theirs = {name: stand_ins[ours] for name, ours in theirs_by_name.items()}
-            with _reparametrize_module(features, theirs):
-                total = model(x).float().sum()
-            grads = torch.autograd.grad(
-                total, [stand_ins[name] for name in trainable], allow_unused=True
-            )
+        probe = weightless(model, trainable=True, memo=memo, stand_ins_by_id=by_id)
+        theirs = weightless(features, trainable=True, memo=memo, stand_ins_by_id=by_id)
+        probe.module.__dict__["_features"] = theirs.module
+        total = probe.module(x).float().sum()
+        grads = torch.autograd.grad(
+            total, [probe.stand_ins[name] for name in trainable], allow_unused=True
+        )
     except Exception:
         return ()  # cannot tell: leave DDP's own checks in charge
     return tuple(name for name, grad in zip(trainable, grads, strict=True) if grad is None)
-
-
-def _tensors_of(module: nn.Module) -> list[tuple[str, Tensor]]:
-    return [
-        *module.named_parameters(remove_duplicate=False),
-        *module.named_buffers(remove_duplicate=False),
-    ]

@@ -41,7 +41,7 @@ from torchvision.models.feature_extraction import NodePathTracer
 
 from unifeat._engine.dilation import SPATIAL_OPS
 from unifeat._engine.levels import FeatureMap, Level, spatial, to_map, token_grid
-from unifeat._engine.meta import weightless
+from unifeat._engine.meta import replica, weightless
 from unifeat._engine.model import Runner, final_norm_refusal
 from unifeat._engine.resize import PositionEmbedding, make_resizable
 from unifeat._errors import InvalidNodeError, TracingError, UnsupportedOptionError, close_matches
@@ -109,13 +109,24 @@ class Trace:
 
     graph: fx.Graph
     names: dict[fx.Node, str]
+    constants: dict[str, Tensor] = field(default_factory=dict)
+    """Tensors the tracer lifted out of the forward's code (timm Swin's masks), by the
+    root attribute name its ``get_attr`` nodes read. The traced module does not get
+    them (it may be a module passed in): see :func:`with_constants`."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Trace:
         # fx.Graph deep-copies its nodes without the memo, so the name map is
         # rebuilt on the copied nodes (by their unique graph names).
         graph = copy.deepcopy(self.graph, memo)
         copied = {node.name: node for node in graph.nodes}
-        return Trace(graph, {copied[node.name]: name for node, name in self.names.items()})
+        names = {copied[node.name]: name for node, name in self.names.items()}
+        return Trace(graph, names, copy.deepcopy(self.constants, memo))
+
+    def attach_constants(self, module: nn.Module) -> None:
+        """Give ``module``, a model the build owns (never one passed in), the lifted
+        constants, for graph modules and functions over it to read."""
+        for name, value in self.constants.items():
+            setattr(module, name, value)
 
     def node(self, name: str) -> fx.Node | None:
         return next((n for n, q in self.names.items() if q == name), None)
@@ -135,6 +146,25 @@ class _FastNodePathTracer(NodePathTracer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._latest_suffix: dict[str, int] = {}
+        self._thread = threading.get_ident()
+
+    # FX patches nn.Module.__call__ and __getattr__ for every thread while it
+    # traces: a module another thread runs meanwhile (a forward, another build's
+    # probe) would be recorded into this graph, or fail. Only this thread traces.
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        self._thread = threading.get_ident()
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def _get_node_qualname(self, module_qualname: str, node: fx.Node) -> str:
         qualname = module_qualname
@@ -156,19 +186,9 @@ class _FastNodePathTracer(NodePathTracer):
 
 
 # torch.fx's tracer patches nn.Module.__call__/__getattr__ process-wide while it
-# traces, and a trace or shape pass flips the source's train/eval flags until it
-# restores them: two at once would break each other or leave a caller's module in
-# the wrong mode. Builds are rare and short next to forwards, so they take turns.
+# traces (the tracer lets other threads' calls through, above): two traces at once
+# would restore each other's patches. Traces are rare and short, so they take turns.
 _SOURCE_LOCK = threading.RLock()
-
-
-def _modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
-    return [(m, m.training) for m in module.modules()]
-
-
-def _restore_modes(modes: Iterable[tuple[nn.Module, bool]]) -> None:
-    for module, training in modes:
-        module.training = training
 
 
 def trace(
@@ -178,8 +198,9 @@ def trace(
     context: str,
     extra_tracer_kwargs: Mapping[str, Any] | None = None,
 ) -> Trace:
-    """Trace ``module`` in train or eval mode; every submodule's mode is restored
-    afterwards, whatever happens (a caller's frozen norm layers stay frozen)."""
+    """Trace ``module`` in train or eval mode, on a replica over its tensors: the
+    mode switch never shows on ``module`` (a caller's frozen norm layers stay frozen,
+    and a build reading its modes in another thread sees the caller's)."""
     tracer = _FastNodePathTracer(**tracer_kwargs(extra_tracer_kwargs))
     with _SOURCE_LOCK:
         return _trace_locked(module, tracer, train=train, context=context)
@@ -188,10 +209,9 @@ def trace(
 def _trace_locked(
     module: nn.Module, tracer: _FastNodePathTracer, *, train: bool, context: str
 ) -> Trace:
-    modes = _modes(module)
+    traced = replica(module)
     try:
-        module.train(train)
-        graph = tracer.trace(module)
+        graph = tracer.trace(traced.train(train))
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TracingError(
@@ -201,9 +221,26 @@ def _trace_locked(
             "tracer_kwargs={'leaf_modules': [...]}, or pick levels from a module whose "
             "blocks are in an nn.ModuleList/nn.Sequential (found with hooks)"
         ) from exc
-    finally:
-        _restore_modes(modes)
-    return Trace(graph, dict(tracer.node_to_qualname))
+    # The tracer stores the tensor constants it lifts out of the code on the module
+    # it traced: the replica, so the trace keeps them.
+    constants = {
+        name: value
+        for name, value in traced.__dict__.items()
+        if isinstance(value, Tensor) and name not in module.__dict__
+    }
+    return Trace(graph, dict(tracer.node_to_qualname), constants)
+
+
+def with_constants(module: nn.Module, trace_: Trace) -> nn.Module:
+    """``module`` for an ``fx.GraphModule`` of ``trace_``: itself, or where the trace
+    lifted constants, a copy of its top level (its children, tensors and attributes
+    shared) that holds them too; ``module`` is not written."""
+    if not trace_.constants:
+        return module
+    holder = object.__new__(type(module))
+    holder.__dict__.update(module.__dict__)
+    holder.__dict__.update(trace_.constants)
+    return holder
 
 
 # -- shapes ---------------------------------------------------------------------------
@@ -232,9 +269,12 @@ def propagate_shapes(
                 _quiet_shape_prop(graph_module, mode, mode.from_tensor(example))
             except Exception:
                 # Data-dependent code (a leaf module that branches on values) needs
-                # values: one real forward of zeros, in eval mode, without grad.
+                # values: one real forward of zeros without grad, on a replica in eval
+                # mode, so that no norm updates the source's running statistics.
                 with torch.no_grad():
-                    _ShapeRecorder(graph_module).propagate(torch.zeros_like(example))
+                    _ShapeRecorder(replica(graph_module).eval()).propagate(
+                        torch.zeros_like(example)
+                    )
     else:
         _MetaShapeProp(graph_module).propagate(example)
     shapes: dict[fx.Node, Any] = {}
@@ -319,9 +359,10 @@ class _MetaShapeProp(_ShapeRecorder):
 
 
 def _propagate_with_meta_stand_ins(graph_module: fx.GraphModule, example: Tensor) -> None:
-    """Shape propagation over a real module with meta stand-ins for its weights."""
-    with weightless(graph_module), torch.no_grad():
-        _MetaShapeProp(graph_module).propagate(example.to("meta"))
+    """Shape propagation over a real module with meta stand-ins for its weights (on a
+    replica: the module itself is never written). Shapes land on the shared graph."""
+    with torch.no_grad():
+        _MetaShapeProp(weightless(graph_module).module).propagate(example.to("meta"))
 
 
 def _is_meta(module: nn.Module) -> bool:
@@ -336,7 +377,10 @@ def shapes_of(
     Two samples and eval mode, so that norm layers after a global pool (LeViT)
     see the statistics they need, whatever mode the module is in.
     """
-    graph_module = fx.GraphModule(source, evaluation.graph)
+    # Eval mode on a replica over the source's tensors: the source's own modes stay
+    # as they are for whoever runs or builds from it meanwhile.
+    graph_module = replica(fx.GraphModule(with_constants(source, evaluation), evaluation.graph))
+    graph_module.eval()
     channels, height, width = input_size
     on_meta = _is_meta(source)
     example = torch.empty(2, channels, height, width, device="meta" if on_meta else "cpu")
@@ -348,8 +392,6 @@ def _shapes_locked(
     graph_module: fx.GraphModule, example: Tensor, on_meta: bool, *, context: str
 ) -> dict[fx.Node, Any]:
     channels, height, width = example.shape[1:]
-    modes = _modes(graph_module)
-    graph_module.eval()
     try:
         return propagate_shapes(graph_module, example, fake=not on_meta)
     except Exception as exc:
@@ -359,8 +401,6 @@ def _shapes_locked(
             "pass the input it takes: input_size=(H, W), or input_size=(C, H, W) for "
             f"other than {channels} channels"
         ) from None
-    finally:
-        _restore_modes(modes)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -973,6 +1013,7 @@ class GraphRunner(Runner):
                     context=self._context,
                     extra_tracer_kwargs=self._plan.tracer_options,
                 )
+                self._plan.train.attach_constants(self._source)
                 _resizable(self._plan.train, self._plan)
             self._train_differs = list(self._plan.train.names.values()) != list(
                 self._plan.evaluation.names.values()
@@ -1220,7 +1261,8 @@ class GraphFinder:
         return found
 
     def _train_shapes(self) -> Mapping[fx.Node, Any]:
-        graph_module = fx.GraphModule(self.source, self._train_trace().graph)
+        train = self._train_trace()
+        graph_module = fx.GraphModule(with_constants(self.source, train), train.graph)
         channels, height, width = self.input_size
         example = torch.empty(2, channels, height, width, device="meta")
         try:

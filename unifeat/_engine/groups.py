@@ -69,7 +69,8 @@ def depth_groups(
     input_size: Sequence[int],
 ) -> list[tuple[list[str], bool]]:
     """Parameter names in groups from the stem to the deepest level, each with whether
-    it starts a new stage; ``run(x)`` returns the levels ``level_modules`` names."""
+    it starts a new stage; ``run(replica, x)`` returns the levels ``level_modules``
+    names, computed by ``model``'s weightless replica."""
     example = meta_batch(model, input_size)
     per_level = parameters_per_output(model, run, example)
     order = [name for name, _ in model.named_parameters()]

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -127,15 +126,6 @@ def _force_kwargs(
     return args, {**kwargs, **forced}
 
 
-@contextmanager
-def _hooked(handles: list[Any]) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _container(trunk: nn.Module, types: tuple[type[nn.Module], ...]) -> str | None:
     """The shallowest container that holds the most parameters."""
     lists = [
@@ -199,6 +189,14 @@ class HookFinder:
     # -- the shape pass ------------------------------------------------------------------
 
     def _shape_pass(
+        self, source: nn.Module, container: str | None
+    ) -> tuple[list[_Record], list[tuple[str, nn.Module, int]]]:
+        """Records of one meta forward of ``source``'s weightless replica, hooked and in
+        eval mode (two samples: norms after a global pool work); ``source`` itself
+        gets no hook, mode or tensor of ours, so threads running it are undisturbed."""
+        return self._hooked_pass(weightless(source).module.eval(), container)
+
+    def _hooked_pass(
         self, trunk: nn.Module, container: str | None
     ) -> tuple[list[_Record], list[tuple[str, nn.Module, int]]]:
         blocks = (
@@ -238,25 +236,20 @@ class HookFinder:
             if found is not None and isinstance(module, SPATIAL_OPS):
                 ops.append((path, module, found[1]))
 
-        handles = []
         for path, module in trunk.named_modules():
-            handles.append(module.register_forward_hook(functools.partial(after, path)))
+            module.register_forward_hook(functools.partial(after, path))
             if isinstance(module, SPATIAL_OPS) or id(module) in blocks:
-                handles.append(module.register_forward_pre_hook(functools.partial(before, path)))
+                module.register_forward_pre_hook(functools.partial(before, path))
             if id(module) in blocks and self.convention.block_kwargs:
-                handles.append(
-                    module.register_forward_pre_hook(
-                        functools.partial(_force_kwargs, self.convention.block_kwargs),
-                        with_kwargs=True,
-                    )
+                module.register_forward_pre_hook(
+                    functools.partial(_force_kwargs, self.convention.block_kwargs),
+                    with_kwargs=True,
                 )
         channels, height, width = self.input_size
         pixels = torch.empty(2, channels, height, width, device="meta")
         args, kwargs = self.convention.inputs(pixels, resized=False)
-        modes = [(m, m.training) for m in trunk.modules()]
-        trunk.eval()  # two samples in eval mode: norms after a global pool work
         try:
-            with _hooked(handles), torch.no_grad(), weightless(trunk):
+            with torch.no_grad():
                 trunk(*args, **kwargs)
         except Exception as exc:
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -264,9 +257,6 @@ class HookFinder:
                 f"could not run {self.context} on a 2x{channels}x{height}x{width} input on the "
                 f"meta device to find its levels ({type(exc).__name__}: {text})"
             ) from None
-        finally:
-            for module, training in modes:
-                module.training = training
         return records, ops
 
     # -- names ---------------------------------------------------------------------------

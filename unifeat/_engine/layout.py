@@ -83,12 +83,15 @@ class Layout:
     ) -> tuple[Runner, nn.Module]:
         if isinstance(self.plan, GraphPlan):
             plan = self.plan
-            if lacks_graph_attributes(plan.evaluation, source):
-                # The layout's trace ran on the meta build, and the tracer stored the
-                # tensor constants it met (MaxViT's) on that model: trace the real one.
+            traces = [t for t in (plan.evaluation, plan.train) if t is not None]
+            if any(lacks_graph_attributes(t, source) for t in traces):
+                # The tensor constants the tracer lifted (MaxViT's) belong to the model
+                # the layout traced (the meta build, or a module passed in, which keeps
+                # none): trace the real one, which this build owns, and give it its own.
                 evaluation = trace(
                     source, train=False, context=context, extra_tracer_kwargs=plan.tracer_options
                 )
+                evaluation.attach_constants(source)
                 plan = dataclasses.replace(plan, evaluation=evaluation, train=None)
             graph_runner = GraphRunner(
                 source, plan, last_level=last, context=context, keep_final=keep_final

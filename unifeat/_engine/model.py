@@ -485,7 +485,9 @@ class FeatureModel(AdoptingModule):
             upto = tuple(i for i in self._runner.computable() if i <= level)
             frozen = parameters_feeding(
                 self,
-                lambda x: self.forward_intermediates(x, indices=upto, intermediates_only=True),
+                lambda model, x: model.forward_intermediates(
+                    x, indices=upto, intermediates_only=True
+                ),
                 probe,
             )
         changed = []
@@ -565,17 +567,18 @@ class FeatureModel(AdoptingModule):
             )
 
     def _empty_batch(self, x: Tensor, run: Any) -> Any:
-        """What ``run`` gives for an empty batch: shapes from one meta sample, no data.
+        """What ``run(model, sample)`` gives for an empty batch: shapes from one meta
+        sample run through a weightless replica of this model, no data.
 
         Libraries reshape with ``-1`` (ambiguous with 0 elements) or assert on
         the batch, so an empty batch never reaches them; the model's weights and
-        statistics are not touched.
+        statistics are not touched, nor seen by calls in other threads.
         """
         from torch.utils._pytree import tree_map
 
-        probe = torch.empty(1, *x.shape[1:], device="meta", dtype=x.dtype)
-        with weightless(self), torch.no_grad():
-            found = run(probe)
+        sample = torch.empty(1, *x.shape[1:], device="meta", dtype=x.dtype)
+        with torch.no_grad():
+            found = run(weightless(self).module, sample)
         return tree_map(
             lambda t: (
                 torch.empty((0, *t.shape[1:]), dtype=t.dtype, device=x.device)
@@ -634,7 +637,7 @@ class FeatureModel(AdoptingModule):
     def forward(self, x: Tensor) -> Features:
         self.check_input(x)
         if x.shape[0] == 0:
-            return cast(Features, self._empty_batch(x, self.forward))
+            return cast(Features, self._empty_batch(x, FeatureModel.forward))
         indices = self.feature_info.out_indices
         maps, _ = self._runner.run(
             root_of(self),
@@ -695,8 +698,8 @@ class FeatureModel(AdoptingModule):
                 Any,
                 self._empty_batch(
                     x,
-                    lambda probe: self.forward_intermediates(
-                        probe, indices, intermediates_only, norm, output_fmt
+                    lambda model, sample: model.forward_intermediates(
+                        sample, indices, intermediates_only, norm, output_fmt
                     ),
                 ),
             )
@@ -785,12 +788,18 @@ class FeatureModel(AdoptingModule):
 
         cached = self.__dict__.get("_depth_groups")
         if cached is None:
-            runner, root = self._runner.depth_runner(), root_of(self)
+            runner = self._runner.depth_runner()
             indices = list(range(runner.last_level + 1))
 
-            def levels(x: Tensor) -> list[FeatureMap]:
+            def levels(model: nn.Module, x: Tensor) -> list[FeatureMap]:
                 maps, _ = runner.run(
-                    root, x, indices, final=False, norm=False, prefix_tokens=False, context=""
+                    root_of(model),
+                    x,
+                    indices,
+                    final=False,
+                    norm=False,
+                    prefix_tokens=False,
+                    context="",
                 )
                 return maps
 
@@ -858,18 +867,16 @@ def _unused_by_forward(model: FeatureModel) -> tuple[str, ...]:
     channels, height, width = model.input_size
     x = meta_batch(model, (channels, height, width))
     try:
-        with weightless(model, trainable=True) as stand_ins:
-            outputs = model(x)
-            leaves = list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
-            tensors = [t for item in leaves for t in (item if isinstance(item, tuple) else (item,))]
-            total = sum(
-                t.float().sum() for t in tensors if isinstance(t, Tensor) and t.requires_grad
-            )
-            if not isinstance(total, Tensor):
-                return tuple(trainable)
-            grads = torch.autograd.grad(
-                total, [stand_ins[name] for name in trainable], allow_unused=True
-            )
+        probe = weightless(model, trainable=True)
+        outputs = probe.module(x)
+        leaves = list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
+        tensors = [t for item in leaves for t in (item if isinstance(item, tuple) else (item,))]
+        total = sum(t.float().sum() for t in tensors if isinstance(t, Tensor) and t.requires_grad)
+        if not isinstance(total, Tensor):
+            return tuple(trainable)
+        grads = torch.autograd.grad(
+            total, [probe.stand_ins[name] for name in trainable], allow_unused=True
+        )
     except Exception:
         return ()  # cannot tell: leave DDP's own checks in charge
     return tuple(name for name, grad in zip(trainable, grads, strict=True) if grad is None)

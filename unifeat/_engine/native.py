@@ -127,8 +127,8 @@ def measure_levels(
     channels, height, width = input_size
     x = torch.empty(2, channels, height, width, device="meta")
     indices = list(range(len(modules)))
-    with torch.no_grad(), weightless(model):
-        maps: list[Any] = spec.intermediates(model, x, indices, tokens, False)
+    with torch.no_grad():
+        maps: list[Any] = spec.intermediates(weightless(model).module, x, indices, tokens, False)
     levels = []
     for name, item in zip(modules, maps, strict=True):
         feature_map, prefix = item if isinstance(item, tuple) else (item, None)

@@ -9,12 +9,14 @@ serves traced graphs, hooked block lists and libraries' own
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from unifeat._engine.meta import weightless
+
+M = TypeVar("M", bound=nn.Module)
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -32,34 +34,40 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES) or "Norm" in type(module).__name__
 
 
-def parameters_feeding(model: nn.Module, run: Callable[[Tensor], Any], example: Tensor) -> set[str]:
-    """Names of ``model``'s parameters that ``run(example)``'s tensors depend on.
+def parameters_feeding(model: M, run: Callable[[M, Tensor], Any], example: Tensor) -> set[str]:
+    """Names of ``model``'s parameters that ``run(replica, example)``'s tensors
+    depend on, where ``replica`` is ``model``'s structure over meta stand-ins.
 
     ``example`` is a meta tensor; every parameter gets a meta stand-in that
-    requires grad, so nothing is computed and nothing of ``model`` changes.
+    requires grad, so nothing is computed and nothing of ``model`` changes (nor
+    looks changed to a forward in another thread).
     """
     names = [name for name, _ in model.named_parameters()]
-    with weightless(model, every_parameter=True) as stand_ins, torch.enable_grad():
-        found = run(example)
+    probe = weightless(model, every_parameter=True)
+    with torch.enable_grad():
+        found = run(probe.module, example)
         tensors = [t for t in _tensors(found) if t.requires_grad]
         if not tensors:
             return set()
         total = torch.stack([t.float().sum() for t in tensors]).sum()
-        grads = torch.autograd.grad(total, [stand_ins[name] for name in names], allow_unused=True)
+        grads = torch.autograd.grad(
+            total, [probe.stand_ins[name] for name in names], allow_unused=True
+        )
     return {name for name, grad in zip(names, grads, strict=True) if grad is not None}
 
 
 def parameters_per_output(
-    model: nn.Module, run: Callable[[Tensor], Sequence[Any]], example: Tensor
+    model: M, run: Callable[[M, Tensor], Sequence[Any]], example: Tensor
 ) -> list[set[str]]:
-    """For each item ``run(example)`` returns, the names of the parameters it depends
-    on: one forward and one backward per item, all on meta stand-ins."""
+    """For each item ``run(replica, example)`` returns, the names of ``model``'s
+    parameters it depends on (``replica`` as in :func:`parameters_feeding`): one
+    forward, and one backward per item, all on meta stand-ins."""
     names = [name for name, _ in model.named_parameters()]
+    probe = weightless(model, every_parameter=True)
+    inputs = [probe.stand_ins[name] for name in names]
     found: list[set[str]] = []
-    with weightless(model, every_parameter=True) as stand_ins, torch.enable_grad():
-        inputs = [stand_ins[name] for name in names]
-        items = list(run(example))
-        for item in items:
+    with torch.enable_grad():
+        for item in list(run(probe.module, example)):
             tensors = [t for t in _tensors(item) if t.requires_grad]
             if not tensors:
                 found.append(set())

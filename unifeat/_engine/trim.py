@@ -39,25 +39,20 @@ def _set_child(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def _modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
-    return [(m, m.training) for m in module.modules()]
-
-
 def used_parameters(
-    root: nn.Module, run: Callable[[Tensor], Any], input_size: Sequence[int]
+    root: nn.Module, run: Callable[[nn.Module, Tensor], Any], input_size: Sequence[int]
 ) -> set[str]:
-    """The names of ``root``'s parameters that ``run`` depends on, in train or in eval
-    mode (a train-only branch counts), found on the meta device."""
+    """The names of ``root``'s parameters that ``run(replica, x)`` depends on, in train
+    or in eval mode (a train-only branch counts), found on the meta device on
+    replicas of ``root`` (``root`` itself is neither run nor switched)."""
     example = meta_batch(root, input_size)
-    modes = _modes(root)
     used: set[str] = set()
-    try:
-        for training in (False, True):
-            root.train(training)
-            used |= parameters_feeding(root, run, example)
-    finally:
-        for module, training in modes:
-            module.training = training
+    for training in (False, True):
+
+        def in_mode(module: nn.Module, x: Tensor, training: bool = training) -> Any:
+            return run(module.train(training), x)
+
+        used |= parameters_feeding(root, in_mode, example)
     return used
 
 
@@ -70,16 +65,16 @@ def trim(runner: Runner, root: nn.Module, input_size: Sequence[int], *, context:
         return []
     indices = runner.computable()
 
-    def run(x: Tensor) -> Any:
+    def run(module: nn.Module, x: Tensor) -> Any:
         return runner.run(
-            root, x, indices, final=True, norm=False, prefix_tokens=False, context=context
+            module, x, indices, final=True, norm=False, prefix_tokens=False, context=context
         )
 
     return drop_unused(root, run, input_size)
 
 
 def drop_unused(
-    root: nn.Module, run: Callable[[Tensor], Any], input_size: Sequence[int]
+    root: nn.Module, run: Callable[[nn.Module, Tensor], Any], input_size: Sequence[int]
 ) -> list[str]:
     """Take the parameters ``run`` does not depend on out of ``root`` (see the module
     docstring). Returns the names of what was taken out."""
@@ -121,24 +116,25 @@ def _called_modules(
     norm: bool,
     final: bool = False,
 ) -> list[str]:
-    """The submodules of ``root`` that computing ``indices`` calls, in call order."""
+    """The submodules of ``root`` that computing ``indices`` calls, in call order (on a
+    weightless replica: ``root`` is not run)."""
     from unifeat._engine.meta import weightless
 
+    probe = weightless(root).module
     called: list[str] = []
-    handles = [
-        module.register_forward_pre_hook(lambda *_, name=name: called.append(name))
-        for name, module in root.named_modules()
-        if name
-    ]
-    example = meta_batch(root, size)
-    try:
-        with weightless(root), torch.no_grad():
-            runner.run(
-                root, example, indices, final=final, norm=norm, prefix_tokens=False, context=""
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
+    for name, module in probe.named_modules():
+        if name:
+            module.register_forward_pre_hook(lambda *_, name=name: called.append(name))
+    with torch.no_grad():
+        runner.run(
+            probe,
+            meta_batch(probe, size),
+            indices,
+            final=final,
+            norm=norm,
+            prefix_tokens=False,
+            context="",
+        )
     return called
 
 
