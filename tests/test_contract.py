@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 from typing import Any, ClassVar
 
 import pytest
@@ -262,6 +263,110 @@ class AdapterContract:
             torch.testing.assert_close(whole(x), pooled, rtol=0, atol=0)
             whole.reset_classifier(3)
             assert whole(x).shape == (2, 3) and whole.num_classes == 3
+
+    # -- the anchors' own tools (docs/training.md) -------------------------------------
+
+    def _whole(self) -> Any:
+        """The classifier model where the head is known, else None."""
+        try:
+            return unifeat.create_model(self.model_arg(), num_classes=3, **self.kwargs)
+        except unifeat.UnsupportedOptionError:
+            return None
+
+    def test_names_are_the_state_dict_keys(self) -> None:
+        """One name scheme: parameter, persistent buffer and module names are the
+        state_dict keys (the source's), for the feature and the classifier model."""
+        for model in (self.build(out_indices=(0, -1)), self._whole()):
+            if model is None:
+                continue
+            keys = set(model.state_dict())
+            parameters = {name for name, _ in model.named_parameters()}
+            persistent = {
+                f"{path}.{name}" if path else name
+                for path, module in model.named_modules()
+                for name, _ in module.named_buffers(recurse=False)
+                if name not in module._non_persistent_buffers_set
+            }
+            assert parameters | persistent == keys
+            for path, module in model.named_modules():
+                held = [n for n, _ in module.named_parameters()] + [
+                    n for n, _ in module.named_buffers()
+                ]
+                if path and held:
+                    assert any(key.startswith(f"{path}.") for key in keys), path
+
+    def test_every_parameter_gets_a_gradient(self) -> None:
+        """A feature model holds only what its levels compute: sum(level.mean())
+        reaches every parameter that requires grad (timm's test_model_backward_features),
+        so DDP needs no ignore list."""
+        model = self.build(out_indices=(0, -1)).train()
+        sum(m.float().mean() for m in _tensors(model(self.input()))).backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing
+        assert model._ddp_params_and_buffers_to_ignore == []
+
+    def test_timms_data_config_is_unifeats(self) -> None:
+        """timm.data.resolve_model_data_config reads the model's pretrained_cfg, which
+        says what unifeat.data_config says, field by field."""
+        from timm.data import create_transform, resolve_model_data_config
+
+        for model in (self.build(), self._whole()):
+            if model is None:
+                continue
+            theirs = resolve_model_data_config(model)
+            ours = unifeat.data_config(model)
+            for field in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode"):
+                assert theirs[field] == getattr(ours, field), field
+            assert model.default_cfg == model.pretrained_cfg
+            assert create_transform(**theirs) is not None
+        whole = self._whole()
+        if isinstance(whole, unifeat.ClassifierModel):  # timm's own model says timm's
+            assert whole.pretrained_cfg["num_classes"] == 3
+            assert whole.get_submodule(whole.pretrained_cfg["classifier"]) is whole.get_classifier()
+
+    def test_layer_decay_groups_from_the_stem_up(self) -> None:
+        """timm's create_optimizer_v2(model, layer_decay=0.75) reads group_matcher():
+        per-depth groups, every trainable parameter in one, the stem's lr_scale lowest."""
+        from timm.optim import create_optimizer_v2
+
+        model = self.build()
+        optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, layer_decay=0.75)
+        scale_of = {
+            id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]
+        }
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        assert all(id(p) in scale_of for _, p in trainable)
+        assert len(scale_of) == len(trainable)
+        scales = {scale_of[id(p)] for _, p in trainable}
+        assert len(scales) >= min(4, len(self.info()))
+        stem = re.compile(model.group_matcher()["stem"])
+        in_stem = [scale_of[id(p)] for n, p in trainable if stem.match(n)]
+        assert in_stem and max(in_stem) == min(scales)
+        deepest = trainable[-1][1]
+        assert scale_of[id(deepest)] == max(scales) == 1.0
+
+    def test_timms_ema_and_load_checkpoint(self, tmp_path: Any) -> None:
+        """timm's ModelEmaV3 tracks the model and timm.models.load_checkpoint loads its
+        own state_dict back, by the same names."""
+        from timm.models import load_checkpoint
+        from timm.utils import ModelEmaV3
+
+        model = self.build().train()
+        ema = ModelEmaV3(model, decay=0.5)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        loss = torch.stack([m.float().pow(2).mean() for m in _tensors(model(self.input()))]).sum()
+        loss.backward()
+        optimizer.step()
+        ema.update(model)
+        averaged = ema.module.state_dict()
+        for name, value in model.state_dict().items():
+            assert averaged[name].shape == value.shape, name
+        path = tmp_path / "model.pth"
+        torch.save(model.state_dict(), path)
+        other = self.build()
+        load_checkpoint(other, str(path))
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(other.state_dict()[name], value, rtol=0, atol=0)
 
     # -- training (docs/training.md) --------------------------------------------------
 

@@ -360,10 +360,10 @@ _LAYERS = {"layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "layer4":
 def test_feature_extraction_methods_equivalence(make: Any) -> None:
     """Ports ``test_feature_extraction_methods_equivalence``: torchvision's
     ``IntermediateLayerGetter`` and the FX extractor have the same parameters and
-    give the same outputs. torchvision compares ``named_parameters()`` names; a
-    unifeat feature model promises ``state_dict`` keys equal to the source's
-    (docs/backends/torchvision.md#the-feature-model), so those are compared. The
-    same holds for levels picked with ``out_indices``, keyed by module name."""
+    give the same outputs. torchvision compares ``named_parameters()`` names, and so
+    does this port (one name scheme: docs/training.md#one-name-scheme), then the
+    ``state_dict`` keys and values. The same holds for levels picked with
+    ``out_indices``, keyed by module name."""
     model = make().eval()
     getter = IntermediateLayerGetter(model, _LAYERS).eval()
     by_nodes = unifeat.create_model(model, features_only=True, return_nodes=_LAYERS).eval()
@@ -372,6 +372,7 @@ def test_feature_extraction_methods_equivalence(make: Any) -> None:
     ).eval()
     x = torch.rand(1, 3, 64, 64)
     for ours in (by_nodes, by_levels):
+        assert [n for n, _ in ours.named_parameters()] == [n for n, _ in getter.named_parameters()]
         assert list(ours.state_dict()) == list(getter.state_dict())
         for (k1, v1), (k2, v2) in zip(
             getter.state_dict().items(), ours.state_dict().items(), strict=True
@@ -699,6 +700,48 @@ def test_googlenet_aux_nodes_in_train_mode() -> None:
         copy.deepcopy(source), train_return_nodes=nodes, eval_return_nodes=["inception5b"]
     ).train()
     x = torch.rand(2, 3, 96, 96)
+    torch.manual_seed(1)
+    got = model(x)
+    torch.manual_seed(1)
+    expected = reference(x)
+    for node in nodes:
+        _assert_same(got[node].detach(), expected[node].detach())
+    _aggregate(got).backward()
+
+
+@pytest.mark.parametrize("by_name", [False, True], ids=["instance", "by-name"])
+def test_inception_v3_train_return_nodes(by_name: bool) -> None:
+    """``test_build_fx_feature_extractor`` / ``test_forward_backward`` over Inception v3,
+    whose train graph has the auxiliary classifier: torchvision takes its nodes in
+    ``train_return_nodes``; unifeat takes them in its one ``return_nodes`` and serves
+    them in train mode, measured at the 299-pixel input Inception is made for (its
+    auxiliary head's 5x5 conv does not fit the map of a 224 input), on a batch of
+    two (one sample cannot train a BatchNorm after the auxiliary head's pool)."""
+    torch.manual_seed(0)
+    source = torchvision.models.inception_v3(num_classes=3, aux_logits=True, init_weights=False)
+    source.train()
+    train_nodes, eval_nodes = unifeat.get_node_names(source)
+    aux = [n for n in train_nodes if n.startswith("AuxLogits") and n not in eval_nodes]
+    nodes = [aux[-1], "Mixed_7c"]
+    if by_name:
+        model = unifeat.create_model(
+            "tv:inception_v3",
+            features_only=True,
+            return_nodes=nodes,
+            num_classes=3,
+            aux_logits=True,
+            init_weights=False,
+        )
+        model.load_state_dict(source.state_dict())
+    else:
+        model = unifeat.create_model(source, features_only=True, return_nodes=nodes)
+    model.train()
+    assert model.feature_info.channels() == [3, 2048]
+    assert model.input_size == (3, 299, 299)
+    reference = create_feature_extractor(
+        copy.deepcopy(source), train_return_nodes=nodes, eval_return_nodes=["Mixed_7c"]
+    ).train()
+    x = torch.rand(2, 3, 299, 299)
     torch.manual_seed(1)
     got = model(x)
     torch.manual_seed(1)

@@ -302,7 +302,16 @@ class Adapter:
             kind: FinderKind = "graph"
         else:
             kind = self.node_finder(plan) if plan.return_nodes is not None else self.finder
-        finder = self._finder(plan, source, size, kind, fallback=runner_class != "fx")
+        try:
+            finder = self._finder(plan, source, size, kind, fallback=runner_class != "fx")
+        except TracingError as untraceable:
+            if runner_class != "fx":
+                raise
+            raise UnsupportedOptionError(
+                f"feature_cls='fx' reads levels off an FX graph, but {plan.label} does not "
+                f"trace ({str(untraceable).split(': ', 1)[-1].split('. Ways out')[0]}): leave "
+                "feature_cls out to read it with forward hooks on its block list"
+            ) from None
         default: IndexSpec = None
         if plan.return_nodes is not None:
             levels = finder.node_levels(plan.return_nodes)

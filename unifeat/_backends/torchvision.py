@@ -48,8 +48,10 @@ _NATIVE_DILATION: dict[str, dict[int, dict[str, Any]]] = {
     "mobilenet_v3_*": {16: {"dilated": True}},
 }
 
-# Input sizes the models are made for (ViTs assert it; Inception wants 299).
-_INPUT_SIZES = {"inception_v3": 299}
+# Input sizes the models are made for (ViTs say theirs; Inception wants 299: its
+# auxiliary head's 5x5 conv does not fit the map of a 224 input), by class, so
+# that a model built by name and one passed in agree.
+_INPUT_SIZES = {"Inception3": 299}
 
 
 # Classifier heads by class (docs/training.md, "Classifier models"): how the
@@ -166,7 +168,7 @@ class TorchvisionAdapter(Adapter):
         )
 
     def native_input_size(self, plan: BuildPlan, source: nn.Module) -> tuple[int, int, int]:
-        size = getattr(source, "image_size", None) or _INPUT_SIZES.get(plan.model_name or "", 224)
+        size = getattr(source, "image_size", None) or _INPUT_SIZES.get(type(source).__name__, 224)
         return (3, int(size), int(size))
 
     def native_stride(self, plan: BuildPlan, stride: int) -> dict[str, Any] | None:
