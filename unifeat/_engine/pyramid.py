@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from unifeat._engine.levels import FeatureMap, Level, is_plain
+from unifeat._engine.levels import FeatureMap, Level
 from unifeat._engine.model import Runner
 from unifeat._errors import InvalidIndicesError, UnsupportedOptionError, format_choices
 
@@ -83,7 +83,7 @@ def check_pyramid(pyramid: object, levels: Sequence[Level], *, context: str) -> 
             f"invalid pyramid={pyramid!r} for {context}: expected {format_choices(PYRAMIDS)} "
             "(ViTDet's simple feature pyramid) or None"
         )
-    if not is_plain(levels):
+    if len({level.reduction for level in levels}) != 1:
         shown = ", ".join(str(r) for r in dict.fromkeys(level.reduction for level in levels))
         raise UnsupportedOptionError(
             f"pyramid='simple' builds a pyramid from the one map size of a plain model (a ViT), "
