@@ -2,42 +2,26 @@
 
 Run: python examples/mask_rcnn.py [MODEL] [--size 320]
 
-torchvision's MaskRCNN needs a backbone that returns a dict of maps with the
-same channel count and says so in ``out_channels``; the FPN example's
-``BackboneWithFPN`` is exactly that, configured from ``feature_info``.
+``backbone_with_fpn`` gives the backbone torchvision's MaskRCNN expects: maps at
+reductions 4, 8, 16 and 32 (keys "0" to "3") and "pool", all ``out_channels``
+wide. Those are the levels torchvision's own ResNet-FPN returns, so MaskRCNN's
+default anchors and RoI poolers fit as they are.
 """
 
 from __future__ import annotations
 
 import argparse
-import runpy
-from pathlib import Path
+from typing import Any
 
 import torch
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import MultiScaleRoIAlign
 
-_FPN = runpy.run_path(str(Path(__file__).with_name("fpn_head.py")))
+from unifeat.integrations.torchvision import backbone_with_fpn
 
 
-def mask_rcnn(model_name: str, num_classes: int = 3, **model_kwargs) -> MaskRCNN:
-    backbone = _FPN["BackboneWithFPN"](model_name, **model_kwargs)
-    backbone.out_channels = 256
-    names = list(backbone.body.feature_info.module_name())
-    strides = backbone.strides
-    anchors = AnchorGenerator(
-        sizes=tuple((4 * s,) for s in strides), aspect_ratios=((0.5, 1.0, 2.0),) * len(strides)
-    )
-    return MaskRCNN(
-        backbone,
-        num_classes=num_classes,
-        rpn_anchor_generator=anchors,
-        box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
-        mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
-        min_size=64,
-        max_size=512,
-    )
+def mask_rcnn(model_name: str, num_classes: int = 3, **model_kwargs: Any) -> MaskRCNN:
+    backbone = backbone_with_fpn(model_name, **model_kwargs)
+    return MaskRCNN(backbone, num_classes=num_classes, min_size=64, max_size=512)
 
 
 def main() -> None:

@@ -17,26 +17,36 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
     [
         ("resnet18", {}, 64),
         ("timm:convnext_atto", {}, 64),
-        ("timm:vit_tiny_patch16_224", {"img_size": 64}, 64),
+        ("timm:vit_tiny_patch16_224", {"img_size": 64, "pyramid": "simple"}, 64),
         ("hf:convnext", {"hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]}, 64),
     ],
 )
 def test_fpn_head_wires_any_backbone(model, kwargs, size):
     fpn_module = runpy.run_path(str(EXAMPLES / "fpn_head.py"))
-    net = fpn_module["BackboneWithFPN"](model, **kwargs).eval()
+    net = fpn_module["backbone_with_fpn"](model, **kwargs).eval()
     with torch.no_grad():
         pyramid = net(torch.randn(1, 3, size, size))
     shapes = [tuple(level.shape) for level in pyramid.values()]
+    assert list(pyramid) == ["0", "1", "2", "3", "pool"]
     assert all(s[1] == 256 for s in shapes)
-    assert [s[-1] for s in shapes] == [size // r for r in net.strides]
+    assert net.strides == [4, 8, 16, 32]
+    assert [s[-1] for s in shapes] == [size // r for r in net.strides] + [1]
 
 
-def test_fpn_head_script_runs(capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["fpn_head.py", "resnet18", "--size", "64"])
+@pytest.mark.parametrize(
+    ("argv", "first"),
+    [
+        (["resnet18", "--size", "64"], "(1, 256, 16, 16)"),
+        (["timm:vit_tiny_patch16_224", "--pyramid", "--size", "64"], "(1, 256, 16, 16)"),
+    ],
+)
+def test_fpn_head_script_runs(capsys, monkeypatch, argv, first):
+    monkeypatch.setattr(sys, "argv", ["fpn_head.py", *argv])
     runpy.run_path(str(EXAMPLES / "fpn_head.py"), run_name="__main__")
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["layer2", "layer3", "layer4"]
-    assert lines[-1].endswith("(1, 256, 2, 2)")
+    assert [line.split()[0] for line in lines] == ["0", "1", "2", "3", "pool"]
+    assert [int(line.split()[2]) for line in lines] == [4, 8, 16, 32, 64]
+    assert lines[0].endswith(first) and lines[-1].endswith("(1, 256, 1, 1)")
 
 
 _HF_CONVNEXT = {"hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]}
