@@ -238,12 +238,16 @@ class TimmAdapter(Adapter):
 
     def native_input_size(self, plan: BuildPlan, source: nn.Module) -> tuple[int, int, int]:
         size = (getattr(source, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
-        # pretrained_cfg keeps the pretrained size when img_size= built another one;
-        # a fixed-size patch embedding knows the size the model was built for.
+        # pretrained_cfg keeps the pretrained channels and size when in_chans= or
+        # img_size= built others; the model was built with what was asked.
+        channels = plan.model_kwargs.get("in_chans", size[0])
+        if not isinstance(channels, int) or isinstance(channels, bool):
+            channels = size[0]
+        # A fixed-size patch embedding knows the size the model was built for.
         built = getattr(getattr(source, "patch_embed", None), "img_size", None)
         if isinstance(built, (tuple, list)) and len(built) == 2:
-            return int(size[0]), int(built[0]), int(built[1])
-        return int(size[0]), int(size[1]), int(size[2])
+            return int(channels), int(built[0]), int(built[1])
+        return int(channels), int(size[1]), int(size[2])
 
     # -- timm's metadata -------------------------------------------------------------
 
