@@ -1,0 +1,1 @@
+"""Ready-made wiring of unifeat feature models into other libraries' heads."""
