@@ -164,13 +164,33 @@ def test_other_decoders(decoder: str, backbone: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("depth", [3, 4, 5])
+def test_unetplusplus_skips_the_placeholder_at_every_depth(depth: int) -> None:
+    # smp issue #1260 (UnetPlusPlus on encoders that start at stride 4), fixed in 0.6.
+    channels = (64, 32, 16, 8, 4)[-depth:]
+    model = _build("UnetPlusPlus", "vit-pyramid", encoder_depth=depth, decoder_channels=channels)
+    assert model.encoder.out_channels[1] == 0
+    logits, _ = _decoder_inputs(model, torch.randn(2, 3, 64, 64))
+    F.cross_entropy(logits, torch.randint(0, 3, (2, 64, 64))).backward()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["torchvision", "vit-pyramid"])
 def test_pan_at_its_input_size(backbone: str) -> None:
-    # PAN's feature pyramid attention pools its stride-32 map, which must be 4x4 or more.
+    # PAN's feature pyramid attention halves its deepest map three times: 8x8 or more.
     model = _build("PAN", backbone)
     logits, received = _decoder_inputs(model, torch.randn(2, 3, 128, 128))
     F.cross_entropy(logits, torch.randint(0, 3, (2, 128, 128))).backward()
     assert _strides(received, 128) == [1, 2, 4, 8, 16, 16]
+
+
+@pytest.mark.slow
+def test_torch_export() -> None:
+    model = _build("FPN", "vit-pyramid").eval()
+    x = torch.randn(2, 3, 64, 64)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x))
 
 
 # -- the same numbers as smp's own encoders ---------------------------------------------
@@ -238,6 +258,16 @@ def test_in_channels_through_transformers_num_channels() -> None:
     )
     assert model.encoder.model.get_parameter("embedder.embedder.convolution.weight").shape[1] == 1
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 1, 64, 64)
+
+
+def test_in_channels_refused_for_pretrained_transformers(tmp_path: Path) -> None:
+    # transformers reinitializes (or refuses) a first conv of other channels.
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(**_HF_RESNET)
+    transformers.ResNetModel(config).save_pretrained(tmp_path)
+    name = register_encoder(f"hf:{tmp_path}", pretrained=True)
+    with pytest.raises(unifeat.UnsupportedOptionError, match=r"in_channels=4 .* adapt"):
+        smp.Unet(name, encoder_weights=None, in_channels=4)
 
 
 def test_in_channels_refused_where_the_library_has_no_option() -> None:
