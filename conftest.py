@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 
 import pytest
+
+# The smp integration's examples run smp itself: without the [smp] extra they are not
+# collected (its tests skip themselves).
+collect_ignore = (
+    []
+    if importlib.util.find_spec("segmentation_models_pytorch")
+    else ["unifeat/integrations/smp.py"]
+)
 
 
 @pytest.fixture(autouse=True)
