@@ -1,0 +1,8 @@
+"""unifeat backbones inside other frameworks' heads (docs/heads.md).
+
+Each submodule is the integration with one framework and imports that framework
+when it is imported itself; ``import unifeat`` imports none of them:
+
+- :mod:`unifeat.integrations.transformers`: transformers' heads (UperNet,
+  Mask2Former, DPT) through ``AutoBackbone``.
+"""
