@@ -95,11 +95,11 @@ def _json_value(value: Any, what: str) -> Any:
         ) from None
 
 
-def _rounded_stride(reduction: float) -> int:
-    """A level's stride as heads take it (an int): exact where the reduction is an
-    int, else the nearest power of two (a patch-14 pyramid's 3.5 is 4)."""
-    if float(reduction).is_integer():
-        return int(reduction)
+def _nominal_stride(reduction: float) -> int:
+    """A level's stride as heads count with it: the power of two nearest to its
+    reduction (the reduction itself for 4, 8, 16, 32; 4, 8, 16, 32 for a patch-14
+    pyramid's 3.5, 7, 14, 28). Mask2Former derives its level count from the log2 of
+    its ``feature_strides``, which a stride of 7 would throw off."""
     return int(2 ** round(math.log2(reduction)))
 
 
@@ -205,8 +205,7 @@ class UnifeatBackboneConfig(BackboneConfigMixin, PreTrainedConfig):
     # -- the levels -------------------------------------------------------------------------
 
     @property
-    def label(self) -> str:
-        """How messages name the backbone."""
+    def _label(self) -> str:
         return f"unifeat backbone {self.model_name!r}"
 
     def unifeat_options(self) -> dict[str, Any]:
@@ -233,7 +232,15 @@ class UnifeatBackboneConfig(BackboneConfigMixin, PreTrainedConfig):
 
     @property
     def feature_info(self) -> FeatureInfo:
-        """Every level, and the ones the backbone returns (``out_indices``)."""
+        """Every level, and the ones the backbone returns (``out_indices``).
+
+        Examples:
+            >>> from unifeat.integrations.transformers import UnifeatBackboneConfig
+            >>> config = UnifeatBackboneConfig(model_name="tv:resnet18", out_indices=(2, 3))
+            >>> info = config.feature_info
+            >>> len(info), info.module_name(), info.reduction()
+            (5, ['layer2', 'layer3'], [8, 16])
+        """
         return self._levels.from_other(tuple(self._out_indices or ()))
 
     @property
@@ -243,10 +250,21 @@ class UnifeatBackboneConfig(BackboneConfigMixin, PreTrainedConfig):
 
     @property
     def feature_strides(self) -> list[int]:
-        """The strides of the returned levels as heads take them: the reduction,
-        or for a fractional one (a patch-14 pyramid's 3.5) the nearest power of
-        two. Pass it to ``Mask2FormerConfig(feature_strides=...)``."""
-        return [_rounded_stride(r) for r in self.feature_info.reduction()]
+        """The nominal strides of the returned levels: the power of two nearest to
+        each reduction, which is the reduction itself for the usual strides 4 to 32
+        (a patch-14 pyramid's 3.5, 7, 14, 28 give 4, 8, 16, 32; ``feature_info``
+        has the exact ones). Pass it to ``Mask2FormerConfig(feature_strides=...)``,
+        whose pixel decoder counts levels by the log2 of these.
+
+        Examples:
+            >>> from unifeat.integrations.transformers import UnifeatBackboneConfig
+            >>> config = UnifeatBackboneConfig(model_name="hf:dinov2", pyramid="simple",
+            ...     model_kwargs=dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+            ...                       patch_size=14, image_size=56))
+            >>> config.feature_info.reduction(), config.feature_strides
+            ([3.5, 7, 14, 28], [4, 8, 16, 32])
+        """
+        return [_nominal_stride(r) for r in self.feature_info.reduction()]
 
     def _check_fields(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -257,34 +275,34 @@ class UnifeatBackboneConfig(BackboneConfigMixin, PreTrainedConfig):
             )
         if not isinstance(self.reshape_hidden_states, bool):
             raise UnsupportedOptionError(
-                f"invalid reshape_hidden_states={self.reshape_hidden_states!r} for {self.label}: "
+                f"invalid reshape_hidden_states={self.reshape_hidden_states!r} for {self._label}: "
                 "expected True (NCHW maps) or False ([B, 1 + N, C] tokens, for DPT)"
             )
         if isinstance(self.checkpoint_path, os.PathLike):
             self.checkpoint_path = os.fspath(self.checkpoint_path)
         if self.checkpoint_path is not None and not isinstance(self.checkpoint_path, str):
             raise UnsupportedOptionError(
-                f"invalid checkpoint_path={self.checkpoint_path!r} for {self.label}: expected "
+                f"invalid checkpoint_path={self.checkpoint_path!r} for {self._label}: expected "
                 "the path of a local .pth/.pt/.safetensors file"
             )
         kwargs = self.model_kwargs if self.model_kwargs is not None else {}
         if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
             raise UnsupportedOptionError(
-                f"invalid model_kwargs={kwargs!r} for {self.label}: expected a dict of the "
+                f"invalid model_kwargs={kwargs!r} for {self._label}: expected a dict of the "
                 "model's constructor arguments by name"
             )
         for key in kwargs:
             if key in _OPTIONS:
                 raise UnsupportedOptionError(
-                    f"model_kwargs of {self.label} holds {key!r}, an option of the config "
+                    f"model_kwargs of {self._label} holds {key!r}, an option of the config "
                     f"itself: pass UnifeatBackboneConfig({key}=...)"
                 )
             if key in _NOT_OPTIONS:
                 raise UnsupportedOptionError(
-                    f"model_kwargs of {self.label} holds {key!r}, which a backbone config does "
+                    f"model_kwargs of {self._label} holds {key!r}, which a backbone config does "
                     f"not take: {_NOT_OPTIONS[key]}"
                 )
-        self.model_kwargs = _json_value(kwargs, f"model_kwargs of {self.label}")
+        self.model_kwargs = _json_value(kwargs, f"model_kwargs of {self._label}")
 
     def _resolve(
         self, out_indices: object, out_features: object, saved_stage_names: object
@@ -295,26 +313,26 @@ class UnifeatBackboneConfig(BackboneConfigMixin, PreTrainedConfig):
         options = self.unifeat_options()
         if out_features is not None:
             every = unifeat.feature_info(name, **options)
-            wanted = _indices_of(out_features, [level.module for level in every], self.label)
+            wanted = _indices_of(out_features, [level.module for level in every], self._label)
             if out_indices is not None:
                 given = every.from_other(_index_spec(out_indices)).out_indices
                 if given != every.from_other(wanted).out_indices:
                     raise InvalidIndicesError(
                         f"out_indices={out_indices!r} and out_features={out_features!r} name "
-                        f"different levels of {self.label}: pass one of them"
+                        f"different levels of {self._label}: pass one of them"
                     )
             out_indices = wanted
         info = unifeat.feature_info(name, out_indices=_index_spec(out_indices), **options)
         stage_names = [level.module for level in info]
         if len(set(stage_names)) != len(stage_names):
             raise UnsupportedOptionError(
-                f"the levels of {self.label} share module names ({stage_names}), which "
+                f"the levels of {self._label} share module names ({stage_names}), which "
                 "transformers' stage names cannot tell apart"
             )
         if saved_stage_names is not None and list(saved_stage_names) != stage_names:  # type: ignore[call-overload]
             raise UnsupportedOptionError(
                 f"this config was saved with stage_names={list(saved_stage_names)!r}, but "  # type: ignore[call-overload]
-                f"{self.label} now has {stage_names!r}: the installed library builds another "
+                f"{self._label} now has {stage_names!r}: the installed library builds another "
                 "model than the one saved, whose weights would not fit it"
             )
         self._levels = info
@@ -336,7 +354,7 @@ class UnifeatBackboneConfig(BackboneConfigMixin, PreTrainedConfig):
         if len(widths) != 1 or len(reductions) != 1:
             raise UnsupportedOptionError(
                 f"reshape_hidden_states=False returns tokens of one width and one patch grid, "
-                f"but the levels {info.out_indices} of {self.label} have channels "
+                f"but the levels {info.out_indices} of {self._label} have channels "
                 f"{info.channels()} and reductions {info.reduction()}: pick blocks of a plain ViT"
             )
         options = {
@@ -358,7 +376,7 @@ class UnifeatBackboneConfig(BackboneConfigMixin, PreTrainedConfig):
         if prefix != 1:
             raise UnsupportedOptionError(
                 f"reshape_hidden_states=False returns the class token and the patch tokens, "
-                f"but {self.label} has {prefix} prefix tokens: DPT reads exactly one (a class "
+                f"but {self._label} has {prefix} prefix tokens: DPT reads exactly one (a class "
                 "token at index 0); a model with register or distillation tokens is not "
                 "supported, as nothing tells which prefix token is the class token"
             )
@@ -394,7 +412,7 @@ class UnifeatBackboneConfig(BackboneConfigMixin, PreTrainedConfig):
 
     @out_features.setter
     def out_features(self, out_features: Sequence[str]) -> None:
-        chosen = self._levels.from_other(_indices_of(out_features, self.stage_names, self.label))
+        chosen = self._levels.from_other(_indices_of(out_features, self.stage_names, self._label))
         BackboneConfigMixin.set_output_features_output_indices(
             self, out_features=None, out_indices=list(chosen.out_indices)
         )
@@ -524,7 +542,7 @@ class UnifeatBackbone(BackboneMixin, PreTrainedModel):
         levels = self.model.feature_info
         if _described(levels) != _described(config._levels):
             raise UnsupportedOptionError(
-                f"{config.label} built the levels {_described(levels)} (module, channels, "
+                f"{config._label} built the levels {_described(levels)} (module, channels, "
                 f"reduction), but its config says {_described(config._levels)}: the config was "
                 "changed after it was made; make a new UnifeatBackboneConfig"
             )
@@ -586,7 +604,7 @@ class UnifeatBackbone(BackboneMixin, PreTrainedModel):
         """
         if kwargs:
             raise UnsupportedOptionError(
-                f"{self.config.label} takes pixel_values, output_hidden_states, "
+                f"{self.config._label} takes pixel_values, output_hidden_states, "
                 f"output_attentions and return_dict, not {format_choices(sorted(kwargs))}"
             )
         config = self.config
@@ -602,11 +620,11 @@ class UnifeatBackbone(BackboneMixin, PreTrainedModel):
         ):
             if not isinstance(value, bool):
                 raise UnsupportedOptionError(
-                    f"invalid {flag}={value!r} for {config.label}: expected True or False"
+                    f"invalid {flag}={value!r} for {config._label}: expected True or False"
                 )
         if attentions:
             raise UnsupportedOptionError(
-                f"output_attentions=True: {config.label} returns no attention maps "
+                f"output_attentions=True: {config._label} returns no attention maps "
                 "(has_attentions is False)"
             )
         out_indices = list(self.model.feature_info.out_indices)
@@ -636,7 +654,7 @@ class UnifeatBackbone(BackboneMixin, PreTrainedModel):
         count = _prefix_count(level)
         if count != 1:
             raise UnsupportedOptionError(
-                f"{self.config.label} gave {count} prefix tokens at this input, "
+                f"{self.config._label} gave {count} prefix tokens at this input, "
                 "but reshape_hidden_states=False returns exactly one (the class token)"
             )
         feature_map, prefix = level
@@ -733,7 +751,7 @@ def check_head_config(config: PreTrainedConfig) -> None:
 def _needs_maps(head: str, backbone: UnifeatBackboneConfig) -> None:
     if not backbone.reshape_hidden_states:
         raise UnsupportedOptionError(
-            f"{head} reads NCHW feature maps, but {backbone.label} returns tokens "
+            f"{head} reads NCHW feature maps, but {backbone._label} returns tokens "
             "(reshape_hidden_states=False, for DPT): leave reshape_hidden_states at True"
         )
 
@@ -745,7 +763,7 @@ def _check_upernet(config: PreTrainedConfig, backbone: UnifeatBackboneConfig) ->
         return
     if len(channels) < 3:
         raise UnsupportedOptionError(
-            f"UperNet's auxiliary head reads the third level, but {backbone.label} returns "
+            f"UperNet's auxiliary head reads the third level, but {backbone._label} returns "
             f"{len(channels)} (out_indices={backbone.out_indices}): return at least 3 levels, "
             "or set use_auxiliary_head=False"
         )
@@ -753,7 +771,7 @@ def _check_upernet(config: PreTrainedConfig, backbone: UnifeatBackboneConfig) ->
     if wanted is not None and wanted != channels[2]:
         raise UnsupportedOptionError(
             f"UperNet's auxiliary head reads the third level, which has {channels[2]} channels "
-            f"in {backbone.label}, but auxiliary_in_channels={wanted}: set it to "
+            f"in {backbone._label}, but auxiliary_in_channels={wanted}: set it to "
             f"{channels[2]} or leave it None"
         )
 
@@ -765,13 +783,13 @@ def _check_mask2former(config: PreTrainedConfig, backbone: UnifeatBackboneConfig
     if said != strides:
         raise UnsupportedOptionError(
             f"Mask2Former's feature_strides={said} do not match the levels of "
-            f"{backbone.label}, whose strides are {strides} (out_indices="
+            f"{backbone._label}, whose strides are {strides} (out_indices="
             f"{backbone.out_indices}): pass feature_strides=backbone_config.feature_strides"
         )
     if len(strides) < 3:
         raise UnsupportedOptionError(
             f"Mask2Former's pixel decoder reads 3 levels with attention and more below them, "
-            f"but {backbone.label} returns {len(strides)} (strides {strides}): return at "
+            f"but {backbone._label} returns {len(strides)} (strides {strides}): return at "
             "least 3 levels"
         )
     finest = min(strides[-3:])
@@ -781,7 +799,7 @@ def _check_mask2former(config: PreTrainedConfig, backbone: UnifeatBackboneConfig
         raise UnsupportedOptionError(
             f"Mask2Former's pixel decoder takes the last 3 levels (strides {strides[-3:]}) and "
             f"{needed} level(s) before them (from stride {finest} down to "
-            f"common_stride={config.common_stride}), but {backbone.label} returns "
+            f"common_stride={config.common_stride}), but {backbone._label} returns "
             f"{len(strides) - 3} before them (strides {strides}): return "
             f"{3 + needed} levels (4 levels at strides 4-32 for common_stride=4)"
         )
@@ -791,18 +809,18 @@ def _check_dpt(config: PreTrainedConfig, backbone: UnifeatBackboneConfig) -> Non
     if config.is_hybrid:
         raise UnsupportedOptionError(
             "a hybrid DPT (is_hybrid=True) builds its own BiT backbone and ignores "
-            f"{backbone.label}: set is_hybrid=False"
+            f"{backbone._label}: set is_hybrid=False"
         )
     if backbone.reshape_hidden_states:
         raise UnsupportedOptionError(
-            f"DPT reads [B, 1 + N, C] tokens with the class token first, but {backbone.label} "
+            f"DPT reads [B, 1 + N, C] tokens with the class token first, but {backbone._label} "
             "returns NCHW maps: set reshape_hidden_states=False (a plain ViT with a class token)"
         )
     count = len(backbone.channels)
     for name in ("neck_hidden_sizes", "reassemble_factors"):
         if len(getattr(config, name)) != count:
             raise UnsupportedOptionError(
-                f"DPT's {name} has {len(getattr(config, name))} entries, but {backbone.label} "
+                f"DPT's {name} has {len(getattr(config, name))} entries, but {backbone._label} "
                 f"returns {count} levels (out_indices={backbone.out_indices}): give one per level"
             )
 
