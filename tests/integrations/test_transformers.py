@@ -466,6 +466,23 @@ print("ok")
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("backend", ["torchvision", "vit-pyramid"])
+def test_a_new_head_keeps_the_backbones_own_initialization(backend: str) -> None:
+    """transformers initializes a new head model's weights; the backbone's stay as
+    unifeat.create_model makes them (the library's init, the pyramid's), bit for bit."""
+    options = dict(BACKBONES[backend])
+    name, model_kwargs = options.pop("model_name"), options.pop("model_kwargs", {})
+    torch.manual_seed(0)
+    reference = unifeat.create_model(name, features_only=True, **options, **model_kwargs)
+    torch.manual_seed(0)  # the backbone is the first thing UperNet builds
+    head = UperNetForSemanticSegmentation(
+        _upernet_config(UnifeatBackboneConfig(**BACKBONES[backend]))
+    )
+    ours, theirs = head.backbone.model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[key].equal(theirs[key]) for key in ours)
+
+
 def test_backbone_keys_missing_from_a_checkpoint_get_the_library_initialization(
     tmp_path: Path,
 ) -> None:
