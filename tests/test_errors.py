@@ -205,3 +205,21 @@ def test_no_error_is_a_bare_assert_on_user_input():
         unifeat.create_model("vit_tiny_patch16_224", output_stride=8)
     with pytest.raises(UnifeatError):
         unifeat.create_model(123)
+
+
+@pytest.mark.parametrize("name", ["timm:resnet18", "tv:resnet18", "oc:RN50"])
+def test_unreachable_pretrained_weights_are_a_checkpoint_error(name, monkeypatch):
+    """A library that cannot fetch its pretrained weights (offline; the hubs are out of
+    reach of this machine and of CI) gives one CheckpointError naming the model and
+    checkpoint_path=, not its hub client's exception."""
+    import urllib.error
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", unreachable)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    with pytest.raises(CheckpointError, match=r"pretrained weights of .*checkpoint_path="):
+        unifeat.create_model(name, pretrained=True, features_only=True)

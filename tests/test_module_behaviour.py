@@ -354,3 +354,45 @@ def test_a_module_with_features_only_false_comes_back_as_is():
     with pytest.raises(unifeat.UnsupportedOptionError, match="cannot be applied to an already"):
         unifeat.create_model(source, output_stride=16)
     assert not hasattr(source, "backend")  # nothing was written onto it
+
+
+def test_prefix_tokens_of_a_model_without_any_are_empty():
+    """return_prefix_tokens=True gives every level as (map, prefix), on every runner:
+    a token model without prefix tokens (no class token) gives an empty prefix."""
+    timm_vit = unifeat.create_model(
+        "timm:vit_tiny_patch16_224",
+        features_only=True,
+        return_prefix_tokens=True,
+        img_size=32,
+        depth=2,
+        class_token=False,
+        global_pool="avg",
+    )
+    hf_siglip = unifeat.create_model(
+        "hf:siglip_vision_model",
+        features_only=True,
+        return_prefix_tokens=True,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+    )
+    for model in (timm_vit, hf_siglip):
+        for level in model(torch.randn(2, 3, 32, 32)):
+            feature_map, prefix = level
+            assert prefix.shape == (2, 0, feature_map.shape[1])
+
+
+def test_a_build_under_a_device_context_is_made_there():
+    """Under ``with torch.device("meta")`` every backend builds on the meta device (an
+    open_clip tower was made on the CPU with real random weights)."""
+    with torch.device("meta"):
+        for name, kwargs in [
+            ("timm:resnet18", {}),
+            ("tv:resnet18", {}),
+            ("oc:ViT-B-32", dict(layers=2, width=64, head_width=32, image_size=32, patch_size=16)),
+        ]:
+            model = unifeat.create_model(name, features_only=True, **kwargs)
+            assert all(p.is_meta for p in model.parameters()), name

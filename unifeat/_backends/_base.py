@@ -34,7 +34,13 @@ from unifeat._engine.pyramid import PREFIX as PYRAMID_PREFIX
 from unifeat._engine.pyramid import check_pyramid, pyramid_levels
 from unifeat._engine.resize import PositionEmbedding
 from unifeat._engine.trim import check_norm
-from unifeat._errors import TracingError, UnifeatError, UnsupportedOptionError, close_matches
+from unifeat._errors import (
+    CheckpointError,
+    TracingError,
+    UnifeatError,
+    UnsupportedOptionError,
+    close_matches,
+)
 from unifeat._feature_info import FeatureInfo
 from unifeat._feature_model import attach_image_transform
 from unifeat._indices import IndexSpec, normalize_indices
@@ -75,6 +81,31 @@ def built_with_kwargs(plan: BuildPlan) -> Iterator[None]:
             f"{plan.label} could not be built with {given}: {type(exc).__name__}: "
             f"{text[0] if text else ''}"
         ) from exc
+
+
+@contextmanager
+def fetching_weights(plan: BuildPlan) -> Iterator[None]:
+    """A library's failure to fetch pretrained weights (offline, a hub or URL it
+    cannot reach, a cache without them) becomes one :class:`CheckpointError` naming
+    the model and the way out, not the hub client's own exception."""
+    try:
+        yield
+    except UnifeatError:
+        raise
+    except OSError as exc:
+        if not plan.pretrained:
+            raise
+        raise weights_unreachable(plan, exc) from exc
+
+
+def weights_unreachable(plan: BuildPlan, exc: BaseException) -> CheckpointError:
+    """The error for pretrained weights a library could not fetch."""
+    text = str(exc).strip().splitlines()
+    return CheckpointError(
+        f"could not get the pretrained weights of {plan.label} ({type(exc).__name__}: "
+        f"{text[0] if text else ''}): the library fetches them from its hub or URL, which "
+        "this machine may not reach; pass checkpoint_path= with a local copy instead"
+    )
 
 
 def unknown_keyword(bad: str, plan: BuildPlan, valid: list[str]) -> NoReturn:
@@ -639,7 +670,7 @@ class Adapter:
             return source, aside
         extra = layout.build_kwargs if layout is not None else {}
         device = torch.device(plan.device) if plan.device is not None else None
-        with built_with_kwargs(plan):
+        with fetching_weights(plan), built_with_kwargs(plan):
             if device is not None and not plan.pretrained:
                 # Random weights are made where they will live: no CPU copy first.
                 with device:

@@ -9,6 +9,7 @@ tower is never built.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import types
 from collections.abc import Mapping
@@ -20,7 +21,12 @@ from open_clip.model import _build_vision_tower
 from torch import Tensor, nn
 
 from unifeat._backends import timm as timm_backend
-from unifeat._backends._base import Adapter, NativeLevels, unknown_keyword
+from unifeat._backends._base import (
+    Adapter,
+    NativeLevels,
+    unknown_keyword,
+    weights_unreachable,
+)
 from unifeat._engine.classifier import HeadRecipe
 from unifeat._engine.levels import FeatureMap
 from unifeat._engine.native import NativeSpec, measure_levels
@@ -197,9 +203,16 @@ class OpenClipAdapter(Adapter):
                 )
         if plan.pretrained and not meta:
             tags = open_clip.list_pretrained_tags_by_model(name)
-            model = open_clip.create_model(name, pretrained=tag or (tags[0] if tags else None))
+            try:
+                model = open_clip.create_model(name, pretrained=tag or (tags[0] if tags else None))
+            except RuntimeError as exc:
+                # open_clip reports a failed download as a RuntimeError of its own.
+                if "download" not in str(exc).lower():
+                    raise
+                raise weights_unreachable(plan, exc) from exc
             return model.visual
-        with torch.device("meta") if meta else torch.device("cpu"):
+        # Not meta: wherever the caller builds (device= makes random weights there).
+        with torch.device("meta") if meta else contextlib.nullcontext():
             return _build_vision_tower(
                 config["embed_dim"], vision, quick_gelu=config.get("quick_gelu", False)
             )

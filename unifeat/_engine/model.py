@@ -666,8 +666,9 @@ class FeatureModel(AdoptingModule):
         model computes, in the model's native layout; while the model still
         computes the source's last level it is what the source's
         ``forward_features`` gives (after its final norm); see the docs page
-        "Levels and indices". ``norm=True`` applies the final norm to each map,
-        where the model has one that fits.
+        "Levels and indices". ``norm=True`` applies the final norm to each map it
+        fits; the model must have been built with ``norm=True`` (which keeps the
+        norm), and as in timm the default is ``False`` whatever ``forward`` does.
 
         Returns:
             The list of maps, or ``(final, maps)``.

@@ -95,8 +95,9 @@ class NativeRunner(Runner):
     ) -> tuple[list[FeatureMap], Tensor | None]:
         if final:
             output, maps = self._spec.final(root, x, list(indices), prefix_tokens, norm)
-            return maps, output
-        return self._spec.intermediates(root, x, list(indices), prefix_tokens, norm), None
+            return _paired(maps, prefix_tokens), output
+        maps = self._spec.intermediates(root, x, list(indices), prefix_tokens, norm)
+        return _paired(maps, prefix_tokens), None
 
     def prune(
         self,
@@ -112,6 +113,18 @@ class NativeRunner(Runner):
             self.final_norm = self.final_norm or "its final norm was pruned"
         self._spec.prune(root, last_level, self._keeps_final())
         return root
+
+
+def _paired(maps: list[FeatureMap], prefix_tokens: bool) -> list[FeatureMap]:
+    """With prefix tokens asked for, every level is ``(map, prefix)``: a library that
+    returns a bare map where a model has none (timm's ViT without a class token)
+    gets an empty ``[N, 0, C]`` prefix, as the other runners give."""
+    if not prefix_tokens:
+        return maps
+    return [
+        item if isinstance(item, tuple) else (item, item.new_empty(item.shape[0], 0, item.shape[1]))
+        for item in maps
+    ]
 
 
 def measure_levels(
