@@ -52,9 +52,17 @@ def test_fpn_head_script_runs(capsys, monkeypatch, argv, first):
 _HF_CONVNEXT = {"hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]}
 
 
+_TINY_VIT = {"pyramid": "simple", "img_size": 96, "depth": 4, "dynamic_img_size": True}
+
+
 @pytest.mark.parametrize(
     ("model", "kwargs"),
-    [("timm:resnet18", {}), ("tv:resnet18", {}), ("hf:convnext", _HF_CONVNEXT)],
+    [
+        ("timm:resnet18", {}),
+        ("tv:resnet18", {}),
+        ("hf:convnext", _HF_CONVNEXT),
+        ("timm:vit_tiny_patch16_224", _TINY_VIT),
+    ],
 )
 def test_mask_rcnn_head_runs_on_every_backend(model, kwargs):
     module = runpy.run_path(str(EXAMPLES / "mask_rcnn.py"))
@@ -162,3 +170,12 @@ def test_train_frozen_backbone_learns_only_the_unfrozen_part(capsys, monkeypatch
     assert [line.split(":")[0] for line in lines[:2]] == ["step 0", "step 1"]
     frozen, total = (int(word) for word in lines[-1].split() if word.isdigit())
     assert 0 < frozen < total
+
+
+def test_upernet_on_a_vit_pyramid_trains(capsys, monkeypatch):
+    """examples/segmentation_upernet.py: transformers' UperNet on a DINOv2-style ViT
+    through the simple pyramid, a training step with layer-wise decay, on defaults."""
+    monkeypatch.setattr(sys, "argv", ["segmentation_upernet.py", "--size", "56", "--steps", "2"])
+    runpy.run_path(str(EXAMPLES / "segmentation_upernet.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "reductions [3.5, 7, 14, 28]" in out and "logits (1, 21, 56, 56)" in out

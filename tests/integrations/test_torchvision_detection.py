@@ -1,4 +1,4 @@
-"""torchvision's detectors on ``backbone_with_fpn`` (docs/heads-torchvision.md).
+"""torchvision's detectors on ``backbone_with_fpn`` (docs/heads.md, "torchvision detection").
 
 Each detector takes a training step (targets, losses, backward, an optimizer
 step) and then detects, on a tiny backbone of every backend and on a ViT
@@ -106,7 +106,7 @@ def _model(backbone: str) -> tuple[Any, dict[str, Any]]:
 
 
 def detector(kind: str, backbone: str) -> nn.Module:
-    """What docs/heads-torchvision.md says to pass to each detector, with small
+    """What docs/heads.md, "torchvision detection" says to pass to each detector, with small
     proposal counts and heads to keep the test fast."""
     name, kwargs = _model(backbone)
     size = dict(min_size=SIZE, max_size=SIZE)
@@ -276,7 +276,7 @@ def test_frozen_levels_and_norm_eval_train_as_torchvision_frozen_backbones() -> 
     """``frozen_levels=1, norm_eval=True`` is torchvision's FrozenBatchNorm2d with
     ``trainable_layers=3``: the same maps in training mode, the stem and layer1
     frozen, no statistic updated; only the BatchNorm affine parameters of
-    layer2..4 still train (docs/heads-torchvision.md, "Frozen BatchNorm")."""
+    layer2..4 still train (docs/heads.md, "torchvision detection", "Frozen BatchNorm")."""
     theirs, ours = _resnet18_pair(frozen_levels=1, norm_eval=True)
     ours.load_state_dict(theirs.state_dict())
     trainable = {name for name, p in ours.named_parameters() if p.requires_grad}

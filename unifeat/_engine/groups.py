@@ -134,3 +134,20 @@ def _common_module(names: Sequence[str]) -> str:
             break
         common.append(pieces[0])
     return ".".join(common)
+
+
+def prefixed(matcher: GroupMatcher, prefix: str) -> GroupMatcher:
+    """``matcher`` for the same parameters held under ``prefix`` (a framework's
+    wrapper: ``model.`` inside transformers' backbone)."""
+    lead = "^" + re.escape(f"{prefix}.")
+
+    def moved(regex: str) -> str:
+        return lead + regex[1:] if regex.startswith("^") else lead + regex
+
+    found: GroupMatcher = {}
+    for name, spec in matcher.items():
+        if isinstance(spec, str):
+            found[name] = moved(spec)
+        else:
+            found[name] = [(moved(regex), suffix) for regex, suffix in spec]
+    return found

@@ -1,4 +1,4 @@
-"""torchvision's detectors on any unifeat backbone, in one call (docs/heads-torchvision.md).
+"""torchvision's detectors on any unifeat backbone, in one call (docs/heads.md, "torchvision detection").
 
 torchvision's FasterRCNN, MaskRCNN, RetinaNet and FCOS take a ``backbone``
 that returns an ``OrderedDict`` of maps of one width and says that width in
@@ -140,7 +140,7 @@ class BackboneWithFPN(nn.Module):
     :func:`backbone_with_fpn` chooses the levels and builds the body; build this
     class yourself to wrap a feature model you already have. The body's
     returned levels must be NCHW maps at power-of-two reductions, each twice the
-    one before (``InvalidIndicesError`` otherwise: see docs/heads-torchvision.md).
+    one before (``InvalidIndicesError`` otherwise: see docs/heads.md, "torchvision detection").
 
     Args:
         body: a :class:`unifeat.FeatureModel` (``features_only=True``), list or dict
@@ -306,7 +306,7 @@ def backbone_with_fpn(
     ``layer4`` of a ResNet), so torchvision's default anchors (five sizes, one per
     level with ``"pool"``) and ``MultiScaleRoIAlign(["0", "1", "2", "3"])`` fit as
     they are. RetinaNet and FCOS use the levels at 8, 16 and 32 and P6/P7 (see
-    docs/heads-torchvision.md for what to pass to each detector).
+    docs/heads.md, "torchvision detection" for what to pass to each detector).
 
     Names: the feature model is ``body`` and the FPN ``fpn``, as in torchvision's
     ``BackboneWithFPN`` (``body.layer1.0.conv1.weight``,
@@ -321,7 +321,7 @@ def backbone_with_fpn(
     frozen_levels=`` the index of the reduction-4 level (1 for a ResNet): the
     running statistics stay fixed and the stem and first stage stop training
     (the BatchNorm affine parameters of later stages still train, as in
-    mmdetection; docs/heads-torchvision.md, "Frozen BatchNorm").
+    mmdetection; docs/heads.md, "torchvision detection", "Frozen BatchNorm").
 
     Args:
         model_or_name: a model name (``"timm:resnet50"``, ``"tv:resnet50"``,

@@ -140,7 +140,7 @@ class UnifeatBackboneConfig(BackboneConfigMixin, PreTrainedConfig):
     ``reshape_hidden_states=False`` (DPT) the config also has ``hidden_size`` and
     ``patch_size``, which DPT reads.
 
-    Args:
+    Attributes:
         model_name: the model, as :func:`unifeat.create_model` names it.
         out_indices: which levels to return (unifeat's index rule).
         out_features: the same by stage name, instead of ``out_indices``.
@@ -551,6 +551,18 @@ class UnifeatBackbone(BackboneMixin, PreTrainedModel):
         # loads every floating parameter as requiring grad).
         self._frozen = tuple(n for n, p in self.model.named_parameters() if not p.requires_grad)
         self.post_init()
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The feature model's :meth:`unifeat.FeatureModel.group_matcher` under this
+        backbone's ``model.`` prefix: timm's ``create_optimizer_v2(model.backbone,
+        layer_decay=...)`` groups the backbone from the stem up (docs/training.md)."""
+        from unifeat._engine.groups import prefixed
+
+        return prefixed(self.model.group_matcher(coarse=coarse), "model")
+
+    def no_weight_decay(self) -> set[str]:
+        """:meth:`unifeat.FeatureModel.no_weight_decay`, under the ``model.`` prefix."""
+        return {f"model.{name}" for name in self.model.no_weight_decay()}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
