@@ -1,4 +1,4 @@
-"""segmentation_models_pytorch's decoders on unifeat backbones (docs/heads.md, "segmentation_models_pytorch").
+"""segmentation_models_pytorch's decoders on unifeat backbones (docs/heads.md).
 
 Every check runs smp's own models, decoders and registry: the encoder is built
 by smp's ``get_encoder`` from the entry :func:`register_encoder` adds, as for
@@ -111,7 +111,7 @@ def _strides(maps: list[Tensor], size: int) -> list[float]:
 
 
 # Parameters a decoder leaves without gradient: DeepLabV3+ reads strides 4 and the
-# deepest only, so on a pyramid the stride-8 layer is unused (docs/heads.md, "segmentation_models_pytorch").
+# deepest only, so on a pyramid the stride-8 layer is unused (docs/heads.md).
 _UNREAD = {("DeepLabV3Plus", True): {"encoder.model.pyramid.up2"}}
 
 

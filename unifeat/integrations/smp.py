@@ -1,4 +1,4 @@
-"""segmentation_models_pytorch's decoders on any unifeat backbone (docs/heads.md, "segmentation_models_pytorch").
+"""segmentation_models_pytorch's decoders on any unifeat backbone (docs/heads.md).
 
 smp's models (``smp.Unet``, ``smp.FPN``, ``smp.DeepLabV3Plus``, ...) take an
 encoder by *name* and look it up in ``smp.encoders.encoders``, a dict of smp's
@@ -299,7 +299,7 @@ def register_encoder(model_name: str | nn.Module, **create_model_options: Any) -
             without levels at strides 4 and 8.
         BackendUnavailableError: segmentation_models_pytorch is not installed.
 
-    See docs/heads.md, "segmentation_models_pytorch" for what each decoder needs and what is refused.
+    See docs/heads.md for what each decoder needs and what is refused.
 
     Examples:
         >>> import torch

@@ -1,4 +1,4 @@
-"""torchvision's detectors on any unifeat backbone, in one call (docs/heads.md, "torchvision detection").
+"""torchvision's detectors on any unifeat backbone, in one call (docs/heads.md).
 
 torchvision's FasterRCNN, MaskRCNN, RetinaNet and FCOS take a ``backbone``
 that returns an ``OrderedDict`` of maps of one width and says that width in
