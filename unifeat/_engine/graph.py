@@ -77,16 +77,21 @@ def tracer_kwargs(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     the user's own ``tracer_kwargs``.
 
     Same leaf modules and auto-wrapped modules as torchvision's own
-    ``get_graph_node_names``, so node names come out identical to its.
+    ``get_graph_node_names``, so node names come out identical to its. An
+    adapter's ``trace_through`` entry lists ``torchvision.ops`` module classes
+    traced into instead (torchvision keeps its ``FeaturePyramidNetwork`` whole,
+    whose outputs are then no nodes of their own).
     """
     from torchvision.models import feature_extraction
 
     result = dict(extra or {})
+    through = tuple(result.pop("trace_through", ()))
     result["autowrap_modules"] = tuple(
         dict.fromkeys([*result.get("autowrap_modules", ()), math, torchvision.ops])
     )
     modules, functions = _timm_notrace()
-    leaves = [*result.get("leaf_modules", ()), *feature_extraction._get_leaf_modules_for_ops()]
+    ops = [m for m in feature_extraction._get_leaf_modules_for_ops() if m not in through]
+    leaves = [*result.get("leaf_modules", ()), *ops]
     result["leaf_modules"] = list(dict.fromkeys([*leaves, *modules]))
     wrapped = [*result.get("autowrap_functions", ()), *functions]
     if wrapped:
@@ -439,7 +444,12 @@ class _Graph:
     cut: set[fx.Node]
 
     @classmethod
-    def of(cls, trace_: Trace, shapes: Mapping[fx.Node, Any]) -> _Graph:
+    def of(
+        cls, trace_: Trace, shapes: Mapping[fx.Node, Any], *, head_modules: Iterable[str] = ()
+    ) -> _Graph:
+        """``head_modules``: modules an adapter marks as head; what they read does not
+        stay alive for the cut-point rule (an FPN reads every stage's output, yet
+        each stage still ends where the next one starts)."""
         # Only tensors computed from the input are activations: parameter-only
         # subgraphs (e.g. Swin V2's position-bias MLP) never break a stage boundary.
         from_input: set[fx.Node] = set()
@@ -450,8 +460,17 @@ class _Graph:
             n for n in trace_.graph.nodes if n.op not in ("get_attr", "output") and n in from_input
         ]
         position = {n: i for i, n in enumerate(order)}
+        heads = tuple(head_modules)
+        in_head = {
+            n
+            for n in order
+            if heads and any(_inside(module_path(n, trace_.names), h) for h in heads)
+        }
         last_use = {
-            n: max((position[u] for u in n.users if u in position), default=position[n])
+            n: max(
+                (position[u] for u in n.users if u in position and u not in in_head),
+                default=position[n],
+            )
             for n in order
         }
         cut: set[fx.Node] = set()
@@ -1157,7 +1176,7 @@ class GraphFinder:
             source, train=False, context=context, extra_tracer_kwargs=self.tracer_options
         )
         self.shapes = shapes_of(source, self.evaluation, input_size, context=context)
-        self.graph = _Graph.of(self.evaluation, self.shapes)
+        self.graph = _Graph.of(self.evaluation, self.shapes, head_modules=self.head_modules)
         self.train: Trace | None = None
 
     def node_names(self) -> tuple[list[str], list[str]]:
@@ -1269,6 +1288,12 @@ class GraphFinder:
             return propagate_shapes(graph_module, example, fake=not _is_meta(self.source))
         except Exception:
             return {}
+
+    def shapes_by_name(self) -> dict[str, Any]:
+        """Every named node's output shape, by node name: what a level's ``where``
+        names."""
+        names = self.evaluation.names
+        return {names[node]: shape for node, shape in self.shapes.items() if node in names}
 
     def remeasure(self, variant: nn.Module, *, retrace: bool) -> dict[str, Any]:
         """Shapes by node name of another build of the same architecture (dilated)."""
