@@ -392,6 +392,26 @@ def test_a_segmentation_model_passed_in_has_its_undilated_levels() -> None:
     )
 
 
+@pytest.mark.parametrize("name", ["ssd300_vgg16", "ssdlite320_mobilenet_v3_large"])
+def test_data_config_normalizes_as_the_detection_models_transform(name: str) -> None:
+    """The feature model skips the detection model's own transform, so its data config
+    carries that transform's normalization (SSD300 takes 0-255 pixels minus a mean,
+    SSDlite [-1, 1]) at the size it squashes images to: the same tensor."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    config = unifeat.data_config(f"tv:{name}")
+    side = config.input_size[1]
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    with torch.device("meta"):
+        detector = torchvision.models.get_model(name, weights_backbone=None)
+    own = detector.transform.normalize(to_tensor(image))
+    assert config.crop_mode == "squash"
+    assert torch.equal(unifeat.create_transform(config)(image), own)
+
+
 def test_detection_options_that_unifeat_decides_are_refused() -> None:
     with pytest.raises(UnsupportedOptionError, match="weights_backbone= is chosen by unifeat"):
         unifeat.feature_info("tv:fasterrcnn_resnet50_fpn", weights_backbone="DEFAULT")

@@ -30,6 +30,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 
 from unifeat._backends._base import Adapter, refuse_unknown_kwargs, unknown_keyword
+from unifeat._data import DataConfig
 from unifeat._engine.classifier import FLATTEN, NHWC_TO_NCHW, HeadRecipe
 from unifeat._engine.resize import PositionEmbedding
 from unifeat._errors import UnsupportedOptionError, format_choices
@@ -214,6 +215,45 @@ def _input_size_of(source: TaskBackbone) -> tuple[int, int]:
     if shorter:
         return int(shorter[-1]), int(shorter[-1])
     return _SEGMENTATION_SIZE, _SEGMENTATION_SIZE
+
+
+def _task_data_config(source: TaskBackbone, model_name: str | None) -> DataConfig | None:
+    """The preprocessing a task model's backbone expects. A detection model resizes
+    and normalizes inside its own ``transform``, which the feature model skips (its
+    weights' ``transforms()`` only scale to [0, 1]): its mean and std are the
+    transform's (SSD300 takes 0-255 pixels, SSDlite [-1, 1]), its size the one it
+    resizes to (SSD's exactly, squashed; the R-CNNs' shorter side, kept here as a
+    square center crop). A segmentation model's are its weights' transforms'."""
+    transform = getattr(source, "transform", None)
+    height, width = _input_size_of(source)
+    if transform is not None:
+        fixed = getattr(transform, "fixed_size", None)
+        return DataConfig(
+            input_size=(3, height, width),
+            mean=tuple(float(v) for v in transform.image_mean),
+            std=tuple(float(v) for v in transform.image_std),
+            interpolation="bilinear",
+            crop_pct=1.0,
+            crop_mode="squash" if fixed else "center",
+            source=(
+                f"torchvision {type(transform).__name__} of the detection model"
+                + ("" if fixed else f" (its shorter side to {height}, here center-cropped)")
+            ),
+        )
+    if model_name is None:
+        return None
+    preset = torchvision.models.get_model_weights(model_name).DEFAULT.transforms()
+    return DataConfig(
+        input_size=(3, height, width),
+        mean=tuple(float(v) for v in preset.mean),
+        std=tuple(float(v) for v in preset.std),
+        interpolation="bilinear",
+        crop_pct=1.0,
+        source=(
+            f"torchvision weights transforms ({type(preset).__name__}: the shorter side "
+            f"to {height}, here center-cropped)"
+        ),
+    )
 
 
 def _neck(backbone: nn.Module) -> tuple[str, ...]:
@@ -414,9 +454,9 @@ class TorchvisionAdapter(Adapter):
         return sorted(_matching(_NATIVE_DILATION, plan.model_name or "") or {})
 
     def image_transform(self, plan: BuildPlan, source: nn.Module) -> Any:
-        # A detection model resizes and normalizes inside its own transform, which
-        # the feature model skips; its weights' transforms() only scale to [0, 1].
-        if plan.pretrained and plan.model_name is not None and self._task(plan) is None:
+        if isinstance(source, TaskBackbone):
+            return _task_data_config(source, plan.model_name)
+        if plan.pretrained and plan.model_name is not None:
             return torchvision.models.get_model_weights(plan.model_name).DEFAULT.transforms()
         return None
 
