@@ -382,6 +382,18 @@ def test_a_detection_model_passed_in_is_read_and_left_alone() -> None:
     assert unifeat.create_model(detector) is detector
 
 
+def test_a_detection_backbone_passed_in_has_its_body_levels() -> None:
+    """torchvision's BackboneWithFPN by itself: the FPN reads every stage's output,
+    which must not hide where the stages end (before, layer3's first ReLU came out
+    as the stride-8 level)."""
+    with torch.device("meta"):
+        detector = torchvision.models.detection.retinanet_resnet50_fpn(weights_backbone=None)
+    info = unifeat.feature_info(detector.backbone)
+    assert _levels(info) == _levels(unifeat.feature_info("tv:resnet50"))
+    assert info.module_name()[2] == "body.layer2"
+    assert "fpn.extra_blocks.p6" in unifeat.get_node_names(detector.backbone)[1]
+
+
 def test_a_segmentation_model_passed_in_has_its_undilated_levels() -> None:
     """An FCN built by hand is recognised as torchvision's ResNet-50 segmentation
     backbone, so its levels are ResNet-50's at stride 8, as by name."""

@@ -256,17 +256,31 @@ def _task_data_config(source: TaskBackbone, model_name: str | None) -> DataConfi
     )
 
 
-def _neck(backbone: nn.Module) -> tuple[str, ...]:
-    """The modules of a task model's backbone that follow the classification trunk:
+def _backbone_of(source: nn.Module) -> tuple[str, nn.Module] | None:
+    """A detection backbone in ``source`` and its path prefix: a task model's, or the
+    backbone itself passed in (a ``BackboneWithFPN``, an SSD feature extractor)."""
+    if isinstance(source, TaskBackbone):
+        return "backbone.", source.get_submodule("backbone")
+    if type(source).__module__.startswith("torchvision.models.detection."):
+        return "", source
+    return None
+
+
+def _neck(source: nn.Module) -> tuple[str, ...]:
+    """The modules of a detection backbone that follow the classification trunk:
     its FPN, SSD's extra layers (SSD300's first extra block is VGG's own conv5 with
     fc6 and fc7 as convolutions, the trunk's last stage)."""
+    found = _backbone_of(source)
+    if found is None:
+        return ()
+    prefix, backbone = found
     if isinstance(getattr(backbone, "fpn", None), nn.Module):
-        return ("backbone.fpn",)
+        return (f"{prefix}fpn",)
     if isinstance(backbone, SSDFeatureExtractorVGG):
         extra: Any = backbone.extra
-        return tuple(f"backbone.extra.{i}" for i in range(1, len(extra)))
+        return tuple(f"{prefix}extra.{i}" for i in range(1, len(extra)))
     if isinstance(backbone, SSDLiteFeatureExtractorMobileNet):
-        return ("backbone.extra",)
+        return (f"{prefix}extra",)
     return ()
 
 
@@ -347,9 +361,8 @@ class TorchvisionAdapter(Adapter):
         """An FPN is traced into, so that each of its outputs is a node of its own
         (torchvision's tracer keeps ``torchvision.ops`` modules whole)."""
         options = super().tracer_options(plan, source)
-        if isinstance(source, TaskBackbone) and isinstance(
-            getattr(source.get_submodule("backbone"), "fpn", None), FeaturePyramidNetwork
-        ):
+        found = _backbone_of(source)
+        if found is not None and isinstance(getattr(found[1], "fpn", None), FeaturePyramidNetwork):
             return {**(options or {}), "trace_through": [FeaturePyramidNetwork]}
         return options
 
@@ -374,8 +387,9 @@ class TorchvisionAdapter(Adapter):
         return TaskBackbone(holder)
 
     def head_modules(self, source: nn.Module) -> tuple[str, ...]:
-        if isinstance(source, TaskBackbone):
-            return _neck(source.get_submodule("backbone"))
+        neck = _neck(source)
+        if neck:
+            return neck
         override = HEAD_OVERRIDES.get(type(source).__name__)
         if override is None or not type(source).__module__.startswith("torchvision."):
             return ()
