@@ -424,6 +424,24 @@ def test_data_config_normalizes_as_the_detection_models_transform(name: str) -> 
     assert torch.equal(unifeat.create_transform(config)(image), own)
 
 
+@pytest.mark.parametrize("name", ["tv:fasterrcnn_mobilenet_v3_large_320_fpn", "tv:inception_v3"])
+def test_a_graph_calling_f_max_pool2d_pickles(name: str) -> None:
+    """The FPN's pool level (and Inception's blocks) call F.max_pool2d, a function
+    pickle cannot find by its qualified name: the feature model still pickles, in
+    both modes, and runs after loading."""
+    import io
+
+    model = unifeat.create_model(name, features_only=True, device="meta")
+    model.train()  # traces the train graph too
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert _levels(loaded.feature_info) == _levels(model.feature_info)
+    x = torch.empty(2, 3, 96, 96, device="meta")
+    assert [m.shape for m in loaded.eval()(x)] == [m.shape for m in model.eval()(x)]
+
+
 def test_detection_options_that_unifeat_decides_are_refused() -> None:
     with pytest.raises(UnsupportedOptionError, match="weights_backbone= is chosen by unifeat"):
         unifeat.feature_info("tv:fasterrcnn_resnet50_fpn", weights_backbone="DEFAULT")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import logging
 import math
 import sys
@@ -127,6 +128,35 @@ class Trace:
         names = {copied[node.name]: name for node, name in self.names.items()}
         return Trace(graph, names, copy.deepcopy(self.constants, memo))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Functions the pickler cannot name by their qualified name (torch's
+        # boolean-dispatch F.max_pool2d: "boolean_dispatch.<locals>.fn") travel as the
+        # module attribute they are, in a copy of the graph that never held them (a
+        # graph keeps every target it had in a lookup table): the live one is kept.
+        graph = fx.Graph()
+        copied: dict[fx.Node, fx.Node] = {}
+        for node in self.graph.nodes:
+            target = node.target
+            if node.op == "call_function" and _unnamed(target):
+                target = _Attribute(target.__module__, target.__name__)
+            copied[node] = graph.create_node(
+                node.op,
+                target,
+                fx.node.map_arg(node.args, copied.__getitem__),
+                fx.node.map_arg(node.kwargs, copied.__getitem__),
+                node.name,
+                node.type,
+            )
+            copied[node].meta = dict(node.meta)
+        names = {copied[node]: name for node, name in self.names.items()}
+        return {"graph": graph, "names": names, "constants": self.constants}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for node in state["graph"].nodes:
+            if isinstance(node.target, _Attribute):
+                node.target = node.target.resolve()
+        self.__dict__.update(state)
+
     def attach_constants(self, module: nn.Module) -> None:
         """Give ``module``, a model the build owns (never one passed in), the lifted
         constants, for graph modules and functions over it to read."""
@@ -135,6 +165,33 @@ class Trace:
 
     def node(self, name: str) -> fx.Node | None:
         return next((n for n, q in self.names.items() if q == name), None)
+
+
+@dataclass(frozen=True)
+class _Attribute:
+    """A module attribute by name, for pickling a function by the name it is found
+    under rather than by its qualified name."""
+
+    module: str
+    name: str
+
+    def resolve(self) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.resolve()(*args, **kwargs)
+
+
+def _unnamed(function: Any) -> bool:
+    """A function pickle cannot find by its qualified name, but its module holds
+    under its ``__name__``."""
+    module, name = getattr(function, "__module__", None), getattr(function, "__name__", None)
+    if not isinstance(module, str) or not isinstance(name, str):
+        return False
+    if getattr(function, "__qualname__", name) == name:
+        return False
+    holder = sys.modules.get(module)
+    return holder is not None and getattr(holder, name, None) is function
 
 
 class _FastNodePathTracer(NodePathTracer):
