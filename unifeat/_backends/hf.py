@@ -85,7 +85,7 @@ TESTED_MODEL_TYPES = (
 # Detection, segmentation and dense-prediction types whose backbone the test suite
 # checks against the backbone type built directly and the model's own backbone
 # outputs (docs/backends/hf.md, "Detection and segmentation models").
-TESTED_TASK_TYPES = ("depth_anything", "detr", "dpt", "mask2former", "maskformer", "upernet")
+TESTED_TASK_TYPES = ("depth_anything", "detr", "dpt", "mask2former", "upernet")
 # Task models' auto mappings, in the order a type's model class is looked up where it
 # has no base model (UperNet, Depth Anything, ViTPose): the tasks of vision backbones.
 _TASK_MAPPINGS = (
