@@ -324,7 +324,11 @@ def from_open_clip(preprocess: Any) -> DataConfig:
 
 
 def from_transform(transform: Any) -> DataConfig:
-    """From whichever library's transform object ``transform`` is."""
+    """From whichever library's transform object ``transform`` is; a ``DataConfig``
+    an adapter made (where the library's recipe is part of the model, as a
+    torchvision detection model's transform) is taken as it is."""
+    if isinstance(transform, DataConfig):
+        return transform
     kind = type(transform).__name__
     if hasattr(transform, "crop_size") and hasattr(transform, "resize_size"):
         return from_torchvision(transform)

@@ -24,7 +24,7 @@ from torch import nn
 from unifeat._checkpoint import check_checkpoint, check_part, load_checkpoint, load_part
 from unifeat._engine import levels as _levels
 from unifeat._engine.classifier import ClassifierModel, HeadRecipe, check_head_options
-from unifeat._engine.graph import GraphFinder
+from unifeat._engine.graph import GraphFinder, relevel
 from unifeat._engine.hooks import CallingConvention, HookFinder
 from unifeat._engine.layout import Finder, Layout, apply_output_stride
 from unifeat._engine.levels import Level
@@ -199,6 +199,28 @@ class Adapter:
         resampled at other input sizes (torchvision's ViT)."""
         return None
 
+    def tracer_options(self, plan: BuildPlan, source: nn.Module) -> dict[str, Any] | None:
+        """Graph finder hint: the tracer options for ``source``: the user's
+        ``tracer_kwargs``, and where the adapter wants a ``torchvision.ops`` module
+        traced into rather than kept whole, ``trace_through`` (its classes)."""
+        return plan.tracer_kwargs
+
+    def level_twin(self, plan: BuildPlan, source: nn.Module) -> nn.Module | None:
+        """A weightless build of ``source``'s architecture without the dilation its
+        library builds in (torchvision's segmentation ResNets), or None.
+
+        A dilated net keeps one map size over several stages, so its own graph
+        shows fewer stages than it has; its levels are found on the twin (same
+        module names, same node names) and measured on ``source``: a DeepLabV3
+        ResNet-50 has ResNet-50's five levels at reductions 2, 4, 8, 8, 8."""
+        return None
+
+    def as_source(self, module: nn.Module) -> nn.Module:
+        """What unifeat reads for a module passed in: the module itself, or a view of
+        it under the same names where only part of it maps images to features (a
+        torchvision detection model's backbone)."""
+        return module
+
     def image_transform(self, plan: BuildPlan, source: nn.Module) -> Any:
         """The preprocessing the library prescribes for ``source`` (PIL image -> tensor),
         where it says."""
@@ -225,7 +247,7 @@ class Adapter:
         """The source without weights (meta device); a module passed in as it is
         (finders probe weightless replicas of it, never the module itself)."""
         if plan.module is not None:
-            return plan.module
+            return self.as_source(plan.module)
         with built_with_kwargs(plan):
             return self.build(plan, meta=True)
 
@@ -353,7 +375,7 @@ class Adapter:
             levels, indices = finder.levels_at_modules(native.levels), plan.out_indices
             default = native.default
         else:
-            levels, indices = finder.levels(), plan.out_indices
+            levels, indices = self._levels(plan, finder, source, size), plan.out_indices
         build_kwargs: dict[str, Any] = {}
 
         def switch(stride: int) -> list[Level] | None:
@@ -393,6 +415,25 @@ class Adapter:
             pyramid=pyramid,
         )
 
+    def _levels(
+        self, plan: BuildPlan, finder: Finder, source: nn.Module, size: tuple[int, int, int]
+    ) -> list[Level]:
+        """The automatic levels of ``source``: its finder's, or those of its undilated
+        twin (:meth:`level_twin`) with the reductions ``source`` has."""
+        twin = self.level_twin(plan, source)
+        if twin is None:
+            return finder.levels()
+        kind: FinderKind = "graph" if isinstance(finder, GraphFinder) else "hooks"
+        found = self._finder(plan, twin, size, kind, fallback=False).levels()
+        shapes = finder.shapes_by_name()
+        strangers = [level.where for level in found if level.where not in shapes]
+        if strangers:
+            raise UnsupportedOptionError(
+                f"the undilated twin of {plan.label} has levels at {', '.join(strangers)}, "
+                "which the model itself does not compute: its levels cannot be read off it"
+            )
+        return relevel(found, shapes, (size[1], size[2]))
+
     def _finder(
         self,
         plan: BuildPlan,
@@ -417,7 +458,7 @@ class Adapter:
                     context=plan.label,
                     head_modules=self.head_modules(source),
                     position_embedding=self.position_embedding(source),
-                    tracer_options=plan.tracer_kwargs,
+                    tracer_options=self.tracer_options(plan, source),
                 )
             except TracingError as untraceable:
                 if not fallback:
@@ -441,8 +482,6 @@ class Adapter:
 
     def _relevel(self, finder: Finder, variant: nn.Module, levels: list[Level]) -> list[Level]:
         """The same levels in a build with the library's own dilation switch."""
-        from unifeat._engine.graph import relevel
-
         if isinstance(finder, GraphFinder):
             return relevel(levels, finder.remeasure(variant, retrace=True), finder.size)
         trunk, convention = finder.trunk_path, finder.convention
@@ -660,7 +699,7 @@ class Adapter:
                     f"device= and dtype= choose where a model built by name lives; "
                     f"{plan.label} is already built: move it first (module.to(device, dtype))"
                 )
-            source = plan.module
+            source = self.as_source(plan.module)
             if plan.checkpoint_path is not None:
                 # Loading writes into the tensors, which the caller's module owns.
                 source = copy.deepcopy(source)

@@ -13,6 +13,7 @@ module paths.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
@@ -24,6 +25,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.backbone_utils import BackboneMixin
+from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING, MODEL_MAPPING
 
@@ -78,6 +81,26 @@ TESTED_MODEL_TYPES = (
     "vit",
     "vit_msn",
     "vitdet",
+)
+# Detection, segmentation and dense-prediction types whose backbone the test suite
+# checks against the backbone type built directly and the model's own backbone
+# outputs (docs/backends/hf.md, "Detection and segmentation models").
+TESTED_TASK_TYPES = ("depth_anything", "detr", "dpt", "mask2former", "upernet")
+# Task models' auto mappings, in the order a type's model class is looked up where it
+# has no base model (UperNet, Depth Anything, ViTPose): the tasks of vision backbones.
+_TASK_MAPPINGS = (
+    "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING",
+    "MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING",
+    "MODEL_FOR_INSTANCE_SEGMENTATION_MAPPING",
+    "MODEL_FOR_OBJECT_DETECTION_MAPPING",
+    "MODEL_FOR_DEPTH_ESTIMATION_MAPPING",
+    "MODEL_FOR_NORMAL_ESTIMATION_MAPPING",
+    "MODEL_FOR_POSE_ESTIMATION_MAPPING",
+    "MODEL_FOR_KEYPOINT_DETECTION_MAPPING",
+    "MODEL_FOR_IMAGE_MATTING_MAPPING",
+    "MODEL_FOR_IMAGE_SEGMENTATION_MAPPING",
+    "MODEL_FOR_TABLE_RECOGNITION_MAPPING",
+    "MODEL_FOR_TEXT_RECOGNITION_MAPPING",
 )
 # Composite (image-text) types whose vision tower is used.
 _VISION_TOWERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
@@ -180,7 +203,7 @@ _COMMON_CONFIG_KWARGS = ("num_labels", "attn_implementation", "output_attentions
 
 
 def _vision_types() -> list[str]:
-    return sorted(set(TESTED_MODEL_TYPES) | set(_VISION_TOWERS))
+    return sorted(set(TESTED_MODEL_TYPES) | set(TESTED_TASK_TYPES) | set(_VISION_TOWERS))
 
 
 def _is_location(name: str) -> bool:
@@ -204,10 +227,18 @@ def _vision_config(config: PretrainedConfig) -> PretrainedConfig:
 
 def _model_class(config: PretrainedConfig, label: str) -> type[PreTrainedModel]:
     """The base model of ``config``; its ``*Backbone`` where it has only that (RT-DETR's
-    ResNet, ViTPose's ViT). Refused where that class takes no ``pixel_values``."""
+    ResNet, ViTPose's ViT); else its task model (UperNet, Depth Anything, whose
+    backbone is read). Refused where that class takes no ``pixel_values``."""
     for mapping in (MODEL_MAPPING, MODEL_FOR_BACKBONE_MAPPING):
         if type(config) in mapping:
             return _taking_pixels(mapping[type(config)], config, label)
+    tasks = [getattr(modeling_auto, name, {}) for name in _TASK_MAPPINGS]
+    found = [mapping[type(config)] for mapping in tasks if type(config) in mapping]
+    for model_class in found:
+        if _takes_pixels(model_class):
+            return cast(type[PreTrainedModel], model_class)
+    if found:
+        return _taking_pixels(found[0], config, label)
     # A vision config without an auto mapping of its own (MetaCLIP 2's): its model
     # class is named after it.
     import transformers
@@ -221,6 +252,29 @@ def _model_class(config: PretrainedConfig, label: str) -> type[PreTrainedModel]:
         f"{type(config).__name__} (model type {config.model_type!r}); vision model types "
         f"include {format_choices(_vision_types())}"
     )
+
+
+def _takes_pixels(model_class: Any) -> bool:
+    try:
+        return "pixel_values" in inspect.signature(model_class.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _without_backbone_download(config: PretrainedConfig) -> PretrainedConfig:
+    """``config`` with no backbone that downloads its own weights while the model is
+    built (DETR's timm backbone with ``use_pretrained_backbone``): random init means
+    random, and pretrained weights come with the whole model's checkpoint."""
+    backbone = getattr(config, "backbone_config", None)
+    parts = [config, backbone] if isinstance(backbone, PretrainedConfig) else [config]
+    if not any(getattr(part, "use_pretrained_backbone", False) for part in parts):
+        return config
+    config = copy.deepcopy(config)
+    backbone = getattr(config, "backbone_config", None)
+    for part in (config, backbone):
+        if part is not None and getattr(part, "use_pretrained_backbone", False):
+            part.use_pretrained_backbone = False
+    return config
 
 
 def _taking_pixels(model_class: Any, config: PretrainedConfig, label: str) -> type[PreTrainedModel]:
@@ -347,7 +401,13 @@ class _ProcessorTransform:
 
 def _trunk_path(source: nn.Module) -> str:
     """The part of ``source`` that maps pixels to hidden states: the vision tower
-    of image-text models, the base model of task models, else the model."""
+    of image-text models, the base model of task models, else the model; and in
+    it, the backbone a detection or segmentation model runs images through."""
+    base = _base_path(source)
+    return _join(base, _backbone_path(source.get_submodule(base)))
+
+
+def _base_path(source: nn.Module) -> str:
     tower = getattr(source, "vision_model", None)
     if isinstance(tower, nn.Module) and _takes(tower, "pixel_values"):
         return "vision_model"
@@ -359,11 +419,56 @@ def _trunk_path(source: nn.Module) -> str:
     return ""
 
 
+def _is_timm(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("timm.")
+
+
+def _backbone_path(model: nn.Module) -> str:
+    """Where ``model`` keeps the backbone it runs images through: the shallowest
+    transformers ``*Backbone`` (UperNet's, Mask2Former's pixel-level encoder) or
+    timm model (DETR's), or ``""`` where the model is its own trunk. A backbone
+    inside an ``embeddings`` module is a stem of the model's own trunk (DPT-hybrid's
+    BiT), not what the model runs images through."""
+    if isinstance(model, BackboneMixin) or _is_timm(model):
+        return ""
+    level = list(model.named_children())
+    while level:
+        for path, module in level:
+            if isinstance(module, BackboneMixin) or _is_timm(module):
+                return path
+        level = [
+            (f"{path}.{name}", child)
+            for path, module in level
+            if path.rpartition(".")[2] != "embeddings"
+            for name, child in module.named_children()
+        ]
+    return ""
+
+
 def _takes(module: nn.Module, keyword: str) -> bool:
     try:
         return keyword in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _has_backbone(model_type: str) -> bool:
+    """Whether a model type's config names a backbone of its own (``backbone_config``)."""
+    try:
+        config_class = CONFIG_MAPPING[model_type]
+    except KeyError:
+        return False
+    return "backbone_config" in inspect.signature(config_class.__init__).parameters
+
+
+def _model_type(runner: nn.Module, config: PretrainedConfig) -> str:
+    """The model type whose conventions ``runner`` follows: a ``*Backbone``'s own class
+    says it (MaskFormer's Swin backbone keeps the ``swin`` config it was made from,
+    but its stages are MaskFormer-Swin's), otherwise its config."""
+    own = getattr(getattr(type(runner), "config_class", None), "model_type", None)
+    if isinstance(runner, BackboneMixin) and isinstance(own, str) and own:
+        return own
+    return str(config.model_type)
 
 
 def _config_of(source: nn.Module, trunk: str) -> PretrainedConfig:
@@ -384,7 +489,7 @@ def _has_module(root: nn.Module, path: str) -> bool:
 
 
 def _join(prefix: str, path: str) -> str:
-    return f"{prefix}.{path}" if prefix else path
+    return f"{prefix}.{path}" if prefix and path else prefix or path
 
 
 def _patch_size(config: PretrainedConfig) -> int | None:
@@ -410,6 +515,7 @@ class HfAdapter(Adapter):
         self, plan: BuildPlan, *, meta: bool, extra_kwargs: Mapping[str, Any] | None = None
     ) -> nn.Module:
         config, load_kwargs = _config_for(plan)
+        config = _without_backbone_download(config)
         model_class = _model_class(config, plan.label)
         name = plan.model_name or ""
         if plan.pretrained and not _is_location(name):
@@ -459,8 +565,8 @@ class HfAdapter(Adapter):
     def convention(self, plan: BuildPlan, source: nn.Module) -> tuple[str, CallingConvention]:
         trunk = _trunk_path(source)
         config = _config_of(source, trunk)
-        model_type = str(config.model_type)
         runner = source.get_submodule(trunk)
+        model_type = _model_type(runner, config)
         patch = _patch_size(config)
         prepare = _PREPARE.get(model_type)
         return trunk, CallingConvention(
@@ -557,25 +663,33 @@ class HfAdapter(Adapter):
         )
 
     def native(self, plan: BuildPlan, extra_kwargs: Mapping[str, Any]) -> NativeLevels | None:
-        """A transformers model that wraps a timm model runs timm's own intermediates."""
+        """A transformers model that wraps a timm model, or runs images through one
+        (DETR's backbone), runs timm's own intermediates."""
         name = plan.model_name or ""
-        if plan.module is None and not _is_location(name) and name not in _TIMM_INSIDE:
+        if (
+            plan.module is None
+            and not _is_location(name)
+            and name not in _TIMM_INSIDE
+            and not _has_backbone(name)
+        ):
             return None
         source = self.source_on_meta(plan)
-        config = _config_of(source, _trunk_path(source))
-        inner = _TIMM_INSIDE.get(str(config.model_type))
+        trunk = _trunk_path(source)
+        inner = "" if _is_timm(source.get_submodule(trunk)) else None
+        if inner is None:
+            inner = _TIMM_INSIDE.get(str(_config_of(source, trunk).model_type))
         if inner is None:
             return None
         from unifeat._backends import timm as timm_backend
 
-        path = _join(_trunk_path(source), inner)
+        path = _join(trunk, inner)
         model = source.get_submodule(path)
         levels = [
             dataclasses.replace(level, module=_join(path, level.module))
             for level in timm_backend.as_levels(timm_backend.levels_of(model))
         ]
         size = self.native_input_size(plan, source)
-        return NativeLevels(at(timm_backend.TIMM, path), levels, False, size)
+        return NativeLevels(at(timm_backend.spec_of(model), path), levels, False, size)
 
     def image_transform(self, plan: BuildPlan, source: nn.Module) -> Any:
         """The image processor saved with a local model (or a hub model loaded with

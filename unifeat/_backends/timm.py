@@ -118,6 +118,13 @@ _LEGACY = NativeSpec(
 )
 
 
+def spec_of(model: nn.Module) -> NativeSpec:
+    """How the engine runs a timm model: its own ``forward_intermediates``, else timm's
+    ``FeatureListNet`` hooks (a ``features_only`` model, such as the one inside
+    transformers' DETR)."""
+    return TIMM if _has_native_intermediates(model) else _LEGACY
+
+
 def _has_native_intermediates(model: nn.Module) -> bool:
     return callable(getattr(model, "forward_intermediates", None)) and callable(
         getattr(model, "prune_intermediate_layers", None)

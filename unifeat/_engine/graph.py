@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import logging
 import math
 import sys
@@ -77,16 +78,21 @@ def tracer_kwargs(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     the user's own ``tracer_kwargs``.
 
     Same leaf modules and auto-wrapped modules as torchvision's own
-    ``get_graph_node_names``, so node names come out identical to its.
+    ``get_graph_node_names``, so node names come out identical to its. An
+    adapter's ``trace_through`` entry lists ``torchvision.ops`` module classes
+    traced into instead (torchvision keeps its ``FeaturePyramidNetwork`` whole,
+    whose outputs are then no nodes of their own).
     """
     from torchvision.models import feature_extraction
 
     result = dict(extra or {})
+    through = tuple(result.pop("trace_through", ()))
     result["autowrap_modules"] = tuple(
         dict.fromkeys([*result.get("autowrap_modules", ()), math, torchvision.ops])
     )
     modules, functions = _timm_notrace()
-    leaves = [*result.get("leaf_modules", ()), *feature_extraction._get_leaf_modules_for_ops()]
+    ops = [m for m in feature_extraction._get_leaf_modules_for_ops() if m not in through]
+    leaves = [*result.get("leaf_modules", ()), *ops]
     result["leaf_modules"] = list(dict.fromkeys([*leaves, *modules]))
     wrapped = [*result.get("autowrap_functions", ()), *functions]
     if wrapped:
@@ -122,6 +128,35 @@ class Trace:
         names = {copied[node.name]: name for node, name in self.names.items()}
         return Trace(graph, names, copy.deepcopy(self.constants, memo))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Functions the pickler cannot name by their qualified name (torch's
+        # boolean-dispatch F.max_pool2d: "boolean_dispatch.<locals>.fn") travel as the
+        # module attribute they are, in a copy of the graph that never held them (a
+        # graph keeps every target it had in a lookup table): the live one is kept.
+        graph = fx.Graph()
+        copied: dict[fx.Node, fx.Node] = {}
+        for node in self.graph.nodes:
+            target = node.target
+            if node.op == "call_function" and _unnamed(target):
+                target = _Attribute(target.__module__, target.__name__)
+            copied[node] = graph.create_node(
+                node.op,
+                target,
+                fx.node.map_arg(node.args, copied.__getitem__),
+                fx.node.map_arg(node.kwargs, copied.__getitem__),
+                node.name,
+                node.type,
+            )
+            copied[node].meta = dict(node.meta)
+        names = {copied[node]: name for node, name in self.names.items()}
+        return {"graph": graph, "names": names, "constants": self.constants}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for node in state["graph"].nodes:
+            if isinstance(node.target, _Attribute):
+                node.target = node.target.resolve()
+        self.__dict__.update(state)
+
     def attach_constants(self, module: nn.Module) -> None:
         """Give ``module``, a model the build owns (never one passed in), the lifted
         constants, for graph modules and functions over it to read."""
@@ -130,6 +165,33 @@ class Trace:
 
     def node(self, name: str) -> fx.Node | None:
         return next((n for n, q in self.names.items() if q == name), None)
+
+
+@dataclass(frozen=True)
+class _Attribute:
+    """A module attribute by name, for pickling a function by the name it is found
+    under rather than by its qualified name."""
+
+    module: str
+    name: str
+
+    def resolve(self) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.resolve()(*args, **kwargs)
+
+
+def _unnamed(function: Any) -> bool:
+    """A function pickle cannot find by its qualified name, but its module holds
+    under its ``__name__``."""
+    module, name = getattr(function, "__module__", None), getattr(function, "__name__", None)
+    if not isinstance(module, str) or not isinstance(name, str):
+        return False
+    if getattr(function, "__qualname__", name) == name:
+        return False
+    holder = sys.modules.get(module)
+    return holder is not None and getattr(holder, name, None) is function
 
 
 class _FastNodePathTracer(NodePathTracer):
@@ -439,7 +501,12 @@ class _Graph:
     cut: set[fx.Node]
 
     @classmethod
-    def of(cls, trace_: Trace, shapes: Mapping[fx.Node, Any]) -> _Graph:
+    def of(
+        cls, trace_: Trace, shapes: Mapping[fx.Node, Any], *, head_modules: Iterable[str] = ()
+    ) -> _Graph:
+        """``head_modules``: modules an adapter marks as head; what they read does not
+        stay alive for the cut-point rule (an FPN reads every stage's output, yet
+        each stage still ends where the next one starts)."""
         # Only tensors computed from the input are activations: parameter-only
         # subgraphs (e.g. Swin V2's position-bias MLP) never break a stage boundary.
         from_input: set[fx.Node] = set()
@@ -450,8 +517,17 @@ class _Graph:
             n for n in trace_.graph.nodes if n.op not in ("get_attr", "output") and n in from_input
         ]
         position = {n: i for i, n in enumerate(order)}
+        heads = tuple(head_modules)
+        in_head = {
+            n
+            for n in order
+            if heads and any(_inside(module_path(n, trace_.names), h) for h in heads)
+        }
         last_use = {
-            n: max((position[u] for u in n.users if u in position), default=position[n])
+            n: max(
+                (position[u] for u in n.users if u in position and u not in in_head),
+                default=position[n],
+            )
             for n in order
         }
         cut: set[fx.Node] = set()
@@ -1157,7 +1233,7 @@ class GraphFinder:
             source, train=False, context=context, extra_tracer_kwargs=self.tracer_options
         )
         self.shapes = shapes_of(source, self.evaluation, input_size, context=context)
-        self.graph = _Graph.of(self.evaluation, self.shapes)
+        self.graph = _Graph.of(self.evaluation, self.shapes, head_modules=self.head_modules)
         self.train: Trace | None = None
 
     def node_names(self) -> tuple[list[str], list[str]]:
@@ -1269,6 +1345,12 @@ class GraphFinder:
             return propagate_shapes(graph_module, example, fake=not _is_meta(self.source))
         except Exception:
             return {}
+
+    def shapes_by_name(self) -> dict[str, Any]:
+        """Every named node's output shape, by node name: what a level's ``where``
+        names."""
+        names = self.evaluation.names
+        return {names[node]: shape for node, shape in self.shapes.items() if node in names}
 
     def remeasure(self, variant: nn.Module, *, retrace: bool) -> dict[str, Any]:
         """Shapes by node name of another build of the same architecture (dilated)."""

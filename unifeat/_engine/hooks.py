@@ -576,6 +576,11 @@ class HookFinder:
                 found.append(record.path)
         return tuple(found)
 
+    def shapes_by_name(self) -> dict[str, Any]:
+        """What each module returns (its shape), by module path: what a level's
+        ``where`` names."""
+        return {record.path: record.output for record in self.records}
+
     def remeasure(self, changes_applied: nn.Module) -> list[_Record]:
         """The records of a dilated weightless copy of the trunk."""
         records, _ops = self._shape_pass(changes_applied, self.container)

@@ -46,13 +46,23 @@ def _on(path: str, function: Any, model: nn.Module, *args: Any) -> Any:
     return function(model.get_submodule(path), *args)
 
 
+def _wrap_on(path: str, wrap: Any, model: nn.Module, last_level: int) -> nn.Module:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, wrap(model.get_submodule(path), last_level))
+    return model
+
+
 def at(spec: NativeSpec, path: str) -> NativeSpec:
     """``spec`` applied to the submodule at ``path`` (a library model wrapped in
-    another: transformers' ``TimmWrapperModel.timm_model``)."""
+    another: transformers' ``TimmWrapperModel.timm_model``, DETR's timm backbone);
+    a wrapper the library runs takes that submodule's place."""
+    if not path:
+        return spec
     return NativeSpec(
         intermediates=functools.partial(_on, path, spec.intermediates),
         final=functools.partial(_on, path, spec.final),
         prune=functools.partial(_on, path, spec.prune),
+        wrap=functools.partial(_wrap_on, path, spec.wrap) if spec.wrap else None,
         norm=spec.norm,
     )
 

@@ -87,9 +87,13 @@ def drop_unused(
         return []
     removed: list[str] = []
     gone = set(unused)
-    # Outermost submodules first: one stand-in for a whole unused head.
+    # Outermost submodules first: one stand-in for a whole unused head. A ModuleDict or
+    # ModuleList is indexed, never called (a transformers *Backbone applies
+    # hidden_states_norms[stage] after its encoder): its members get stand-ins.
     for path, module in list(root.named_modules()):
         if not path or any(path.startswith(f"{done}.") for done in removed):
+            continue
+        if isinstance(module, (nn.ModuleDict, nn.ModuleList)):
             continue
         inside = [f"{path}.{name}" for name, _ in module.named_parameters()]
         if inside and all(name in gone for name in inside):
