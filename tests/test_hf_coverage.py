@@ -200,7 +200,7 @@ def test_maskformer_swin_stages_equal_its_backbone() -> None:
     for index in range(len(backbone.hidden_states_norms)):
         backbone.hidden_states_norms[index] = nn.Identity()  # not in the base model
     native = _native("maskformer-swin")
-    native.load_state_dict(backbone.state_dict())
+    native.load_state_dict(backbone.model.state_dict())  # its Swin, under `model`
     model, x = _features(native, "maskformer-swin")
     with torch.no_grad():
         for mine, ref in zip(model(x), backbone(x).feature_maps, strict=True):
