@@ -784,9 +784,12 @@ TASK_TYPES_REFUSED = {
     "pp_ocrv6_tiny_rec": "different factors",
     "rf_detr": "could not run",  # windowed DINOv2: 518 is no multiple of its windows
 }
-# Hiera-Det and SAM 3's ViT blocks return channels-last maps, which the hook finder
-# does not read as levels yet: one level (the patch embedding) instead of the stages.
-TASK_TYPES_CHANNELS_LAST = ("sam2_vision_model", "sam3_vision_model")
+# Hiera-Det and SAM 3's ViT blocks return channels-last maps: SAM 2's four stages, SAM 3's
+# plain ViT (its default, the last 3 blocks).
+TASK_TYPES_CHANNELS_LAST = {
+    "sam2_vision_model": (4, (768, 32)),
+    "sam3_vision_model": (3, (1024, 14)),
+}
 
 
 @pytest.mark.slow
@@ -803,10 +806,11 @@ def test_every_type_with_a_backbone_config_is_covered() -> None:
         if getattr(config, "backbone_config", None) is not None:
             with_backbone.add(model_type)
     known = {*TASK_TYPES_WITH_LEVELS, *TASK_TYPES_REFUSED, *TASK_TYPES_CHANNELS_LAST}
+    levels = {**TASK_TYPES_WITH_LEVELS, **TASK_TYPES_CHANNELS_LAST}
     assert with_backbone == known
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for model_type, (count, last) in TASK_TYPES_WITH_LEVELS.items():
+        for model_type, (count, last) in levels.items():
             info = unifeat.feature_info(f"hf:{model_type}")
             assert (len(info), _levels(info)[-1]) == (count, last), model_type
         for model_type, reason in TASK_TYPES_REFUSED.items():
@@ -814,8 +818,22 @@ def test_every_type_with_a_backbone_config_is_covered() -> None:
                 unifeat.feature_info(f"hf:{model_type}")
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="channels-last blocks are not read as levels yet")
-@pytest.mark.parametrize("model_type", TASK_TYPES_CHANNELS_LAST)
+@pytest.mark.parametrize("model_type", ["sam2_vision_model"])
 def test_channels_last_backbones_have_their_stages(model_type: str) -> None:
-    assert len(unifeat.feature_info(f"hf:{model_type}")) > 1
+    """Blocks that return channels-last maps (SAM 2's Hiera) are read as levels, and the
+    model's code after them (its neck reads their outputs' fields) never runs: a call
+    ends at the deepest level. The maps equal the backbone's own intermediate states."""
+    count, last = TASK_TYPES_CHANNELS_LAST[model_type]
+    info = unifeat.feature_info(f"hf:{model_type}", input_size=64)
+    assert (len(info), _levels(info)[-1]) == (count, last)
+    model = unifeat.create_model(f"hf:{model_type}", features_only=True, input_size=64).eval()
+    native = model.get_submodule("backbone")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = model(x)
+        states = native(x).intermediate_hidden_states
+    assert [tuple(m.shape[1:]) for m in maps] == [
+        (c, 64 // r, 64 // r) for c, r in zip(info.channels(), info.reduction(), strict=True)
+    ]
+    for ours, theirs in zip(maps, states, strict=True):
+        torch.testing.assert_close(ours, theirs.permute(0, 3, 1, 2), rtol=0, atol=0)

@@ -305,13 +305,9 @@ def test_a_model_that_takes_no_pixel_values_is_refused_naming_what_it_takes(
         unifeat.feature_info(f"hf:{model_type}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="the hook runner skips the modules after the deepest level, and UVDocBackbone "
-    "reads .hidden_states off its skipped bridge's output",
-)
 def test_uvdoc_backbone_runs() -> None:
+    """UVDocBackbone's own code reads fields of its bridge's output, after the blocks:
+    a call ends once the deepest level is captured, so nothing after it runs."""
     model = unifeat.create_model("hf:uvdoc_backbone", features_only=True, input_size=64).eval()
     with torch.no_grad():
         maps = model(torch.randn(1, 3, 64, 64))

@@ -452,3 +452,12 @@ def test_pretrained_uses_torchvisions_weights_loading(tmp_path, monkeypatch):
     torch.save({"model": trained.state_dict()}, path)
     model = unifeat.create_model("tv:resnet18", features_only=True, checkpoint_path=path)
     assert torch.equal(model.conv1.weight, trained.conv1.weight)
+
+
+def test_mobilenet_v3_config_keywords_are_accepted():
+    """MobileNetV3's builder passes reduced_tail and dilated to its config function, not
+    to the class: they are the model's keywords too (a typo still is not)."""
+    reduced = unifeat.feature_info("tv:mobilenet_v3_large", reduced_tail=True)
+    assert reduced.channels()[-1] == 480  # the last stage halved (960 otherwise)
+    with pytest.raises(unifeat.UnsupportedOptionError, match="reduced_tail"):
+        unifeat.feature_info("tv:mobilenet_v3_large", reduced_tal=True)

@@ -60,6 +60,10 @@ _NATIVE_DILATION: dict[str, dict[int, dict[str, Any]]] = {
     "mobilenet_v3_*": {16: {"dilated": True}},
 }
 
+# Keywords a builder passes to a config function rather than to the class (MobileNetV3's
+# _mobilenet_v3_conf), by class.
+_CONFIG_KEYWORDS: dict[str, tuple[str, ...]] = {"MobileNetV3": ("reduced_tail", "dilated")}
+
 # Input sizes the models are made for (ViTs say theirs; Inception wants 299: its
 # auxiliary head's 5x5 conv does not fit the map of a 224 input), by class, so
 # that a model built by name and one passed in agree.
@@ -580,6 +584,7 @@ class TorchvisionAdapter(Adapter):
             except Exception:
                 return []
         names = list(inspect.signature(builder).parameters)
+        names += _CONFIG_KEYWORDS.get(type(model).__name__, ())
         if task != "segmentation":
             names += inspect.signature(type(model)).parameters
         fixed: tuple[str, ...] = ("kwargs", "args", "self", "weights", "backbone")

@@ -436,7 +436,8 @@ class HookFinder:
                 return self._token_map(shape) if tokens else None
             found = spatial(shape, self.size)
             # The input itself (a normalization or padding before the stem) is no level.
-            usable = found is not None and found[0] == "NCHW" and found[1] >= 2
+            # Channels-last maps count too (SAM 2's Hiera blocks return [N, H, W, C]).
+            usable = found is not None and found[1] >= 2
             return found if usable else None
 
         maps = [read(record.output) for _, record in blocks]
@@ -463,9 +464,9 @@ class HookFinder:
         if len(maps) > 1 and len(set(maps)) == 1 and maps[0] is not None and not tokens:
             # Every block keeps one map size (ViTDet: a plain ViT laid out as maps):
             # one level per block, as for token models.
-            _layout, reduction_, channels = maps[0]
+            layout, reduction_, channels = maps[0]
             return [
-                self._level(record, channels, reduction_, "NCHW", index) for index, record in blocks
+                self._level(record, channels, reduction_, layout, index) for index, record in blocks
             ]
         first = self.records.index(blocks[0][1])
         container = f"{self.container}." if self.container else ""
@@ -483,11 +484,8 @@ class HookFinder:
             if found is None:
                 continue
             layout, reduction_, channels = found
-            exact = (
-                height % reduction_ == 0
-                if layout == "tokens"
-                else height % int(record.output[2]) == 0
-            )
+            rows = record.output[1] if layout == "NHWC" else record.output[2]
+            exact = height % reduction_ == 0 if layout == "tokens" else height % int(rows) == 0
             if exact or not last_at.get(reduction_, (False,))[0]:
                 grid = "ceil" if layout == "tokens" else "exact"
                 level = self._level(record, channels, reduction_, layout, index, grid=grid)
@@ -596,15 +594,26 @@ class HookFinder:
             final_modules=self.final_modules() if auto else (),
             after_blocks=self.after_blocks() if auto else (),
             native_size=self.size,
+            channels=self.input_size[0],
         )
 
 
 # -- the runner -------------------------------------------------------------------------
 
-_CAPTURED: contextvars.ContextVar[dict[int, Any] | None] = contextvars.ContextVar(
+_CAPTURED: contextvars.ContextVar[dict[Any, Any] | None] = contextvars.ContextVar(
     "unifeat_captured", default=None
 )
 """The tensors of the call in progress, per thread and per nested call."""
+
+
+_STOP = "stop after"
+"""The store's key for the level after which the call stops (see :class:`_Captured`)."""
+
+
+class _Captured(Exception):
+    """Ends a trunk's forward once its deepest wanted level is captured, for models
+    whose code after the blocks cannot run with those modules skipped (it reads
+    fields of their outputs: UVDoc's bridge, SAM 2's neck)."""
 
 
 def _capture(
@@ -614,6 +623,8 @@ def _capture(
     if store is None or index not in store:
         return
     store[index] = (level_tensor(output, where), first_tensor(output) if final else None, output)
+    if store.get(_STOP) == index:
+        raise _Captured
 
 
 class _Skipped(nn.Module):
@@ -634,6 +645,8 @@ class HookPlan:
     final_modules: tuple[str, ...]
     after_blocks: tuple[str, ...]
     native_size: tuple[int, int]
+    channels: int = 3
+    """Input channels, for the probe that decides how a call ends."""
 
 
 class HookRunner(Runner):
@@ -647,6 +660,8 @@ class HookRunner(Runner):
         self._keep_final = keep_final and bool(plan.final_modules)
         self._handles: list[Any] = []
         self.final_norm = final_norm_refusal(bool(plan.final_modules), keep_final)
+        self._stops = False
+        """Whether a call ends at its deepest level (see :meth:`_how_calls_end`)."""
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -665,7 +680,35 @@ class HookRunner(Runner):
         if not self._runs_everything():
             self._skip_after_blocks(source)
         self._cut(source, self.last_level)
+        self._how_calls_end(source)
         return source
+
+    def _how_calls_end(self, root: nn.Module) -> None:
+        """Whether the trunk's own code runs to its end with what follows the blocks
+        skipped; where it does not (it reads fields of a skipped module's output),
+        each call ends once its deepest wanted level is captured. Told by one call
+        of a weightless replica on the meta device."""
+        from unifeat._engine.meta import weightless
+
+        if self._raw:
+            return
+        height, width = self._plan.native_size
+        example = torch.empty(2, self._plan.channels, height, width, device="meta")
+        indices = list(range(self.last_level + 1))
+        self._stops = False
+        try:
+            with torch.no_grad():
+                self.run(
+                    weightless(root).module,
+                    example,
+                    indices,
+                    final=True,
+                    norm=False,
+                    prefix_tokens=False,
+                    context="",
+                )
+        except Exception:
+            self._stops = True
 
     def level_module(self, index: int) -> str:
         return _join(self._plan.trunk, self.levels[index].where)
@@ -784,12 +827,18 @@ class HookRunner(Runner):
         wanted = set(indices)
         if final or norm:
             wanted.add(self.last_level)
-        store: dict[int, Any] = dict.fromkeys(wanted)
+        store: dict[Any, Any] = dict.fromkeys(wanted)
+        stops = self._stops and not (final and self._runs_everything())
+        if stops:
+            store[_STOP] = max(wanted)
         token = _CAPTURED.set(store)
         resized = plan.convention.resize_keyword is not None and size != plan.native_size
+        returned: Any = None
         try:
             args, kwargs = plan.convention.inputs(x, resized=resized)
             returned = root.get_submodule(plan.trunk)(*args, **kwargs)
+        except _Captured:
+            pass
         finally:
             _CAPTURED.reset(token)
         maps: list[FeatureMap] = []
@@ -813,7 +862,7 @@ class HookRunner(Runner):
             maps.append(to_map(tensor, level, size, prefix_tokens=prefix_tokens, context=context))
         if not final:
             return maps, None
-        if self._runs_everything():
+        if self._runs_everything() and returned is not None:
             whole = first_tensor(returned)
             if whole is not None:
                 return maps, whole
