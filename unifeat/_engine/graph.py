@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 import math
 import sys
 import threading
@@ -41,9 +40,10 @@ from torchvision.models.feature_extraction import NodePathTracer
 
 from unifeat._engine.dilation import SPATIAL_OPS
 from unifeat._engine.levels import FeatureMap, Level, spatial, to_map, token_grid
-from unifeat._engine.meta import replica, weightless
+from unifeat._engine.meta import meta_replica, replica
 from unifeat._engine.model import Runner, final_norm_refusal
 from unifeat._engine.resize import PositionEmbedding, make_resizable
+from unifeat._engine.shapes import MetaShapeProp, ShapeRecorder, quiet_shape_prop
 from unifeat._errors import InvalidNodeError, TracingError, UnsupportedOptionError, close_matches
 
 # Top-level modules that belong to a classifier head, never to a feature level:
@@ -247,122 +247,62 @@ def with_constants(module: nn.Module, trace_: Trace) -> nn.Module:
 
 
 def propagate_shapes(
-    graph_module: fx.GraphModule, example: Tensor, *, fake: bool = False
+    source: nn.Module, trace_: Trace, example: Tensor, *, fake: bool, eval_mode: bool
 ) -> dict[fx.Node, Any]:
-    """Record every node's output shape without computing anything.
+    """Every node's output shape of ``trace_`` run over ``source``, computing nothing.
 
-    Meta tensors for models built on the meta device; ``fake=True`` for a real
-    module, whose weights are stood in for by meta tensors, not copied. Nodes
-    whose value is not a tensor get the shapes of what they hold (a tuple of
-    shapes), or nothing.
+    Meta tensors throughout (:mod:`unifeat._engine.shapes`, which runs each distinct
+    node of repeated blocks once); for a real module (``fake=True``) its weights
+    are stood in for by meta tensors, never copied. Everything runs on a replica
+    of ``source`` (in eval mode with ``eval_mode``; in ``source``'s modes
+    otherwise), which is never written. Nodes whose value is not a tensor get the
+    shapes of what they hold (a tuple of shapes), or nothing.
     """
+    graph = trace_.graph
     if fake:
         try:
-            _propagate_with_meta_stand_ins(graph_module, example)
+            probe = _meta_probe(source, trace_, eval_mode, weights=True)
+            with torch.no_grad():
+                MetaShapeProp(probe, graph).propagate(example.to("meta"))
         except Exception:
             # Tensors the forward makes on the CPU (Swin V2's position grids)
             # do not mix with meta ones; fake tensors take them in.
             from torch._subclasses.fake_tensor import FakeTensorMode
 
+            probe = replica(with_constants(source, trace_))
+            if eval_mode:
+                probe.eval()
             mode = FakeTensorMode(allow_non_fake_inputs=True)
             try:
-                _quiet_shape_prop(graph_module, mode, mode.from_tensor(example))
+                quiet_shape_prop(probe, graph, mode, mode.from_tensor(example))
             except Exception:
                 # Data-dependent code (a leaf module that branches on values) needs
                 # values: one real forward of zeros without grad, on a replica in eval
                 # mode, so that no norm updates the source's running statistics.
                 with torch.no_grad():
-                    _ShapeRecorder(replica(graph_module).eval()).propagate(
-                        torch.zeros_like(example)
+                    ShapeRecorder(probe.eval(), graph).propagate(
+                        torch.zeros(example.shape, dtype=example.dtype)
                     )
     else:
-        _MetaShapeProp(graph_module).propagate(example)
+        probe = _meta_probe(source, trace_, eval_mode, weights=False)
+        with torch.no_grad():
+            MetaShapeProp(probe, graph).propagate(example)
     shapes: dict[fx.Node, Any] = {}
-    for node in graph_module.graph.nodes:
+    for node in graph.nodes:
         meta = node.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "shape"):
             shapes[node] = tuple(meta.shape)
     return shapes
 
 
-@dataclass(frozen=True)
-class _TensorShape:
-    shape: tuple[int, ...]
-
-
-class _ShapeRecorder(fx.Interpreter):
-    """Runs a graph and records each node's output shape(s) in ``node.meta``.
-
-    Our own rather than torch's ``ShapeProp``, which prints a traceback to stderr
-    for every node that fails before raising: a probe that fails must fail quietly,
-    with one unifeat error.
-    """
-
-    def __init__(self, graph_module: fx.GraphModule, fake_mode: Any = None) -> None:
-        super().__init__(graph_module)
-        self.fake_mode = fake_mode
-
-    def run_node(self, n: fx.Node) -> Any:
-        if self.fake_mode is not None:
-            from torch._dispatch.python import enable_python_dispatcher
-
-            with self.fake_mode, enable_python_dispatcher():
-                result = super().run_node(n)
-        else:
-            result = super().run_node(n)
-        found = _shapes_in(result)
-        if found is not None:
-            n.meta["tensor_meta"] = found
-        return result
-
-    def propagate(self, example: Tensor) -> Any:
-        return self.run(example)
-
-
-def _shapes_in(value: Any) -> Any:
-    """A tensor's shape, or the same structure of shapes for a tuple or list."""
-    if isinstance(value, Tensor):
-        return _TensorShape(tuple(value.shape))
-    if isinstance(value, (tuple, list)):
-        inner = [_shapes_in(item) for item in value]
-        return tuple(inner) if any(item is not None for item in inner) else None
-    return None
-
-
-def _quiet_shape_prop(graph_module: fx.GraphModule, mode: Any, example: Tensor) -> None:
-    # Fake tensors log every op that fails on the meta device, with a traceback;
-    # the failure itself becomes one unifeat error, so the log says nothing new.
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        _ShapeRecorder(graph_module, fake_mode=mode).propagate(example)
-    finally:
-        logger.setLevel(level)
-
-
-class _MetaShapeProp(_ShapeRecorder):
-    """Shape propagation with a shortcut for attention whose weights are not asked
-    for: its output has the query's shape. Running ``nn.MultiheadAttention`` op by op
-    on the meta device was half of ``feature_info("tv:vit_h_14")``."""
-
-    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        module = self.fetch_attr(target)
-        if (
-            isinstance(module, nn.MultiheadAttention)
-            and kwargs.get("need_weights") is False
-            and isinstance(args[0], Tensor)
-            and args[0].is_meta
-        ):
-            return torch.empty_like(args[0]), None
-        return super().call_module(target, args, kwargs)
-
-
-def _propagate_with_meta_stand_ins(graph_module: fx.GraphModule, example: Tensor) -> None:
-    """Shape propagation over a real module with meta stand-ins for its weights (on a
-    replica: the module itself is never written). Shapes land on the shared graph."""
-    with torch.no_grad():
-        _MetaShapeProp(weightless(graph_module).module).propagate(example.to("meta"))
+def _meta_probe(source: nn.Module, trace_: Trace, eval_mode: bool, *, weights: bool) -> nn.Module:
+    """A replica of ``source`` to run ``trace_``'s graph over on the meta device: meta
+    stand-ins for its weights (``weights``: it has real ones) and for the tensor
+    constants the trace lifted, which the graph reads off the top level."""
+    probe = meta_replica(source) if weights else replica(source)
+    for name, value in trace_.constants.items():
+        probe.__dict__[name] = torch.empty_like(value, device="meta")
+    return probe.eval() if eval_mode else probe
 
 
 def _is_meta(module: nn.Module) -> bool:
@@ -375,32 +315,23 @@ def shapes_of(
     """Every node's output shape for a batch of 2 at ``input_size``, in eval mode.
 
     Two samples and eval mode, so that norm layers after a global pool (LeViT)
-    see the statistics they need, whatever mode the module is in.
+    see the statistics they need, whatever mode the module is in. The graph runs
+    over a replica of ``source`` (no ``GraphModule`` is made for it): the source's
+    own modes stay as they are for whoever runs or builds from it meanwhile.
     """
-    # Eval mode on a replica over the source's tensors: the source's own modes stay
-    # as they are for whoever runs or builds from it meanwhile.
-    graph_module = replica(fx.GraphModule(with_constants(source, evaluation), evaluation.graph))
-    graph_module.eval()
     channels, height, width = input_size
     on_meta = _is_meta(source)
     example = torch.empty(2, channels, height, width, device="meta" if on_meta else "cpu")
     with _SOURCE_LOCK:
-        return _shapes_locked(graph_module, example, on_meta, context=context)
-
-
-def _shapes_locked(
-    graph_module: fx.GraphModule, example: Tensor, on_meta: bool, *, context: str
-) -> dict[fx.Node, Any]:
-    channels, height, width = example.shape[1:]
-    try:
-        return propagate_shapes(graph_module, example, fake=not on_meta)
-    except Exception as exc:
-        raise UnsupportedOptionError(
-            f"could not run {context} on a 2x{channels}x{height}x{width} input to find its "
-            f"levels ({type(exc).__name__}: {_first_line(exc)}); for a module of your own, "
-            "pass the input it takes: input_size=(H, W), or input_size=(C, H, W) for "
-            f"other than {channels} channels"
-        ) from None
+        try:
+            return propagate_shapes(source, evaluation, example, fake=not on_meta, eval_mode=True)
+        except Exception as exc:
+            raise UnsupportedOptionError(
+                f"could not run {context} on a 2x{channels}x{height}x{width} input to find "
+                f"its levels ({type(exc).__name__}: {_first_line(exc)}); for a module of your "
+                "own, pass the input it takes: input_size=(H, W), or input_size=(C, H, W) for "
+                f"other than {channels} channels"
+            ) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -790,37 +721,53 @@ def _merged_order(evaluation: Sequence[str], train: Sequence[str]) -> list[str]:
 
 
 def _with_outputs(graph: fx.Graph, names: Mapping[fx.Node, str], wanted: Sequence[str]) -> fx.Graph:
-    """A copy of ``graph`` returning the nodes named ``wanted``; dead code is dropped.
+    """A copy of ``graph`` returning the nodes named ``wanted``, with only the nodes
+    they need (and the input checks).
 
     Everything that only fed later levels or the head goes: this is the pruning.
     """
+    nodes, outputs = _needed(graph, names, wanted)
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    by_name: dict[str, fx.Node] = {}
-    for node in graph.nodes:
-        if node.op == "output":
-            continue
+    for node in nodes:
         env[node] = new.node_copy(node, lambda n: env[n])
-        if node in names:
-            by_name[names[node]] = env[node]
-    new.output(tuple(by_name[name] for name in wanted))
-    _drop_unused(new)
+    new.output(tuple(env[node] for node in outputs))
     new.lint()
     return new
+
+
+def _targets(graph: fx.Graph, names: Mapping[fx.Node, str], wanted: Sequence[str]) -> list[str]:
+    """The modules and attributes that computing the nodes named ``wanted`` reads."""
+    nodes, _ = _needed(graph, names, wanted)
+    return [str(node.target) for node in nodes if node.op in ("call_module", "get_attr")]
 
 
 # Calls kept even when nothing uses their result: they check inputs.
 _SIDE_EFFECTS = {torch._assert, getattr(torch, "_assert_async", torch._assert)}
 
 
-def _drop_unused(graph: fx.Graph) -> None:
-    """Dead-code elimination that needs no owning module (submodules may be gone)."""
-    for node in reversed(list(graph.nodes)):
-        if node.op in ("placeholder", "output") or node.users:
-            continue
-        if node.op == "call_function" and node.target in _SIDE_EFFECTS:
-            continue
-        graph.erase_node(node)
+def _needed(
+    graph: fx.Graph, names: Mapping[fx.Node, str], wanted: Sequence[str]
+) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The nodes of ``graph`` that the nodes named ``wanted`` depend on, in graph order
+    (the inputs, and the input checks with what they read, always), and those nodes.
+
+    What dead-code elimination of a copy returning them would keep, found without
+    copying the graph (it needs no owning module: submodules may be gone)."""
+    by_name = {name: node for node, name in names.items()}
+    outputs = [by_name[name] for name in wanted]
+    pending = [
+        *outputs,
+        *(n for n in graph.nodes if n.op == "call_function" and n.target in _SIDE_EFFECTS),
+    ]
+    kept: set[fx.Node] = set()
+    while pending:
+        node = pending.pop()
+        if node not in kept:
+            kept.add(node)
+            pending.extend(node.all_input_nodes)
+    nodes = [n for n in graph.nodes if n in kept or n.op == "placeholder"]
+    return nodes, outputs
 
 
 def _constants_not_persistent(root: nn.Module) -> None:
@@ -955,8 +902,9 @@ class GraphRunner(Runner):
         evaluation = self._plan.evaluation
         graph = _with_outputs(evaluation.graph, evaluation.names, self._outputs(evaluation, False))
         root = fx.GraphModule(self._source, graph, class_name=type(self._source).__name__)
-        final = _with_outputs(evaluation.graph, evaluation.names, self._outputs(evaluation, True))
-        self._share_targets(root, final)
+        self._share_targets(
+            root, _targets(evaluation.graph, evaluation.names, self._outputs(evaluation, True))
+        )
         if self._norm_applies():
             for target in self._plan.final_modules:
                 _share_attribute(root, self._source, target)
@@ -972,10 +920,9 @@ class GraphRunner(Runner):
         deepest, last = self.levels[self.last_level], self.levels[-1]
         return self.last_level == len(self.levels) - 1 or deepest.num_chs == last.num_chs
 
-    def _share_targets(self, root: nn.Module, graph: fx.Graph) -> None:
-        for node in graph.nodes:
-            if node.op in ("call_module", "get_attr"):
-                _share_attribute(root, self._source, str(node.target))
+    def _share_targets(self, root: nn.Module, targets: Iterable[str]) -> None:
+        for target in targets:
+            _share_attribute(root, self._source, target)
 
     def level_module(self, index: int) -> str:
         return self.levels[index].module  # the module whose output the node is, if any
@@ -1021,7 +968,7 @@ class GraphRunner(Runner):
             if self._train_differs:
                 train = self._plan.train
                 self._share_targets(
-                    root, _with_outputs(train.graph, train.names, self._outputs(train, True))
+                    root, _targets(train.graph, train.names, self._outputs(train, True))
                 )
         return self._train_differs
 
@@ -1110,7 +1057,7 @@ class GraphRunner(Runner):
             train = self._plan.train
             assert train is not None
             self._share_targets(
-                new_root, _with_outputs(train.graph, train.names, self._outputs(train, True))
+                new_root, _targets(train.graph, train.names, self._outputs(train, True))
             )
         self._functions = {}
         self._segmented = {}
@@ -1262,11 +1209,12 @@ class GraphFinder:
 
     def _train_shapes(self) -> Mapping[fx.Node, Any]:
         train = self._train_trace()
-        graph_module = fx.GraphModule(with_constants(self.source, train), train.graph)
         channels, height, width = self.input_size
         example = torch.empty(2, channels, height, width, device="meta")
         try:
-            return propagate_shapes(graph_module, example, fake=not _is_meta(self.source))
+            return propagate_shapes(
+                self.source, train, example, fake=not _is_meta(self.source), eval_mode=False
+            )
         except Exception:
             return {}
 
