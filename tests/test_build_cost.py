@@ -14,13 +14,17 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import VisionTransformer
 
+import unifeat
+from unifeat._engine import graph as graph_module
 from unifeat._engine.graph import shapes_of, trace, with_constants
 
 
@@ -132,3 +136,184 @@ def test_meta_shapes_equal_a_real_run(name: str, on_meta: bool) -> None:
     reference = trace(real, train=False, context=name, extra_tracer_kwargs=LEAVES)
     expected = _reference_shapes(real, reference, size)
     assert found == expected
+
+
+# -- one trace per build, for the mode in use ---------------------------------------------
+
+
+@pytest.fixture
+def traces(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The mode of every FX trace unifeat makes (the real tracer runs; it is counted)."""
+    made: list[str] = []
+    original = graph_module._FastNodePathTracer.trace
+
+    def counted(self: Any, root: nn.Module, concrete_args: Any = None) -> Any:
+        # Read off the instance: an attribute read would count as the traced code's.
+        made.append("train" if vars(root)["training"] else "eval")
+        return original(self, root, concrete_args)
+
+    monkeypatch.setattr(graph_module._FastNodePathTracer, "trace", counted)
+    return made
+
+
+def _levels_in_train_mode(source: nn.Module, x: torch.Tensor) -> tuple[list[Any], list[Any]]:
+    """unifeat's levels and torchvision's extractor's, both in train mode, from the same
+    random numbers (dropout)."""
+    model = unifeat.create_model(source, features_only=True).train()
+    nodes = model.feature_info.get("node")
+    reference = create_feature_extractor(source, nodes).train()
+    torch.manual_seed(1)
+    ours = model.forward_intermediates(x, intermediates_only=True, output_fmt="NCHW")
+    torch.manual_seed(1)
+    theirs = list(reference(x).values())
+    return ours, theirs
+
+
+def _as_maps(theirs: list[torch.Tensor], ours: list[torch.Tensor]) -> list[torch.Tensor]:
+    maps = []
+    for ref, mine in zip(theirs, ours, strict=True):
+        if ref.dim() == 3:  # ViT tokens: the class token dropped, laid out NCHW
+            ref = ref[:, 1:].transpose(1, 2).reshape(mine.shape)
+        elif ref.shape != mine.shape:  # Swin's NHWC stages
+            ref = ref.permute(0, 3, 1, 2)
+        maps.append(ref)
+    return maps
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_a_build_traces_once_in_either_mode(traces: list[str], training: bool) -> None:
+    """Code that reads no training flag traces to one graph in both modes: a build from a
+    model in training mode traces once, and switching modes traces nothing. Its dropout
+    layers still drop in training, exactly as torchvision's train graph does."""
+    torch.manual_seed(0)
+    source = VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        dropout=0.5,
+        attention_dropout=0.5,
+    ).train(training)
+    model = unifeat.create_model(source, features_only=True)
+    assert model.training == training
+    model.train().eval().train()
+    assert traces == ["eval"]
+    traces.clear()
+    ours, theirs = _levels_in_train_mode(source, torch.randn(2, 3, 32, 32))
+    for mine, ref in zip(ours, _as_maps(theirs, ours), strict=True):
+        torch.testing.assert_close(mine, ref, rtol=0, atol=0)
+    assert source.training == training  # the caller's module keeps its mode
+
+
+class DropsInCode(nn.Module):
+    """Its graphs differ in an argument only: same node names in both modes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.body = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(self.stem(x), 0.5, self.training)
+        return self.body(x).mean((2, 3))
+
+
+class ReadsALeafsFlag(DropsInCode):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.body.training:
+            x = x * 2
+        return self.body(x).mean((2, 3))
+
+
+class Wrapped(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+class HookReadsTheFlag(DropsInCode):
+    """A hook of a module FX traces into runs while tracing (a leaf's runs with the graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Wrapped(self.body)
+        self.body.register_forward_pre_hook(
+            lambda module, args: (args[0] * 2,) if module.training else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.stem(x)).mean((2, 3))
+
+
+class OwnTrain(DropsInCode):
+    """A mode of its own besides the flags: its forward reads no flag, but train()
+    changes what it computes."""
+
+    scale = 1.0
+
+    def train(self, mode: bool = True) -> OwnTrain:
+        super().train(mode)
+        self.scale = 2.0 if mode else 1.0
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.stem(x) * self.scale).mean((2, 3))
+
+
+def _tiny_swin_with_dropout() -> nn.Module:
+    return SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=12,
+        depths=[2, 2],
+        num_heads=[1, 2],
+        window_size=[2, 2],
+        dropout=0.5,
+        attention_dropout=0.5,
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [DropsInCode, ReadsALeafsFlag, HookReadsTheFlag, OwnTrain, _tiny_swin_with_dropout],
+    ids=["dropout-argument", "leaf-flag", "hook", "own-train", "swin"],
+)
+def test_the_train_graph_is_traced_where_the_code_reads_the_mode(
+    traces: list[str], make: Any
+) -> None:
+    """Wherever the traced code reads a training flag (its own, a leaf's, in a hook) or
+    a class has a mode of its own, the train graph is traced on the first .train() and
+    runs in training where it is another program, even where only an argument differs
+    (torchvision's Swin passes training=self.training to its attention): the levels are
+    torchvision's train graph's."""
+    torch.manual_seed(0)
+    source = make().eval()
+    x = torch.randn(2, 3, 32, 32)
+    model = unifeat.create_model(source, features_only=True)
+    assert traces == ["eval"]
+    model.train()
+    assert traces == ["eval", "train"]
+    ours, theirs = _levels_in_train_mode(source, x)
+    for mine, ref in zip(ours, _as_maps(theirs, ours), strict=True):
+        torch.testing.assert_close(mine, ref, rtol=0, atol=0)
+    assert not source.training
+
+
+def test_the_mode_watch_leaves_nn_module_as_it_was() -> None:
+    """The watch's descriptor exists only while a trace runs, also where it fails."""
+
+    class Untraceable(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[: int(x.sum())]  # data-dependent
+
+    with pytest.raises(unifeat.TracingError):
+        unifeat.create_model(Untraceable(), features_only=True, feature_cls="fx")
+    unifeat.create_model(DropsInCode(), features_only=True)
+    assert "training" not in vars(nn.Module)
+    module = nn.Linear(2, 2)
+    assert module.training and "training" in vars(module)

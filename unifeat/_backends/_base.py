@@ -625,7 +625,9 @@ class Adapter:
                 # Loading writes into the tensors, which the caller's module owns.
                 source = copy.deepcopy(source)
                 aside = self._load_checkpoint(plan, layout, source)
-            elif plan.features_only or dilates:
+            elif plan.features_only and layout is not None:
+                source = layout.copy_to_hold(source)
+            elif dilates:
                 source = share_parameters_copy(source)
             return source, aside
         extra = layout.build_kwargs if layout is not None else {}

@@ -42,6 +42,7 @@ from unifeat._engine.dilation import SPATIAL_OPS
 from unifeat._engine.levels import FeatureMap, Level, spatial, to_map, token_grid
 from unifeat._engine.meta import meta_replica, replica
 from unifeat._engine.model import Runner, final_norm_refusal
+from unifeat._engine.modes import watching_mode_reads
 from unifeat._engine.resize import PositionEmbedding, make_resizable
 from unifeat._engine.shapes import MetaShapeProp, ShapeRecorder, quiet_shape_prop
 from unifeat._errors import InvalidNodeError, TracingError, UnsupportedOptionError, close_matches
@@ -113,6 +114,10 @@ class Trace:
     """Tensors the tracer lifted out of the forward's code (timm Swin's masks), by the
     root attribute name its ``get_attr`` nodes read. The traced module does not get
     them (it may be a module passed in): see :func:`with_constants`."""
+    mode_dependent: bool = True
+    """Whether the traced code read a module's ``training`` flag (or whether that
+    could not be told): only then can the other mode's graph differ
+    (:mod:`unifeat._engine.modes`)."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Trace:
         # fx.Graph deep-copies its nodes without the memo, so the name map is
@@ -120,7 +125,8 @@ class Trace:
         graph = copy.deepcopy(self.graph, memo)
         copied = {node.name: node for node in graph.nodes}
         names = {copied[node.name]: name for node, name in self.names.items()}
-        return Trace(graph, names, copy.deepcopy(self.constants, memo))
+        constants = copy.deepcopy(self.constants, memo)
+        return Trace(graph, names, constants, mode_dependent=self.mode_dependent)
 
     def attach_constants(self, module: nn.Module) -> None:
         """Give ``module``, a model the build owns (never one passed in), the lifted
@@ -211,7 +217,9 @@ def _trace_locked(
 ) -> Trace:
     traced = replica(module)
     try:
-        graph = tracer.trace(traced.train(train))
+        traced.train(train)
+        with watching_mode_reads(traced) as reads:
+            graph = tracer.trace(traced)
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TracingError(
@@ -228,7 +236,32 @@ def _trace_locked(
         for name, value in traced.__dict__.items()
         if isinstance(value, Tensor) and name not in module.__dict__
     }
-    return Trace(graph, dict(tracer.node_to_qualname), constants)
+    return Trace(graph, dict(tracer.node_to_qualname), constants, mode_dependent=reads.read)
+
+
+def same_program(first: Trace, second: Trace) -> bool:
+    """Whether two traces are one program: the same nodes in the same order, with the
+    same names, targets and arguments. Names alone are not enough: torchvision's
+    Swin passes ``training=self.training`` to a wrapped function, so its train
+    graph differs from its eval graph in an argument only (its dropout)."""
+    nodes = list(first.graph.nodes), list(second.graph.nodes)
+    if len(nodes[0]) != len(nodes[1]):
+        return False
+
+    def name_in(trace_: Trace) -> Any:
+        return lambda node: trace_.names.get(node, node.name)
+
+    for one, other in zip(*nodes, strict=True):
+        if one.op != other.op or name_in(first)(one) != name_in(second)(other):
+            return False
+        mine = fx.node.map_arg((one.target, one.args, one.kwargs), name_in(first))
+        theirs = fx.node.map_arg((other.target, other.args, other.kwargs), name_in(second))
+        try:
+            if bool(mine != theirs):
+                return False
+        except Exception:
+            return False  # arguments that do not compare (tensors): told apart
+    return True
 
 
 def with_constants(module: nn.Module, trace_: Trace) -> nn.Module:
@@ -953,6 +986,11 @@ class GraphRunner(Runner):
 
     def _trains_differently(self, root: nn.Module) -> bool:
         if self._train_differs is None:
+            if not self._plan.evaluation.mode_dependent:
+                # The traced code read no training flag: in train mode it traces to
+                # this same graph (unifeat._engine.modes), so nothing is traced.
+                self._train_differs = False
+                return False
             if self._plan.train is None:
                 self._plan.train = trace(
                     self._source,
@@ -962,9 +1000,7 @@ class GraphRunner(Runner):
                 )
                 self._plan.train.attach_constants(self._source)
                 _resizable(self._plan.train, self._plan)
-            self._train_differs = list(self._plan.train.names.values()) != list(
-                self._plan.evaluation.names.values()
-            )
+            self._train_differs = not same_program(self._plan.train, self._plan.evaluation)
             if self._train_differs:
                 train = self._plan.train
                 self._share_targets(
@@ -1113,6 +1149,8 @@ class GraphFinder:
         return list(train.names.values()), list(self.evaluation.names.values())
 
     def _train_trace(self) -> Trace:
+        if not self.evaluation.mode_dependent:
+            return self.evaluation  # the same graph in either mode: nothing to trace
         if self.train is None:
             self.train = trace(
                 self.source,
