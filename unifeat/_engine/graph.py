@@ -207,6 +207,18 @@ def trace(
     """Trace ``module`` in train or eval mode, on a replica over its tensors: the
     mode switch never shows on ``module`` (a caller's frozen norm layers stay frozen,
     and a build reading its modes in another thread sees the caller's)."""
+    return traced(module, train=train, context=context, extra_tracer_kwargs=extra_tracer_kwargs)[0]
+
+
+def traced(
+    module: nn.Module,
+    *,
+    train: bool,
+    context: str,
+    extra_tracer_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[Trace, nn.Module]:
+    """:func:`trace`, and the replica it traced (in that mode, holding the lifted
+    constants), which nothing else holds: a shape pass may take it over."""
     tracer = _FastNodePathTracer(**tracer_kwargs(extra_tracer_kwargs))
     with _SOURCE_LOCK:
         return _trace_locked(module, tracer, train=train, context=context)
@@ -214,7 +226,7 @@ def trace(
 
 def _trace_locked(
     module: nn.Module, tracer: _FastNodePathTracer, *, train: bool, context: str
-) -> Trace:
+) -> tuple[Trace, nn.Module]:
     traced = replica(module)
     try:
         traced.train(train)
@@ -236,7 +248,8 @@ def _trace_locked(
         for name, value in traced.__dict__.items()
         if isinstance(value, Tensor) and name not in module.__dict__
     }
-    return Trace(graph, dict(tracer.node_to_qualname), constants, mode_dependent=reads.read)
+    names = dict(tracer.node_to_qualname)
+    return Trace(graph, names, constants, mode_dependent=reads.read), traced
 
 
 def same_program(first: Trace, second: Trace) -> bool:
@@ -280,7 +293,13 @@ def with_constants(module: nn.Module, trace_: Trace) -> nn.Module:
 
 
 def propagate_shapes(
-    source: nn.Module, trace_: Trace, example: Tensor, *, fake: bool, eval_mode: bool
+    source: nn.Module,
+    trace_: Trace,
+    example: Tensor,
+    *,
+    fake: bool,
+    eval_mode: bool,
+    taken: nn.Module | None = None,
 ) -> dict[fx.Node, Any]:
     """Every node's output shape of ``trace_`` run over ``source``, computing nothing.
 
@@ -288,13 +307,15 @@ def propagate_shapes(
     node of repeated blocks once); for a real module (``fake=True``) its weights
     are stood in for by meta tensors, never copied. Everything runs on a replica
     of ``source`` (in eval mode with ``eval_mode``; in ``source``'s modes
-    otherwise), which is never written. Nodes whose value is not a tensor get the
-    shapes of what they hold (a tuple of shapes), or nothing.
+    otherwise): ``taken``, the replica the trace ran on, which nothing else holds
+    (see :func:`traced`), or a new one; ``source`` is never written. Nodes whose
+    value is not a tensor get the shapes of what they hold (a tuple of shapes),
+    or nothing.
     """
     graph = trace_.graph
     if fake:
         try:
-            probe = _meta_probe(source, trace_, eval_mode, weights=True)
+            probe = _meta_probe(source, trace_, eval_mode, weights=True, taken=taken)
             with torch.no_grad():
                 MetaShapeProp(probe, graph).propagate(example.to("meta"))
         except Exception:
@@ -317,7 +338,7 @@ def propagate_shapes(
                         torch.zeros(example.shape, dtype=example.dtype)
                     )
     else:
-        probe = _meta_probe(source, trace_, eval_mode, weights=False)
+        probe = _meta_probe(source, trace_, eval_mode, weights=False, taken=taken)
         with torch.no_grad():
             MetaShapeProp(probe, graph).propagate(example)
     shapes: dict[fx.Node, Any] = {}
@@ -328,14 +349,45 @@ def propagate_shapes(
     return shapes
 
 
-def _meta_probe(source: nn.Module, trace_: Trace, eval_mode: bool, *, weights: bool) -> nn.Module:
+def _meta_probe(
+    source: nn.Module,
+    trace_: Trace,
+    eval_mode: bool,
+    *,
+    weights: bool,
+    taken: nn.Module | None = None,
+) -> nn.Module:
     """A replica of ``source`` to run ``trace_``'s graph over on the meta device: meta
     stand-ins for its weights (``weights``: it has real ones) and for the tensor
-    constants the trace lifted, which the graph reads off the top level."""
-    probe = meta_replica(source) if weights else replica(source)
+    constants the trace lifted, which the graph reads off the top level. ``taken``
+    (a replica of ``source`` nothing else holds) gets them in place, which is a
+    third of making another."""
+    if taken is None:
+        probe = meta_replica(source) if weights else replica(source)
+    else:
+        probe = taken
+        if weights:
+            _stand_ins_in_place(probe)
     for name, value in trace_.constants.items():
         probe.__dict__[name] = torch.empty_like(value, device="meta")
     return probe.eval() if eval_mode else probe
+
+
+def _stand_ins_in_place(probe: nn.Module) -> None:
+    """Meta stand-ins for the parameters and buffers of ``probe``, a replica whose
+    stores are its own (:func:`~unifeat._engine.meta.replica`): the source it
+    copies keeps its tensors. Tied tensors get one stand-in."""
+    by_id: dict[int, Tensor] = {}
+    for module in probe.modules():
+        stores: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
+        for store in stores:
+            for name, tensor in store.items():
+                if tensor is None:
+                    continue
+                found = by_id.get(id(tensor))
+                if found is None:
+                    found = by_id[id(tensor)] = torch.empty_like(tensor, device="meta")
+                store[name] = found
 
 
 def _is_meta(module: nn.Module) -> bool:
@@ -343,7 +395,12 @@ def _is_meta(module: nn.Module) -> bool:
 
 
 def shapes_of(
-    source: nn.Module, evaluation: Trace, input_size: tuple[int, int, int], *, context: str
+    source: nn.Module,
+    evaluation: Trace,
+    input_size: tuple[int, int, int],
+    *,
+    context: str,
+    taken: nn.Module | None = None,
 ) -> dict[fx.Node, Any]:
     """Every node's output shape for a batch of 2 at ``input_size``, in eval mode.
 
@@ -351,13 +408,17 @@ def shapes_of(
     see the statistics they need, whatever mode the module is in. The graph runs
     over a replica of ``source`` (no ``GraphModule`` is made for it): the source's
     own modes stay as they are for whoever runs or builds from it meanwhile.
+    ``taken``: the replica ``evaluation`` was traced on (:func:`traced`), which the
+    pass may take over.
     """
     channels, height, width = input_size
     on_meta = _is_meta(source)
     example = torch.empty(2, channels, height, width, device="meta" if on_meta else "cpu")
     with _SOURCE_LOCK:
         try:
-            return propagate_shapes(source, evaluation, example, fake=not on_meta, eval_mode=True)
+            return propagate_shapes(
+                source, evaluation, example, fake=not on_meta, eval_mode=True, taken=taken
+            )
         except Exception as exc:
             raise UnsupportedOptionError(
                 f"could not run {context} on a 2x{channels}x{height}x{width} input to find "
@@ -390,6 +451,19 @@ def _ancestors(path: str) -> list[str]:
 
 def _inside(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith(ancestor + ".")
+
+
+def _within(path: str, modules: set[str]) -> bool:
+    """Whether ``path`` is one of ``modules`` or inside one: :func:`_inside` for many
+    at once, in the time of a few lookups."""
+    if path in modules:
+        return True
+    dot = path.find(".")
+    while dot != -1:
+        if path[:dot] in modules:
+            return True
+        dot = path.find(".", dot + 1)
+    return False
 
 
 @dataclass
@@ -435,7 +509,7 @@ class _Graph:
             if node.op == "placeholder":
                 continue
             path = module_path(node, names)
-            if path and any(_inside(path, h) for h in heads):
+            if path and _within(path, heads):
                 break
             if not path and names.get(node, "").rstrip("_0123456789") in HEAD_FUNCTIONS:
                 break
@@ -764,8 +838,8 @@ def _with_outputs(graph: fx.Graph, names: Mapping[fx.Node, str], wanted: Sequenc
     env: dict[fx.Node, fx.Node] = {}
     for node in nodes:
         env[node] = new.node_copy(node, lambda n: env[n])
+    # No lint: a subset of a valid graph closed under inputs, in its order, is valid.
     new.output(tuple(env[node] for node in outputs))
-    new.lint()
     return new
 
 
@@ -1136,10 +1210,12 @@ class GraphFinder:
         self.context = context
         self.head_modules = tuple(head_modules)
         self.tracer_options = dict(tracer_options or {})
-        self.evaluation = trace(
+        self.evaluation, replica_ = traced(
             source, train=False, context=context, extra_tracer_kwargs=self.tracer_options
         )
-        self.shapes = shapes_of(source, self.evaluation, input_size, context=context)
+        self.shapes = shapes_of(
+            source, self.evaluation, input_size, context=context, taken=replica_
+        )
         self.graph = _Graph.of(self.evaluation, self.shapes)
         self.train: Trace | None = None
 

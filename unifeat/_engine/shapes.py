@@ -198,12 +198,13 @@ def runs_torch_code(cls: type) -> bool:
     nothing else (``__init__``; torchvision's ``MLP`` and ``Conv2dNormActivation``
     are ``nn.Sequential`` built so). A class that defines ``forward``, or anything
     a call might reach, is the library's own code."""
-    for klass in cls.__mro__:
-        if klass is object or klass.__module__.startswith("torch.nn.modules."):
-            continue
-        if not vars(klass).keys() <= _SET_UP_ONLY:
-            return False
-    return True
+    # Not cached: a class may be patched between builds.
+    return all(
+        klass is object
+        or klass.__module__.startswith("torch.nn.modules.")
+        or vars(klass).keys() <= _SET_UP_ONLY
+        for klass in cls.__mro__
+    )
 
 
 # What a class may define and still run its torch.nn base class's code when called.
