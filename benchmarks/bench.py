@@ -207,14 +207,14 @@ TIME_CASES = [
         "build: tv convnext_base feature model vs create_feature_extractor",
         0.6,
         _tv_build("convnext_base"),
-        repeats=5,
+        repeats=15,
         note=_BUILD_NOTE,
     ),
     Case(
         "build: tv vit_b_16 feature model vs create_feature_extractor",
         0.6,
         _tv_build("vit_b_16"),
-        repeats=5,
+        repeats=15,
         note=_BUILD_NOTE,
     ),
 ]

@@ -317,3 +317,28 @@ def test_the_mode_watch_leaves_nn_module_as_it_was() -> None:
     assert "training" not in vars(nn.Module)
     module = nn.Linear(2, 2)
     assert module.training and "training" in vars(module)
+
+
+class MakesAConstant(nn.Module):
+    """Its forward makes a tensor: FX lifts it into a constant of the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.stage = nn.Conv2d(8, 16, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage(self.stem(x) + torch.linspace(0.0, 1.0, 8).view(8, 1, 1))
+
+
+def test_a_module_whose_trace_lifts_constants_is_traced_once(traces: list[str]) -> None:
+    """The constants lifted from a module passed in are real tensors: the feature model's
+    own copy gets them, where it was traced a second time for them."""
+    source = MakesAConstant().eval()
+    model = unifeat.create_model(source, features_only=True)
+    assert traces == ["eval"]
+    assert not any(name.startswith("_tensor_constant") for name in vars(source))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = source.stage(source.stem(x) + torch.linspace(0.0, 1.0, 8).view(8, 1, 1))
+        torch.testing.assert_close(model(x)[-1], expected, rtol=0, atol=0)

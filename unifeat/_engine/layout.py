@@ -85,6 +85,15 @@ class Layout:
         if isinstance(self.plan, GraphPlan):
             plan = self.plan
             traces = [t for t in (plan.evaluation, plan.train) if t is not None]
+            if (
+                plan.train is None
+                and lacks_graph_attributes(plan.evaluation, source)
+                and not any(c.is_meta for c in plan.evaluation.constants.values())
+            ):
+                # The tensor constants the tracer lifted from a module passed in (plain
+                # tensor attributes, tensors its forward makes) are real ones: the build's
+                # own copy gets them, where tracing it again would lift the same.
+                plan.evaluation.attach_constants(source)
             if any(lacks_graph_attributes(t, source) for t in traces):
                 # The tensor constants the tracer lifted (MaxViT's) belong to the model
                 # the layout traced (the meta build, or a module passed in, which keeps
