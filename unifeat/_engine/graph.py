@@ -1,9 +1,13 @@
 """Levels found on a traced FX graph, and the runner that executes the cut graph.
 
-One trace per mode with torchvision's own tracer (its leaf-module and
-node-naming conventions), one shape propagation on the meta device, and from
-those: node names (torchvision's), the automatic level list, and graph modules
-that compute only what the requested levels need.
+One trace with torchvision's own tracer (its leaf-module and node-naming
+conventions), in eval mode; the train-mode graph is traced only where the
+traced code read a ``training`` flag (:mod:`unifeat._engine.modes`), since
+elsewhere it is the same graph. One shape propagation on the meta device, which
+runs each distinct node of repeated blocks once (:mod:`unifeat._engine.shapes`).
+From those: node names (torchvision's), the automatic level list, and graph
+modules that compute only what the requested levels need. A build compiles one
+``GraphModule`` (the cut eval graph).
 
 How levels are found
 --------------------
@@ -947,9 +951,11 @@ class GraphRunner(Runner):
 
     The root is a ``GraphModule`` of the eval graph holding the source's
     submodules under their own names (so state-dict keys are the source's).
-    Where the train graph differs (aux heads, mode-dependent code), it runs as
-    a function over the same root. The train graph is traced when the model is
-    first put in training mode: a model built for inference costs one trace.
+    Where the train graph is another program (aux heads, mode-dependent code,
+    an argument such as Swin's ``training=self.training``), it runs as a function
+    over the same root in training mode. It is traced when the model is first put
+    in training mode, and only where the eval trace read a ``training`` flag: a
+    model whose code reads none costs one trace in either mode.
     """
 
     trims = False  # a cut graph holds only the nodes its outputs need
