@@ -269,23 +269,21 @@ class Adapter:
             )
         if plan.checkpoint_path is not None or plan.norm:
             source = self.source_on_meta(plan)
+            # One runner serves every check: making one compiles its graph.
+            runner, root = layout.make_runner(
+                share_parameters_copy(source), context=plan.label, keep_final=plan.norm
+            )
             if plan.norm:
-                runner, root = layout.make_runner(
-                    share_parameters_copy(source), context=plan.label, keep_final=True
-                )
                 check_norm(runner, root, layout, context=plan.label)
             if plan.checkpoint_path is not None:
                 aside = check_checkpoint(
                     source,
                     plan.checkpoint_path,
                     context=plan.label,
-                    optional=self._keys_cut_away(plan, layout, source),
+                    optional=self._keys_cut_away(plan, layout, source, root),
                     set_aside=PYRAMID_PREFIX if layout.pyramid else None,
                 )
                 if aside:
-                    _, root = layout.make_runner(
-                        share_parameters_copy(source), context=plan.label, keep_final=plan.norm
-                    )
                     check_part(
                         root.get_submodule(PYRAMID_PREFIX),
                         aside,
@@ -310,16 +308,20 @@ class Adapter:
         )
 
     @staticmethod
-    def _keys_cut_away(plan: BuildPlan, layout: Layout | None, source: nn.Module) -> frozenset[str]:
+    def _keys_cut_away(
+        plan: BuildPlan, layout: Layout | None, source: nn.Module, root: nn.Module | None = None
+    ) -> frozenset[str]:
         """The source's state-dict keys the feature model of ``plan`` does not keep
         (what follows its deepest level): a checkpoint may lack them, so that a
-        feature model's own ``state_dict()`` loads back as ``checkpoint_path``."""
+        feature model's own ``state_dict()`` loads back as ``checkpoint_path``.
+        ``root``: the root of a runner already made for ``plan`` over ``source``."""
         if not plan.features_only or layout is None:
             return frozenset()
-        # A structural copy (tensors shared): cutting it leaves ``source`` whole.
-        _, root = layout.make_runner(
-            share_parameters_copy(source), context=plan.label, keep_final=plan.norm
-        )
+        if root is None:
+            # A structural copy (tensors shared): cutting it leaves ``source`` whole.
+            _, root = layout.make_runner(
+                share_parameters_copy(source), context=plan.label, keep_final=plan.norm
+            )
         kept = set(nn.Module.state_dict(root).keys())
         return frozenset(nn.Module.state_dict(source).keys()) - kept
 
@@ -704,7 +706,9 @@ class Adapter:
                 # Loading writes into the tensors, which the caller's module owns.
                 source = copy.deepcopy(source)
                 aside = self._load_checkpoint(plan, layout, source)
-            elif plan.features_only or dilates:
+            elif plan.features_only and layout is not None:
+                source = layout.copy_to_hold(source)
+            elif dilates:
                 source = share_parameters_copy(source)
             return source, aside
         extra = layout.build_kwargs if layout is not None else {}

@@ -1,9 +1,13 @@
 """Levels found on a traced FX graph, and the runner that executes the cut graph.
 
-One trace per mode with torchvision's own tracer (its leaf-module and
-node-naming conventions), one shape propagation on the meta device, and from
-those: node names (torchvision's), the automatic level list, and graph modules
-that compute only what the requested levels need.
+One trace with torchvision's own tracer (its leaf-module and node-naming
+conventions), in eval mode; the train-mode graph is traced only where the
+traced code read a ``training`` flag (:mod:`unifeat._engine.modes`), since
+elsewhere it is the same graph. One shape propagation on the meta device, which
+runs each distinct node of repeated blocks once (:mod:`unifeat._engine.shapes`).
+From those: node names (torchvision's), the automatic level list, and graph
+modules that compute only what the requested levels need. A build compiles one
+``GraphModule`` (the cut eval graph).
 
 How levels are found
 --------------------
@@ -27,7 +31,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
-import logging
 import math
 import sys
 import threading
@@ -42,9 +45,11 @@ from torchvision.models.feature_extraction import NodePathTracer
 
 from unifeat._engine.dilation import SPATIAL_OPS
 from unifeat._engine.levels import FeatureMap, Level, spatial, to_map, token_grid
-from unifeat._engine.meta import replica, weightless
+from unifeat._engine.meta import meta_replica, replica
 from unifeat._engine.model import Runner, final_norm_refusal
+from unifeat._engine.modes import watching_mode_reads
 from unifeat._engine.resize import PositionEmbedding, make_resizable
+from unifeat._engine.shapes import MetaShapeProp, ShapeRecorder, quiet_shape_prop
 from unifeat._errors import InvalidNodeError, TracingError, UnsupportedOptionError, close_matches
 
 # Top-level modules that belong to a classifier head, never to a feature level:
@@ -119,6 +124,10 @@ class Trace:
     """Tensors the tracer lifted out of the forward's code (timm Swin's masks), by the
     root attribute name its ``get_attr`` nodes read. The traced module does not get
     them (it may be a module passed in): see :func:`with_constants`."""
+    mode_dependent: bool = True
+    """Whether the traced code read a module's ``training`` flag (or whether that
+    could not be told): only then can the other mode's graph differ
+    (:mod:`unifeat._engine.modes`)."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Trace:
         # fx.Graph deep-copies its nodes without the memo, so the name map is
@@ -126,7 +135,8 @@ class Trace:
         graph = copy.deepcopy(self.graph, memo)
         copied = {node.name: node for node in graph.nodes}
         names = {copied[node.name]: name for node, name in self.names.items()}
-        return Trace(graph, names, copy.deepcopy(self.constants, memo))
+        constants = copy.deepcopy(self.constants, memo)
+        return Trace(graph, names, constants, mode_dependent=self.mode_dependent)
 
     def __getstate__(self) -> dict[str, Any]:
         # Functions the pickler cannot name by their qualified name (torch's
@@ -263,6 +273,18 @@ def trace(
     """Trace ``module`` in train or eval mode, on a replica over its tensors: the
     mode switch never shows on ``module`` (a caller's frozen norm layers stay frozen,
     and a build reading its modes in another thread sees the caller's)."""
+    return traced(module, train=train, context=context, extra_tracer_kwargs=extra_tracer_kwargs)[0]
+
+
+def traced(
+    module: nn.Module,
+    *,
+    train: bool,
+    context: str,
+    extra_tracer_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[Trace, nn.Module]:
+    """:func:`trace`, and the replica it traced (in that mode, holding the lifted
+    constants), which nothing else holds: a shape pass may take it over."""
     tracer = _FastNodePathTracer(**tracer_kwargs(extra_tracer_kwargs))
     with _SOURCE_LOCK:
         return _trace_locked(module, tracer, train=train, context=context)
@@ -270,10 +292,12 @@ def trace(
 
 def _trace_locked(
     module: nn.Module, tracer: _FastNodePathTracer, *, train: bool, context: str
-) -> Trace:
+) -> tuple[Trace, nn.Module]:
     traced = replica(module)
     try:
-        graph = tracer.trace(traced.train(train))
+        traced.train(train)
+        with watching_mode_reads(traced) as reads:
+            graph = tracer.trace(traced)
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TracingError(
@@ -290,7 +314,33 @@ def _trace_locked(
         for name, value in traced.__dict__.items()
         if isinstance(value, Tensor) and name not in module.__dict__
     }
-    return Trace(graph, dict(tracer.node_to_qualname), constants)
+    names = dict(tracer.node_to_qualname)
+    return Trace(graph, names, constants, mode_dependent=reads.read), traced
+
+
+def same_program(first: Trace, second: Trace) -> bool:
+    """Whether two traces are one program: the same nodes in the same order, with the
+    same names, targets and arguments. Names alone are not enough: torchvision's
+    Swin passes ``training=self.training`` to a wrapped function, so its train
+    graph differs from its eval graph in an argument only (its dropout)."""
+    nodes = list(first.graph.nodes), list(second.graph.nodes)
+    if len(nodes[0]) != len(nodes[1]):
+        return False
+
+    def name_in(trace_: Trace) -> Any:
+        return lambda node: trace_.names.get(node, node.name)
+
+    for one, other in zip(*nodes, strict=True):
+        if one.op != other.op or name_in(first)(one) != name_in(second)(other):
+            return False
+        mine = fx.node.map_arg((one.target, one.args, one.kwargs), name_in(first))
+        theirs = fx.node.map_arg((other.target, other.args, other.kwargs), name_in(second))
+        try:
+            if bool(mine != theirs):
+                return False
+        except Exception:
+            return False  # arguments that do not compare (tensors): told apart
+    return True
 
 
 def with_constants(module: nn.Module, trace_: Trace) -> nn.Module:
@@ -309,122 +359,101 @@ def with_constants(module: nn.Module, trace_: Trace) -> nn.Module:
 
 
 def propagate_shapes(
-    graph_module: fx.GraphModule, example: Tensor, *, fake: bool = False
+    source: nn.Module,
+    trace_: Trace,
+    example: Tensor,
+    *,
+    fake: bool,
+    eval_mode: bool,
+    taken: nn.Module | None = None,
 ) -> dict[fx.Node, Any]:
-    """Record every node's output shape without computing anything.
+    """Every node's output shape of ``trace_`` run over ``source``, computing nothing.
 
-    Meta tensors for models built on the meta device; ``fake=True`` for a real
-    module, whose weights are stood in for by meta tensors, not copied. Nodes
-    whose value is not a tensor get the shapes of what they hold (a tuple of
-    shapes), or nothing.
+    Meta tensors throughout (:mod:`unifeat._engine.shapes`, which runs each distinct
+    node of repeated blocks once); for a real module (``fake=True``) its weights
+    are stood in for by meta tensors, never copied. Everything runs on a replica
+    of ``source`` (in eval mode with ``eval_mode``; in ``source``'s modes
+    otherwise): ``taken``, the replica the trace ran on, which nothing else holds
+    (see :func:`traced`), or a new one; ``source`` is never written. Nodes whose
+    value is not a tensor get the shapes of what they hold (a tuple of shapes),
+    or nothing.
     """
+    graph = trace_.graph
     if fake:
         try:
-            _propagate_with_meta_stand_ins(graph_module, example)
+            probe = _meta_probe(source, trace_, eval_mode, weights=True, taken=taken)
+            with torch.no_grad():
+                MetaShapeProp(probe, graph).propagate(example.to("meta"))
         except Exception:
             # Tensors the forward makes on the CPU (Swin V2's position grids)
             # do not mix with meta ones; fake tensors take them in.
             from torch._subclasses.fake_tensor import FakeTensorMode
 
+            probe = replica(with_constants(source, trace_))
+            if eval_mode:
+                probe.eval()
             mode = FakeTensorMode(allow_non_fake_inputs=True)
             try:
-                _quiet_shape_prop(graph_module, mode, mode.from_tensor(example))
+                quiet_shape_prop(probe, graph, mode, mode.from_tensor(example))
             except Exception:
                 # Data-dependent code (a leaf module that branches on values) needs
                 # values: one real forward of zeros without grad, on a replica in eval
                 # mode, so that no norm updates the source's running statistics.
                 with torch.no_grad():
-                    _ShapeRecorder(replica(graph_module).eval()).propagate(
-                        torch.zeros_like(example)
+                    ShapeRecorder(probe.eval(), graph).propagate(
+                        torch.zeros(example.shape, dtype=example.dtype)
                     )
     else:
-        _MetaShapeProp(graph_module).propagate(example)
+        probe = _meta_probe(source, trace_, eval_mode, weights=False, taken=taken)
+        with torch.no_grad():
+            MetaShapeProp(probe, graph).propagate(example)
     shapes: dict[fx.Node, Any] = {}
-    for node in graph_module.graph.nodes:
+    for node in graph.nodes:
         meta = node.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "shape"):
             shapes[node] = tuple(meta.shape)
     return shapes
 
 
-@dataclass(frozen=True)
-class _TensorShape:
-    shape: tuple[int, ...]
+def _meta_probe(
+    source: nn.Module,
+    trace_: Trace,
+    eval_mode: bool,
+    *,
+    weights: bool,
+    taken: nn.Module | None = None,
+) -> nn.Module:
+    """A replica of ``source`` to run ``trace_``'s graph over on the meta device: meta
+    stand-ins for its weights (``weights``: it has real ones) and for the tensor
+    constants the trace lifted, which the graph reads off the top level. ``taken``
+    (a replica of ``source`` nothing else holds) gets them in place, which is a
+    third of making another."""
+    if taken is None:
+        probe = meta_replica(source) if weights else replica(source)
+    else:
+        probe = taken
+        if weights:
+            _stand_ins_in_place(probe)
+    for name, value in trace_.constants.items():
+        probe.__dict__[name] = torch.empty_like(value, device="meta")
+    return probe.eval() if eval_mode else probe
 
 
-class _ShapeRecorder(fx.Interpreter):
-    """Runs a graph and records each node's output shape(s) in ``node.meta``.
-
-    Our own rather than torch's ``ShapeProp``, which prints a traceback to stderr
-    for every node that fails before raising: a probe that fails must fail quietly,
-    with one unifeat error.
-    """
-
-    def __init__(self, graph_module: fx.GraphModule, fake_mode: Any = None) -> None:
-        super().__init__(graph_module)
-        self.fake_mode = fake_mode
-
-    def run_node(self, n: fx.Node) -> Any:
-        if self.fake_mode is not None:
-            from torch._dispatch.python import enable_python_dispatcher
-
-            with self.fake_mode, enable_python_dispatcher():
-                result = super().run_node(n)
-        else:
-            result = super().run_node(n)
-        found = _shapes_in(result)
-        if found is not None:
-            n.meta["tensor_meta"] = found
-        return result
-
-    def propagate(self, example: Tensor) -> Any:
-        return self.run(example)
-
-
-def _shapes_in(value: Any) -> Any:
-    """A tensor's shape, or the same structure of shapes for a tuple or list."""
-    if isinstance(value, Tensor):
-        return _TensorShape(tuple(value.shape))
-    if isinstance(value, (tuple, list)):
-        inner = [_shapes_in(item) for item in value]
-        return tuple(inner) if any(item is not None for item in inner) else None
-    return None
-
-
-def _quiet_shape_prop(graph_module: fx.GraphModule, mode: Any, example: Tensor) -> None:
-    # Fake tensors log every op that fails on the meta device, with a traceback;
-    # the failure itself becomes one unifeat error, so the log says nothing new.
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        _ShapeRecorder(graph_module, fake_mode=mode).propagate(example)
-    finally:
-        logger.setLevel(level)
-
-
-class _MetaShapeProp(_ShapeRecorder):
-    """Shape propagation with a shortcut for attention whose weights are not asked
-    for: its output has the query's shape. Running ``nn.MultiheadAttention`` op by op
-    on the meta device was half of ``feature_info("tv:vit_h_14")``."""
-
-    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        module = self.fetch_attr(target)
-        if (
-            isinstance(module, nn.MultiheadAttention)
-            and kwargs.get("need_weights") is False
-            and isinstance(args[0], Tensor)
-            and args[0].is_meta
-        ):
-            return torch.empty_like(args[0]), None
-        return super().call_module(target, args, kwargs)
-
-
-def _propagate_with_meta_stand_ins(graph_module: fx.GraphModule, example: Tensor) -> None:
-    """Shape propagation over a real module with meta stand-ins for its weights (on a
-    replica: the module itself is never written). Shapes land on the shared graph."""
-    with torch.no_grad():
-        _MetaShapeProp(weightless(graph_module).module).propagate(example.to("meta"))
+def _stand_ins_in_place(probe: nn.Module) -> None:
+    """Meta stand-ins for the parameters and buffers of ``probe``, a replica whose
+    stores are its own (:func:`~unifeat._engine.meta.replica`): the source it
+    copies keeps its tensors. Tied tensors get one stand-in."""
+    by_id: dict[int, Tensor] = {}
+    for module in probe.modules():
+        stores: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
+        for store in stores:
+            for name, tensor in store.items():
+                if tensor is None:
+                    continue
+                found = by_id.get(id(tensor))
+                if found is None:
+                    found = by_id[id(tensor)] = torch.empty_like(tensor, device="meta")
+                store[name] = found
 
 
 def _is_meta(module: nn.Module) -> bool:
@@ -432,37 +461,37 @@ def _is_meta(module: nn.Module) -> bool:
 
 
 def shapes_of(
-    source: nn.Module, evaluation: Trace, input_size: tuple[int, int, int], *, context: str
+    source: nn.Module,
+    evaluation: Trace,
+    input_size: tuple[int, int, int],
+    *,
+    context: str,
+    taken: nn.Module | None = None,
 ) -> dict[fx.Node, Any]:
     """Every node's output shape for a batch of 2 at ``input_size``, in eval mode.
 
     Two samples and eval mode, so that norm layers after a global pool (LeViT)
-    see the statistics they need, whatever mode the module is in.
+    see the statistics they need, whatever mode the module is in. The graph runs
+    over a replica of ``source`` (no ``GraphModule`` is made for it): the source's
+    own modes stay as they are for whoever runs or builds from it meanwhile.
+    ``taken``: the replica ``evaluation`` was traced on (:func:`traced`), which the
+    pass may take over.
     """
-    # Eval mode on a replica over the source's tensors: the source's own modes stay
-    # as they are for whoever runs or builds from it meanwhile.
-    graph_module = replica(fx.GraphModule(with_constants(source, evaluation), evaluation.graph))
-    graph_module.eval()
     channels, height, width = input_size
     on_meta = _is_meta(source)
     example = torch.empty(2, channels, height, width, device="meta" if on_meta else "cpu")
     with _SOURCE_LOCK:
-        return _shapes_locked(graph_module, example, on_meta, context=context)
-
-
-def _shapes_locked(
-    graph_module: fx.GraphModule, example: Tensor, on_meta: bool, *, context: str
-) -> dict[fx.Node, Any]:
-    channels, height, width = example.shape[1:]
-    try:
-        return propagate_shapes(graph_module, example, fake=not on_meta)
-    except Exception as exc:
-        raise UnsupportedOptionError(
-            f"could not run {context} on a 2x{channels}x{height}x{width} input to find its "
-            f"levels ({type(exc).__name__}: {_first_line(exc)}); for a module of your own, "
-            "pass the input it takes: input_size=(H, W), or input_size=(C, H, W) for "
-            f"other than {channels} channels"
-        ) from None
+        try:
+            return propagate_shapes(
+                source, evaluation, example, fake=not on_meta, eval_mode=True, taken=taken
+            )
+        except Exception as exc:
+            raise UnsupportedOptionError(
+                f"could not run {context} on a 2x{channels}x{height}x{width} input to find "
+                f"its levels ({type(exc).__name__}: {_first_line(exc)}); for a module of your "
+                "own, pass the input it takes: input_size=(H, W), or input_size=(C, H, W) for "
+                f"other than {channels} channels"
+            ) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -488,6 +517,19 @@ def _ancestors(path: str) -> list[str]:
 
 def _inside(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith(ancestor + ".")
+
+
+def _within(path: str, modules: set[str]) -> bool:
+    """Whether ``path`` is one of ``modules`` or inside one: :func:`_inside` for many
+    at once, in the time of a few lookups."""
+    if path in modules:
+        return True
+    dot = path.find(".")
+    while dot != -1:
+        if path[:dot] in modules:
+            return True
+        dot = path.find(".", dot + 1)
+    return False
 
 
 @dataclass
@@ -547,7 +589,7 @@ class _Graph:
             if node.op == "placeholder":
                 continue
             path = module_path(node, names)
-            if path and any(_inside(path, h) for h in heads):
+            if path and _within(path, heads):
                 break
             if not path and names.get(node, "").rstrip("_0123456789") in HEAD_FUNCTIONS:
                 break
@@ -866,37 +908,53 @@ def _merged_order(evaluation: Sequence[str], train: Sequence[str]) -> list[str]:
 
 
 def _with_outputs(graph: fx.Graph, names: Mapping[fx.Node, str], wanted: Sequence[str]) -> fx.Graph:
-    """A copy of ``graph`` returning the nodes named ``wanted``; dead code is dropped.
+    """A copy of ``graph`` returning the nodes named ``wanted``, with only the nodes
+    they need (and the input checks).
 
     Everything that only fed later levels or the head goes: this is the pruning.
     """
+    nodes, outputs = _needed(graph, names, wanted)
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    by_name: dict[str, fx.Node] = {}
-    for node in graph.nodes:
-        if node.op == "output":
-            continue
+    for node in nodes:
         env[node] = new.node_copy(node, lambda n: env[n])
-        if node in names:
-            by_name[names[node]] = env[node]
-    new.output(tuple(by_name[name] for name in wanted))
-    _drop_unused(new)
-    new.lint()
+    # No lint: a subset of a valid graph closed under inputs, in its order, is valid.
+    new.output(tuple(env[node] for node in outputs))
     return new
+
+
+def _targets(graph: fx.Graph, names: Mapping[fx.Node, str], wanted: Sequence[str]) -> list[str]:
+    """The modules and attributes that computing the nodes named ``wanted`` reads."""
+    nodes, _ = _needed(graph, names, wanted)
+    return [str(node.target) for node in nodes if node.op in ("call_module", "get_attr")]
 
 
 # Calls kept even when nothing uses their result: they check inputs.
 _SIDE_EFFECTS = {torch._assert, getattr(torch, "_assert_async", torch._assert)}
 
 
-def _drop_unused(graph: fx.Graph) -> None:
-    """Dead-code elimination that needs no owning module (submodules may be gone)."""
-    for node in reversed(list(graph.nodes)):
-        if node.op in ("placeholder", "output") or node.users:
-            continue
-        if node.op == "call_function" and node.target in _SIDE_EFFECTS:
-            continue
-        graph.erase_node(node)
+def _needed(
+    graph: fx.Graph, names: Mapping[fx.Node, str], wanted: Sequence[str]
+) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The nodes of ``graph`` that the nodes named ``wanted`` depend on, in graph order
+    (the inputs, and the input checks with what they read, always), and those nodes.
+
+    What dead-code elimination of a copy returning them would keep, found without
+    copying the graph (it needs no owning module: submodules may be gone)."""
+    by_name = {name: node for node, name in names.items()}
+    outputs = [by_name[name] for name in wanted]
+    pending = [
+        *outputs,
+        *(n for n in graph.nodes if n.op == "call_function" and n.target in _SIDE_EFFECTS),
+    ]
+    kept: set[fx.Node] = set()
+    while pending:
+        node = pending.pop()
+        if node not in kept:
+            kept.add(node)
+            pending.extend(node.all_input_nodes)
+    nodes = [n for n in graph.nodes if n in kept or n.op == "placeholder"]
+    return nodes, outputs
 
 
 def _constants_not_persistent(root: nn.Module) -> None:
@@ -969,9 +1027,11 @@ class GraphRunner(Runner):
 
     The root is a ``GraphModule`` of the eval graph holding the source's
     submodules under their own names (so state-dict keys are the source's).
-    Where the train graph differs (aux heads, mode-dependent code), it runs as
-    a function over the same root. The train graph is traced when the model is
-    first put in training mode: a model built for inference costs one trace.
+    Where the train graph is another program (aux heads, mode-dependent code,
+    an argument such as Swin's ``training=self.training``), it runs as a function
+    over the same root in training mode. It is traced when the model is first put
+    in training mode, and only where the eval trace read a ``training`` flag: a
+    model whose code reads none costs one trace in either mode.
     """
 
     trims = False  # a cut graph holds only the nodes its outputs need
@@ -1031,8 +1091,9 @@ class GraphRunner(Runner):
         evaluation = self._plan.evaluation
         graph = _with_outputs(evaluation.graph, evaluation.names, self._outputs(evaluation, False))
         root = fx.GraphModule(self._source, graph, class_name=type(self._source).__name__)
-        final = _with_outputs(evaluation.graph, evaluation.names, self._outputs(evaluation, True))
-        self._share_targets(root, final)
+        self._share_targets(
+            root, _targets(evaluation.graph, evaluation.names, self._outputs(evaluation, True))
+        )
         if self._norm_applies():
             for target in self._plan.final_modules:
                 _share_attribute(root, self._source, target)
@@ -1048,10 +1109,9 @@ class GraphRunner(Runner):
         deepest, last = self.levels[self.last_level], self.levels[-1]
         return self.last_level == len(self.levels) - 1 or deepest.num_chs == last.num_chs
 
-    def _share_targets(self, root: nn.Module, graph: fx.Graph) -> None:
-        for node in graph.nodes:
-            if node.op in ("call_module", "get_attr"):
-                _share_attribute(root, self._source, str(node.target))
+    def _share_targets(self, root: nn.Module, targets: Iterable[str]) -> None:
+        for target in targets:
+            _share_attribute(root, self._source, target)
 
     def level_module(self, index: int) -> str:
         return self.levels[index].module  # the module whose output the node is, if any
@@ -1082,6 +1142,11 @@ class GraphRunner(Runner):
 
     def _trains_differently(self, root: nn.Module) -> bool:
         if self._train_differs is None:
+            if not self._plan.evaluation.mode_dependent:
+                # The traced code read no training flag: in train mode it traces to
+                # this same graph (unifeat._engine.modes), so nothing is traced.
+                self._train_differs = False
+                return False
             if self._plan.train is None:
                 self._plan.train = trace(
                     self._source,
@@ -1091,13 +1156,11 @@ class GraphRunner(Runner):
                 )
                 self._plan.train.attach_constants(self._source)
                 _resizable(self._plan.train, self._plan)
-            self._train_differs = list(self._plan.train.names.values()) != list(
-                self._plan.evaluation.names.values()
-            )
+            self._train_differs = not same_program(self._plan.train, self._plan.evaluation)
             if self._train_differs:
                 train = self._plan.train
                 self._share_targets(
-                    root, _with_outputs(train.graph, train.names, self._outputs(train, True))
+                    root, _targets(train.graph, train.names, self._outputs(train, True))
                 )
         return self._train_differs
 
@@ -1186,7 +1249,7 @@ class GraphRunner(Runner):
             train = self._plan.train
             assert train is not None
             self._share_targets(
-                new_root, _with_outputs(train.graph, train.names, self._outputs(train, True))
+                new_root, _targets(train.graph, train.names, self._outputs(train, True))
             )
         self._functions = {}
         self._segmented = {}
@@ -1229,10 +1292,12 @@ class GraphFinder:
         self.context = context
         self.head_modules = tuple(head_modules)
         self.tracer_options = dict(tracer_options or {})
-        self.evaluation = trace(
+        self.evaluation, replica_ = traced(
             source, train=False, context=context, extra_tracer_kwargs=self.tracer_options
         )
-        self.shapes = shapes_of(source, self.evaluation, input_size, context=context)
+        self.shapes = shapes_of(
+            source, self.evaluation, input_size, context=context, taken=replica_
+        )
         self.graph = _Graph.of(self.evaluation, self.shapes, head_modules=self.head_modules)
         self.train: Trace | None = None
 
@@ -1242,6 +1307,8 @@ class GraphFinder:
         return list(train.names.values()), list(self.evaluation.names.values())
 
     def _train_trace(self) -> Trace:
+        if not self.evaluation.mode_dependent:
+            return self.evaluation  # the same graph in either mode: nothing to trace
         if self.train is None:
             self.train = trace(
                 self.source,
@@ -1338,11 +1405,12 @@ class GraphFinder:
 
     def _train_shapes(self) -> Mapping[fx.Node, Any]:
         train = self._train_trace()
-        graph_module = fx.GraphModule(with_constants(self.source, train), train.graph)
         channels, height, width = self.input_size
         example = torch.empty(2, channels, height, width, device="meta")
         try:
-            return propagate_shapes(graph_module, example, fake=not _is_meta(self.source))
+            return propagate_shapes(
+                self.source, train, example, fake=not _is_meta(self.source), eval_mode=False
+            )
         except Exception:
             return {}
 

@@ -33,6 +33,7 @@ from unifeat._engine.graph import (
 )
 from unifeat._engine.hooks import HookFinder, HookPlan, HookRunner
 from unifeat._engine.levels import Level
+from unifeat._engine.meta import replica
 from unifeat._engine.model import Runner, share_parameters_copy
 from unifeat._engine.native import NativeRunner, NativeSpec
 from unifeat._engine.pyramid import PyramidRunner, attach_pyramid
@@ -84,6 +85,15 @@ class Layout:
         if isinstance(self.plan, GraphPlan):
             plan = self.plan
             traces = [t for t in (plan.evaluation, plan.train) if t is not None]
+            if (
+                plan.train is None
+                and lacks_graph_attributes(plan.evaluation, source)
+                and not any(c.is_meta for c in plan.evaluation.constants.values())
+            ):
+                # The tensor constants the tracer lifted from a module passed in (plain
+                # tensor attributes, tensors its forward makes) are real ones: the build's
+                # own copy gets them, where tracing it again would lift the same.
+                plan.evaluation.attach_constants(source)
             if any(lacks_graph_attributes(t, source) for t in traces):
                 # The tensor constants the tracer lifted (MaxViT's) belong to the model
                 # the layout traced (the meta build, or a module passed in, which keeps
@@ -102,6 +112,19 @@ class Layout:
             return hook_runner, hook_runner.make_root(source)
         native = NativeRunner(self.plan, self.levels, last_level=last, keep_final=keep_final)
         return native, native.make_root(source)
+
+    def copy_to_hold(self, source: nn.Module) -> nn.Module:
+        """A structural copy of a module passed in, for the feature model to hold: its
+        own module objects (their modes, hooks and pruning are the feature model's)
+        over the caller's tensors (training it trains the caller's weights).
+
+        A traced graph's root only calls the modules it holds, so new module objects
+        over the same attributes do (:func:`~unifeat._engine.meta.replica`, a
+        seventh of a deep copy's cost on ViT-B); hooked block lists and libraries'
+        own pruning cut and rewire what they hold, so they get a deep copy."""
+        if isinstance(self.plan, GraphPlan):
+            return replica(source)
+        return share_parameters_copy(source)
 
     def apply_dilation(self, source: nn.Module) -> None:
         if self.dilation:

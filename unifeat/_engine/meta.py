@@ -10,14 +10,27 @@ source's own ones), in their own mode.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 M = TypeVar("M", bound=nn.Module)
+
+# Filled anew for each copy, so never copied first.
+_STORES = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
+
+
+def _copied_dict(value: dict[Any, Any]) -> dict[Any, Any]:
+    """A shallow copy of the same type: hook dicts are OrderedDicts that handles
+    weak-reference. ``copy.copy`` goes through ``__reduce_ex__``, which was a third
+    of copying a ViT-B; the dicts' own ``copy`` keeps their type."""
+    if type(value) is dict or type(value) is OrderedDict:
+        return value.copy()
+    return copy.copy(value)
 
 
 def replica(
@@ -46,10 +59,10 @@ def replica(
     # GraphModule makes a new class per instance, without the traced forward).
     copied = object.__new__(type(module))
     memo[id(module)] = copied
-    # Copies of the same type: hook dicts are OrderedDicts that handles weak-reference.
     state = {
-        key: copy.copy(value) if isinstance(value, dict) else value
+        key: _copied_dict(value) if isinstance(value, dict) else value
         for key, value in module.__dict__.items()
+        if key not in _STORES
     }
     state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
     state["_parameters"] = {
@@ -103,6 +116,30 @@ def weightless(
     ``memo`` and ``stand_ins_by_id`` (keyed by ``id`` of the source's modules and
     tensors) let a second structure over the same tensors read the same stand-ins.
     """
+    copied = meta_replica(
+        module,
+        trainable=trainable,
+        every_parameter=every_parameter,
+        memo=memo,
+        stand_ins_by_id=stand_ins_by_id,
+    )
+    names = [
+        *copied.named_parameters(remove_duplicate=False),
+        *copied.named_buffers(remove_duplicate=False),
+    ]
+    return Weightless(copied, dict(names))
+
+
+def meta_replica(
+    module: M,
+    *,
+    trainable: bool = False,
+    every_parameter: bool = False,
+    memo: MutableMapping[int, nn.Module] | None = None,
+    stand_ins_by_id: MutableMapping[int, Tensor] | None = None,
+) -> M:
+    """:func:`weightless`'s replica alone, for a probe that reads no stand-in by name
+    (the arguments mean the same)."""
     by_id: MutableMapping[int, Tensor] = {} if stand_ins_by_id is None else stand_ins_by_id
 
     def stand_in(t: Tensor) -> Tensor:
@@ -115,12 +152,7 @@ def weightless(
             by_id[id(t)] = found
         return found
 
-    copied = replica(module, stand_in, memo=memo)
-    names = [
-        *copied.named_parameters(remove_duplicate=False),
-        *copied.named_buffers(remove_duplicate=False),
-    ]
-    return Weightless(copied, dict(names))
+    return replica(module, stand_in, memo=memo)
 
 
 def meta_batch(module: nn.Module, input_size: Sequence[int], batch: int = 2) -> Tensor:
