@@ -57,7 +57,7 @@ def backend(session: nox.Session, backend: str) -> None:
 
 @nox.session
 def slow(session: nox.Session) -> None:
-    """The heavier checks: more and larger architectures, export, torch.compile."""
+    """The checks that take 30 s or more each (many hypothesis examples, random kills)."""
     _install(session, "test,openclip,export,smp")
     session.run("pytest", "-m", "slow", *session.posargs)
 

@@ -80,7 +80,7 @@ def _pair(arch: str) -> tuple[nn.Module, nn.Module, nn.Module, int]:
         "resnet50",
         "convnext_tiny",
         "vit_small",
-        pytest.param("vit_b_16", marks=pytest.mark.slow),
+        "vit_b_16",
     ],
 )
 def test_features_and_pre_logits_equal_timms(arch: str) -> None:
@@ -222,9 +222,9 @@ LIBRARY_MODELS = [
         id="tv-convnext-small",
     ),
     pytest.param(lambda: _tv("mobilenet_v3_small"), id="tv-mobilenet_v3_small"),
-    pytest.param(lambda: _tv("mobilenet_v2"), id="tv-mobilenet_v2", marks=pytest.mark.slow),
+    pytest.param(lambda: _tv("mobilenet_v2"), id="tv-mobilenet_v2"),
     pytest.param(lambda: _tv("regnet_x_400mf"), id="tv-regnet_x_400mf"),
-    pytest.param(lambda: _tv("efficientnet_b0"), id="tv-efficientnet_b0", marks=pytest.mark.slow),
+    pytest.param(lambda: _tv("efficientnet_b0"), id="tv-efficientnet_b0"),
     pytest.param(
         lambda: torchvision.models.VisionTransformer(mlp_dim=64, **_SMALL_VIT).eval(),
         id="tv-vit-small",

@@ -302,7 +302,6 @@ def _layout(model: nn.Module) -> list[tuple[str, str, Any]]:
     return [(n, type(m).__name__, getattr(m, "eps", None)) for n, m in model.named_modules()]
 
 
-@pytest.mark.slow
 def test_segmentation_maps_are_the_models_own_backbone_outputs(tmp_path: Path) -> None:
     """DeepLabV3's dilated ResNet-50: levels 3 and 4 are what its backbone returns as
     "aux" and "out"; its checkpoint (with the auxiliary classifier) loads."""
@@ -463,7 +462,6 @@ def test_num_classes_is_the_detection_builders_own() -> None:
         unifeat.create_model("tv:fcn_resnet50", global_pool="avg")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", DETECTION + SEGMENTATION)
 def test_every_model_is_read_as_its_default_weights_have_it(
     name: str, tmp_path: Path, torch_home: Path
@@ -792,7 +790,6 @@ TASK_TYPES_CHANNELS_LAST = {
 }
 
 
-@pytest.mark.slow
 def test_every_type_with_a_backbone_config_is_covered() -> None:
     """The survey the docs' coverage table reports (docs/backends/hf.md)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING

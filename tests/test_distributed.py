@@ -94,7 +94,6 @@ CASES = [
             "mlp_dim": 64,
         },
         id="tv-vit",
-        marks=pytest.mark.slow,
     ),
     pytest.param(
         "hf:vit",
@@ -107,22 +106,20 @@ CASES = [
             "patch_size": 8,
         },
         id="hf-vit",
-        marks=pytest.mark.slow,
     ),
     pytest.param(
         "oc:ViT-B-32",
         {"layers": 2, "width": 32, "head_width": 16, "image_size": 32, "patch_size": 8},
         id="open_clip-vit",
-        marks=pytest.mark.slow,
     ),
-    pytest.param("tv:resnet18", {}, id="tv-resnet", marks=pytest.mark.slow),
-    pytest.param("module", {}, id="module", marks=pytest.mark.slow),
+    pytest.param("tv:resnet18", {}, id="tv-resnet"),
+    pytest.param("module", {}, id="module"),
 ]
 _BY_ID = {case.id: case for case in CASES}
 # FSDP2 (fully_shard) on the same models: the hook runner (transformers), the graph
 # runners (torchvision, a module of your own) and the native ones (timm, open_clip).
 FSDP_CASES = [
-    pytest.param(*_BY_ID[name].values, id=name, marks=pytest.mark.slow)
+    pytest.param(*_BY_ID[name].values, id=name)
     for name in ("timm-vit", "tv-resnet", "hf-vit", "open_clip-vit", "module")
 ]
 

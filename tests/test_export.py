@@ -7,9 +7,8 @@ whose position embeddings unifeat or the library resamples to any multiple of
 the patch size (timm, torchvision and open_clip ViTs: height and width are
 ``16 * Dim``).
 Each exported program is checked against the eager feature model at two input
-sizes. One small model per backend
-runs by default; the architectures named in docs/export.md at full size are
-behind the ``slow`` marker.
+sizes: one small model per backend, and the architectures named in
+docs/export.md at full size.
 """
 
 from __future__ import annotations
@@ -79,15 +78,9 @@ FULL = [
 ]
 
 
-def _params(
-    rows: list[tuple[Any, ...]], slow: bool, marks: dict[str, Any] | None = None
-) -> list[Any]:
-    """``marks``: more marks by row id (documented exceptions)."""
-    every = [pytest.mark.slow] if slow else []
-    return [
-        pytest.param(*row[1:], id=row[0], marks=[*every, *(marks or {}).get(row[0], [])])
-        for row in rows
-    ]
+def _params(rows: list[tuple[Any, ...]], marks: dict[str, Any] | None = None) -> list[Any]:
+    """``marks``: marks by row id (documented exceptions)."""
+    return [pytest.param(*row[1:], id=row[0], marks=(marks or {}).get(row[0], [])) for row in rows]
 
 
 def _build(model: Any, kwargs: dict[str, Any]) -> nn.Module:
@@ -136,7 +129,7 @@ def _check_export(
                 torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("model", "kwargs", "tokens", "size"), _params(SMALL, slow=False))
+@pytest.mark.parametrize(("model", "kwargs", "tokens", "size"), _params(SMALL))
 def test_torch_export_matches_eager(model: Any, kwargs: dict, tokens: Tokens, size: int) -> None:
     _check_export(model, kwargs, tokens, size)
 
@@ -158,7 +151,7 @@ _UNPROVABLE_GUARD = pytest.mark.xfail(
 
 @pytest.mark.parametrize(
     ("model", "kwargs", "tokens", "size"),
-    _params(FULL, slow=True, marks={"tv-convnext_tiny": [_UNPROVABLE_GUARD]}),
+    _params(FULL, marks={"tv-convnext_tiny": [_UNPROVABLE_GUARD]}),
 )
 def test_torch_export_matches_eager_full_size(
     model: Any, kwargs: dict, tokens: Tokens, size: int
@@ -166,7 +159,6 @@ def test_torch_export_matches_eager_full_size(
     _check_export(model, kwargs, tokens, size)
 
 
-@pytest.mark.slow
 def test_torchvision_convnext_exports_dynamic_sizes_with_dim_dynamic() -> None:
     """What docs/export.md says of torchvision's ConvNeXt: named Dims for height and
     width are refused for torchvision's own model too (the guard is torch's and
@@ -218,13 +210,7 @@ _ONNX_DEFAULT = {"tv-resnet18", "hf-vit"}
 @pytest.mark.skipif(not _ONNX, reason="needs the [export] extra: onnx, onnxruntime, onnxscript")
 @pytest.mark.parametrize(
     ("model", "kwargs", "tokens", "size"),
-    [
-        pytest.param(
-            *row[1:], id=row[0], marks=[] if row[0] in _ONNX_DEFAULT else [pytest.mark.slow]
-        )
-        for row in SMALL
-    ]
-    + _params(FULL, slow=True),
+    [pytest.param(*row[1:], id=row[0]) for row in SMALL] + _params(FULL),
 )
 def test_onnx_runtime_matches_eager(model: Any, kwargs: dict, tokens: Tokens, size: int) -> None:
     _check_onnx(model, kwargs, tokens, size)
@@ -238,7 +224,6 @@ _HOOK_RUNNER_BREAKS = pytest.mark.xfail(
 )
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "kwargs"),
     [

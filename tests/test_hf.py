@@ -489,7 +489,6 @@ def test_errors_name_the_bad_value() -> None:
         unifeat.feature_info("hf:vision-encoder-decoder")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["dinov2", "resnet"])
 def test_torch_compile_gives_the_eager_maps(model_type: str) -> None:
     model = unifeat.create_model(

@@ -314,7 +314,6 @@ def test_uvdoc_backbone_runs() -> None:
     assert [m.shape[1] for m in maps] == model.feature_info.channels()
 
 
-@pytest.mark.slow
 def test_survey_of_every_vision_model_type() -> None:
     """Every transformers model type with an image-classification head or a backbone:
     53 of 58 get levels from their default config; the others say why."""

@@ -295,10 +295,7 @@ _HF_DEFAULT = {"vit", "dinov2", "siglip_vision_model"}  # the rest: behind the s
 
 @pytest.mark.parametrize(
     "model_type",
-    [
-        pytest.param(t, id=t, marks=[] if t in _HF_DEFAULT else [pytest.mark.slow])
-        for t in sorted(HF_TYPES)
-    ],
+    [pytest.param(t, id=t) for t in sorted(HF_TYPES)],
 )
 def test_every_hf_vit_type_takes_other_multiples(model_type: str) -> None:
     torch.manual_seed(0)

@@ -338,7 +338,6 @@ def test_models_without_forward_intermediates_use_timms_hooks():
     assert not any(k.startswith("layer3.") for k in model.state_dict())
 
 
-@pytest.mark.slow
 def test_torch_compile_gives_the_same_features():
     _, model = _resnet18_features(out_indices=(1, 4))
     x = torch.randn(1, 3, 64, 64)

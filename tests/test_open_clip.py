@@ -130,7 +130,6 @@ def test_names_and_errors() -> None:
         unifeat.feature_info("oc:ViT-B-32", output_stride=8, **TINY_VIT)
 
 
-@pytest.mark.slow
 def test_timm_towers_use_the_timm_trunks_levels() -> None:
     model = unifeat.create_model("oc:convnext_base", features_only=True).eval()
     assert model.feature_info.module_name() == [f"trunk.stages.{i}" for i in range(4)]

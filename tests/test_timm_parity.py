@@ -110,7 +110,6 @@ def test_levels_and_outputs_equal_timm_features_only(name, size, kwargs):
     _check_parity(name, size, kwargs)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "size", "kwargs"), SLOW_ARCHITECTURES, ids=[a[0] for a in SLOW_ARCHITECTURES]
 )

@@ -342,7 +342,6 @@ def fx_threads_report() -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # a fresh interpreter: about 20 s of CPU
 @pytest.mark.parametrize(
     "check",
     [

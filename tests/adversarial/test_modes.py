@@ -195,7 +195,7 @@ def _source_params(states: tuple[str, ...]) -> list[Any]:
     for state in states:
         for backend in BACKENDS:
             for call in SOURCE_CALLS:
-                marks = [] if state == "frozen" else [pytest.mark.slow]
+                marks: list[Any] = []
                 params.append(
                     pytest.param(
                         backend,

@@ -92,8 +92,14 @@ def test_agree_on_levels_and_strides(backend: Backend, options: dict[str, Any]) 
     check_agreement(backend, options)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.id)
+# Over 30 s each on two cores for timm's and torchvision's: those run with -m slow.
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param(b, id=b.id, marks=[pytest.mark.slow] if b.id in ("timm", "tv") else [])
+        for b in BACKENDS
+    ],
+)
 @_MANY
 @given(options=LEVEL_OPTIONS)
 def test_agree_on_levels_and_strides_many(backend: Backend, options: dict[str, Any]) -> None:

@@ -55,14 +55,6 @@ BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 DECODERS = ("Unet", "FPN", "DeepLabV3Plus", "UPerNet", "Segformer")
 
-# Each decoder once and each backbone once in the default suite; every pair is slow.
-_DEFAULT_PAIRS = {
-    ("Unet", "timm"),
-    ("FPN", "open_clip"),
-    ("DeepLabV3Plus", "vit-pyramid"),
-    ("UPerNet", "torchvision"),
-    ("Segformer", "transformers"),
-}
 # open_clip's ModifiedResNet downsamples through average pools, which unifeat's
 # output_stride cannot undo (docs/output-stride.md): DeepLabV3+ is refused on it.
 _REFUSED_PAIRS = {("DeepLabV3Plus", "open_clip")}
@@ -73,8 +65,7 @@ def _pairs() -> Iterator[Any]:
         for backbone in BACKBONES:
             if (decoder, backbone) in _REFUSED_PAIRS:
                 continue
-            marks = () if (decoder, backbone) in _DEFAULT_PAIRS else (pytest.mark.slow,)
-            yield pytest.param(decoder, backbone, id=f"{decoder}-{backbone}", marks=marks)
+            yield pytest.param(decoder, backbone, id=f"{decoder}-{backbone}")
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +144,6 @@ def test_open_clip_modified_resnet_cannot_dilate(decoder: str) -> None:
         _build(decoder, "open_clip")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("decoder", ["UnetPlusPlus", "Linknet", "MAnet", "PSPNet"])
 @pytest.mark.parametrize("backbone", ["torchvision", "open_clip", "vit-pyramid"])
 def test_other_decoders(decoder: str, backbone: str) -> None:
@@ -163,7 +153,6 @@ def test_other_decoders(decoder: str, backbone: str) -> None:
     assert [m.shape[1] for m in received] == model.encoder.out_channels
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("depth", [3, 4, 5])
 def test_unetplusplus_skips_the_placeholder_at_every_depth(depth: int) -> None:
     # smp issue #1260 (UnetPlusPlus on encoders that start at stride 4), fixed in 0.6.
@@ -174,7 +163,6 @@ def test_unetplusplus_skips_the_placeholder_at_every_depth(depth: int) -> None:
     F.cross_entropy(logits, torch.randint(0, 3, (2, 64, 64))).backward()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["torchvision", "vit-pyramid"])
 def test_pan_at_its_input_size(backbone: str) -> None:
     # PAN's feature pyramid attention halves its deepest map three times: 8x8 or more.
@@ -184,7 +172,6 @@ def test_pan_at_its_input_size(backbone: str) -> None:
     assert _strides(received, 128) == [1, 2, 4, 8, 16, 16]
 
 
-@pytest.mark.slow
 def test_torch_export() -> None:
     model = _build("FPN", "vit-pyramid").eval()
     x = torch.randn(2, 3, 64, 64)

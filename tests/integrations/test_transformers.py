@@ -419,7 +419,6 @@ def test_import_unifeat_imports_no_integration() -> None:
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.slow  # a fresh interpreter imports torch and transformers: 10-45 s
 def test_from_pretrained_in_a_fresh_process_reads_no_hub_and_no_checkpoint_file(
     tmp_path: Path,
 ) -> None:

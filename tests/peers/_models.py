@@ -202,7 +202,7 @@ SLOW_CASES = [
     ),
     Case("hf-swin", "hf:swin", "hf", kwargs=HF_SWIN, traceable=False),
 ]
-"""Heavier or repetitive cases: ``pytest -m slow``."""
+"""More architectures per backend (each case runs in seconds, in the default suite)."""
 
 BY_ID = {case.id: case for case in [*CASES, *SLOW_CASES]}
 
@@ -216,13 +216,10 @@ def _timm(name: str) -> nn.Module:
 def params(
     where: Callable[[Case], bool] = lambda case: True,
     marks: dict[str, Any] | None = None,
-    fast: Sequence[str] | None = None,
 ) -> list[Any]:
-    """``pytest.param``s for the cases ``where`` accepts.
-
-    ``fast``: the ids that run in the default suite (default: every case of
-    ``CASES``); the others are marked slow. ``marks`` maps a case id to a mark (an
-    expected failure) or a list of them.
+    """``pytest.param``s for the cases ``where`` accepts, of ``CASES`` and
+    ``SLOW_CASES`` alike (each runs in seconds: the default suite runs them all).
+    ``marks`` maps a case id to a mark (an expected failure) or a list of them.
     """
     result = []
     for case in [*CASES, *SLOW_CASES]:
@@ -230,9 +227,6 @@ def params(
             continue
         extra = (marks or {}).get(case.id, [])
         extra = list(extra) if isinstance(extra, (list, tuple)) else [extra]
-        default = case in CASES if fast is None else case.id in fast
-        if not default:
-            extra.append(pytest.mark.slow)
         result.append(pytest.param(case, id=case.id, marks=extra))
     return result
 

@@ -34,8 +34,6 @@ from tests.peers._models import (
     params,
 )
 
-ONE_PER_BACKEND = ("timm-vit", "tv-squeezenet", "hf-resnet", "hf-vit", "fx-stagenet")
-
 
 def _all(info: unifeat.FeatureInfo) -> list[int]:
     return list(range(len(info)))
@@ -46,9 +44,7 @@ def _all(info: unifeat.FeatureInfo) -> list[int]:
 
 @pytest.mark.parametrize(
     "case",
-    params(
-        fast=ONE_PER_BACKEND,
-    ),
+    params(),
 )
 def test_stage_names_and_default_selection(case: Case) -> None:
     """Ports ``test_config``'s stage names and defaults and
@@ -75,7 +71,7 @@ def test_stage_names_and_default_selection(case: Case) -> None:
     assert len(info.channels()) == len(info.out_indices) <= len(info)
 
 
-@pytest.mark.parametrize("case", params(fast=ONE_PER_BACKEND))
+@pytest.mark.parametrize("case", params())
 def test_out_indices_select_and_align(case: Case) -> None:
     """Ports ``test_config``'s "only out_indices set" and ``test_backbone_utils``'
     ``test_get_aligned_output_features_output_indices``: ``out_indices=[0, 2]`` selects
@@ -94,7 +90,7 @@ def test_out_indices_select_and_align(case: Case) -> None:
     assert negative.module_name() == info.module_name([n - 3, n - 1])
 
 
-@pytest.mark.parametrize("case", params(fast=ONE_PER_BACKEND))
+@pytest.mark.parametrize("case", params())
 def test_out_indices_validation(case: Case) -> None:
     """Ports ``test_verify_out_features_out_indices``' index checks and the config's
     ``ValueError``s: an index past the last level, and a duplicate, are
@@ -118,7 +114,6 @@ def test_out_indices_validation(case: Case) -> None:
         # its downsampling) and return_nodes gives it as it is (docs/node-names.md);
         # its level is the second, as tokens: no like-for-like comparison here.
         where=lambda case: not case.tokens and case.id != "hf-swin",
-        fast=("timm-resnet", "tv-squeezenet", "hf-resnet", "fx-stagenet"),
     ),
 )
 def test_out_features_match_out_indices(case: Case) -> None:
@@ -146,7 +141,7 @@ def test_out_features_match_out_indices(case: Case) -> None:
 # -- test_channels / test_create_from_modified_config / test_backbone_outputs --------------
 
 
-@pytest.mark.parametrize("case", params(fast=ONE_PER_BACKEND))
+@pytest.mark.parametrize("case", params())
 def test_channels(case: Case) -> None:
     """Ports ``test_channels``: the channels reported are those of the selected levels,
     ``num_features[i]`` for each selected ``i`` (here ``channels()`` over all levels);
@@ -158,7 +153,7 @@ def test_channels(case: Case) -> None:
     assert last.channels() == [every[-1]]
 
 
-@pytest.mark.parametrize("case", params(fast=ONE_PER_BACKEND))
+@pytest.mark.parametrize("case", params())
 def test_create_from_modified_config(case: Case) -> None:
     """Ports ``test_create_from_modified_config``: as many maps as selected levels and
     reported channels, for the default selection and for the last level alone."""
@@ -173,7 +168,7 @@ def test_create_from_modified_config(case: Case) -> None:
     assert len(maps) == 1
 
 
-@pytest.mark.parametrize("case", params(fast=ONE_PER_BACKEND))
+@pytest.mark.parametrize("case", params())
 def test_backbone_outputs(case: Case) -> None:
     """Ports ``test_backbone_outputs``: the feature maps come as a sequence (a tuple in
     transformers, a list in unifeat: docs/levels.md), one per selected level, each
@@ -196,7 +191,7 @@ def test_backbone_outputs(case: Case) -> None:
             assert case.size // reduction - 1 <= side <= math.ceil(case.size / reduction) + 1
 
 
-@pytest.mark.parametrize("case", params(fast=ONE_PER_BACKEND))
+@pytest.mark.parametrize("case", params())
 def test_forward_signature(case: Case) -> None:
     """Ports ``test_forward_signature`` (the first argument is ``pixel_values``): a
     feature model's forward takes the images as its one required argument, and
@@ -289,7 +284,6 @@ def test_dinov2_maps_equal_dinov2_backbone() -> None:
         torch.testing.assert_close(feature_map, theirs[level + 1], rtol=0, atol=0)
 
 
-@pytest.mark.slow
 def test_swin_maps_equal_swin_backbone_without_its_extra_norms() -> None:
     """As for ConvNeXt: ``SwinBackbone``'s stages without the norms it adds are
     unifeat's levels (the stage output before downsampling, as timm's)."""

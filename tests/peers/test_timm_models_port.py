@@ -3,10 +3,9 @@ of huggingface/pytorch-image-models), ported to run against unifeat as a black b
 on every backend they apply to.
 
 timm checks its models one by one over ``list_models()``; here each check runs on
-a few small random-init models per backend (``tests/peers/_models.py``), more
-with ``-m slow``. Where unifeat deliberately differs from timm the test asserts
-unifeat's documented behaviour and its docstring says what timm asserts and
-which docs page says why.
+small random-init models of every backend (``tests/peers/_models.py``). Where
+unifeat deliberately differs from timm the test asserts unifeat's documented
+behaviour and its docstring says what timm asserts and which docs page says why.
 """
 
 from __future__ import annotations
@@ -28,10 +27,6 @@ from tests.peers._models import (
     run_source,
 )
 
-# The default suite runs the cheapest case per backend for most checks (every case
-# of tests/peers/_models.py with -m slow), and more where a backend has a known bug.
-ONE_PER_BACKEND = ("timm-vit", "tv-squeezenet", "hf-resnet", "fx-stagenet")
-
 
 def _spatial_axes(output_fmt: str) -> tuple[int, tuple[int, int]]:
     return (1, (2, 3)) if output_fmt == "NCHW" else (3, (1, 2))
@@ -52,7 +47,7 @@ def _check_maps(maps, channels, reductions, size, batch, output_fmt="NCHW") -> N
 # -- test_model_forward_features / test_model_forward_intermediates_features ------------
 
 
-@pytest.mark.parametrize("output_fmt", ["NCHW", pytest.param("NHWC", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("output_fmt", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("case", params())
 def test_forward_features(case: Case, output_fmt: str) -> None:
     """Ports timm's ``test_model_forward_features``: a features_only model with the
@@ -68,9 +63,7 @@ def test_forward_features(case: Case, output_fmt: str) -> None:
     _check_maps(outputs, channels, reductions, case.size, 1, output_fmt)
 
 
-@pytest.mark.parametrize(
-    "case", params(fast=("timm-efficientnet", "tv-vit", "hf-convnext", "fx-stagenet"))
-)
+@pytest.mark.parametrize("case", params())
 def test_forward_intermediates_features(case: Case) -> None:
     """Ports timm's ``test_model_forward_intermediates_features`` (features_only with
     ``feature_cls='getter'``, i.e. every level through ``forward_intermediates``):
@@ -87,7 +80,7 @@ def test_forward_intermediates_features(case: Case) -> None:
 # -- test_model_forward_intermediates ----------------------------------------------------
 
 
-@pytest.mark.parametrize("case", params(fast=("timm-resnet", "tv-vit", "hf-vit", "fx-stagenet")))
+@pytest.mark.parametrize("case", params())
 def test_forward_intermediates(case: Case) -> None:
     """Ports the intermediates half of timm's ``test_model_forward_intermediates``:
     ``final, intermediates = forward_intermediates(x, output_fmt='NCHW')`` gives at
@@ -108,15 +101,6 @@ def test_forward_intermediates(case: Case) -> None:
     "case",
     params(
         where=lambda case: case.backend == "timm" or case.final_module is not None,
-        fast=(
-            "timm-resnet",
-            "timm-efficientnet",
-            "tv-squeezenet",
-            "tv-vit",
-            "hf-resnet",
-            "hf-vit",
-            "fx-stagenet",
-        ),
     ),
 )
 def test_forward_intermediates_final_is_forward_features(case: Case) -> None:
@@ -156,7 +140,6 @@ def test_forward_intermediates_final_is_forward_features(case: Case) -> None:
         # transformers' Swin stages downsample inside the stage module, so its output
         # is not the level; which "native layout" its final output has is open.
         where=lambda case: case.id != "hf-swin",
-        fast=("timm-vit", "tv-squeezenet", "hf-vit", "fx-stagenet"),
     ),
 )
 def test_forward_intermediates_after_pruning(case: Case) -> None:
@@ -184,9 +167,7 @@ def test_forward_intermediates_after_pruning(case: Case) -> None:
         model.forward_intermediates(x, indices=(2,))
 
 
-@pytest.mark.parametrize(
-    "case", params(where=lambda case: case.backend == "timm", fast=("timm-vit",))
-)
+@pytest.mark.parametrize("case", params(where=lambda case: case.backend == "timm"))
 def test_pruned_final_output_is_timms(case: Case) -> None:
     """Without ``prune_norm`` timm keeps the final norm after pruning and applies it
     to the final output (docs/levels.md): the same call on timm's own model gives
@@ -208,7 +189,7 @@ def test_pruned_final_output_is_timms(case: Case) -> None:
 # -- test_model_backward -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", params(fast=(*ONE_PER_BACKEND, "hf-vit")))
+@pytest.mark.parametrize("case", params())
 def test_backward(case: Case) -> None:
     """Ports timm's ``test_model_backward`` and ``test_model_backward_features``: in
     train mode, a backward from the outputs reaches every parameter (timm asserts
@@ -224,7 +205,7 @@ def test_backward(case: Case) -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("case", params(fast=ONE_PER_BACKEND))
+@pytest.mark.parametrize("case", params())
 def test_default_cfgs(case: Case) -> None:
     """Ports timm's ``test_model_default_cfgs`` for what a feature model's
     ``pretrained_cfg`` carries: the input size it was built for, a mean and std per
@@ -250,7 +231,7 @@ def test_default_cfgs(case: Case) -> None:
     assert tuple(pixels.shape) == tuple(cfg["input_size"])
 
 
-@pytest.mark.parametrize("case", params(fast=ONE_PER_BACKEND))
+@pytest.mark.parametrize("case", params())
 def test_feature_cls(case: Case) -> None:
     """timm's ``feature_cls=`` (docs/migrating.md#feature_cls): ``'list'`` and
     ``'dict'`` give those layouts of the same maps everywhere; ``'getter'`` is
@@ -284,7 +265,6 @@ def test_feature_cls(case: Case) -> None:
 
 _TRACEABLE = params(
     where=lambda case: case.traceable,
-    fast=("timm-resnet", "tv-squeezenet", "fx-stagenet"),
 )
 
 
@@ -327,9 +307,7 @@ def test_backward_fx(case: Case) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    params(
-        fast=("timm-resnet", "tv-squeezenet", "hf-vit", "fx-stagenet"),
-    ),
+    params(),
 )
 def test_features_torchscript_is_refused(case: Case) -> None:
     """Ports timm's ``test_model_forward_torchscript_with_features_fx``, which scripts
@@ -349,15 +327,12 @@ def test_features_torchscript_is_refused(case: Case) -> None:
     [
         pytest.param("timm:resnet50", (0, 1, 2, 3, 4), id="timm-resnet50"),
         pytest.param("tv:resnet50", (0, 1, 2, 3, 4), id="tv-resnet50"),
-        pytest.param(
-            "timm:convnext_tiny", (0, 1, 2, 3), id="timm-convnext", marks=pytest.mark.slow
-        ),
-        pytest.param("tv:convnext_tiny", (0, 1, 2, 3), id="tv-convnext", marks=pytest.mark.slow),
+        pytest.param("timm:convnext_tiny", (0, 1, 2, 3), id="timm-convnext"),
+        pytest.param("tv:convnext_tiny", (0, 1, 2, 3), id="tv-convnext"),
         pytest.param(
             "timm:swin_tiny_patch4_window7_224",
             (0, 1, 2, 3),
             id="timm-swin",
-            marks=pytest.mark.slow,
         ),
         pytest.param("tv:swin_t", (0, 1, 2, 3), id="tv-swin"),
         pytest.param("timm:vit_base_patch16_224", (9, 10, 11), id="timm-vit"),
@@ -375,7 +350,7 @@ def test_default_levels(name: str, expected: tuple[int, ...]) -> None:
     assert len(info.channels()) >= 3
 
 
-@pytest.mark.parametrize("case", params(fast=ONE_PER_BACKEND))
+@pytest.mark.parametrize("case", params())
 def test_out_indices_forms(case: Case) -> None:
     """Ports timm's ``features_only(out_indices=...)`` semantics: an int n is the last
     n levels, negatives count from the end, and each output has its level's
@@ -405,8 +380,8 @@ def test_out_indices_forms(case: Case) -> None:
     ("case", "output_stride"),
     [
         pytest.param(BY_ID["timm-resnet"], 16, id="timm-resnet-16"),
-        pytest.param(BY_ID["timm-resnet"], 8, id="timm-resnet-8", marks=pytest.mark.slow),
-        pytest.param(BY_ID["tv-mobilenet"], 16, id="tv-mobilenet-16", marks=pytest.mark.slow),
+        pytest.param(BY_ID["timm-resnet"], 8, id="timm-resnet-8"),
+        pytest.param(BY_ID["tv-mobilenet"], 16, id="tv-mobilenet-16"),
         pytest.param(BY_ID["hf-resnet"], 16, id="hf-resnet-16"),
         pytest.param(BY_ID["fx-stagenet"], 4, id="fx-stagenet-4"),
     ],

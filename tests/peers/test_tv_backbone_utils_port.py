@@ -44,7 +44,6 @@ _NON_TENSOR_NAMES = ("getitem", "floordiv", "size", "chunk", "_assert", "eq", "d
 
 
 HF_IDS = [c.id for c in [*CASES, *SLOW_CASES] if c.backend == "hf"]
-ONE_PER_BACKEND = ("timm-resnet", "tv-squeezenet", "hf-vit", "fx-stagenet")
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -197,7 +196,6 @@ def test_node_name_conventions() -> None:
     "case",
     params(
         where=lambda case: case.backend != "hf",
-        fast=("timm-resnet", "tv-squeezenet", "tv-vit", "fx-stagenet"),
     ),
 )
 def test_node_names_equal_torchvisions(case: Case) -> None:
@@ -217,7 +215,6 @@ def test_node_names_equal_torchvisions(case: Case) -> None:
     "case",
     params(
         where=lambda case: case.backend == "hf",
-        fast=("hf-vit",),
     ),
 )
 def test_node_names_of_untraceable_models_are_module_paths(case: Case) -> None:
@@ -237,9 +234,7 @@ def test_node_names_of_untraceable_models_are_module_paths(case: Case) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    params(
-        fast=ONE_PER_BACKEND,
-    ),
+    params(),
 )
 def test_build_feature_extractor(case: Case) -> None:
     """Ports ``test_build_fx_feature_extractor``: ten random nodes as a ``{v: v}`` dict
@@ -272,7 +267,6 @@ def test_build_feature_extractor(case: Case) -> None:
     "case",
     params(
         where=lambda case: case.traceable,
-        fast=("timm-resnet", "tv-squeezenet", "tv-vit", "fx-stagenet"),
     ),
 )
 def test_build_feature_extractor_failure_cases(case: Case) -> None:
@@ -309,9 +303,7 @@ def test_build_feature_extractor_failure_cases(case: Case) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    params(
-        fast=ONE_PER_BACKEND,
-    ),
+    params(),
 )
 def test_forward_backward(case: Case) -> None:
     """Ports ``test_forward_backward``: a model in train mode, ten random train-graph
@@ -398,7 +390,6 @@ def _timm(name: str) -> nn.Module:
     "case",
     params(
         where=lambda case: case.traceable,
-        fast=("timm-resnet", "tv-squeezenet", "fx-stagenet"),
     ),
 )
 def test_scripting_is_refused(case: Case) -> None:
@@ -498,7 +489,6 @@ def test_eval_only_node_in_train_mode_is_a_unifeat_error() -> None:
     "case",
     params(
         where=lambda case: case.backend in ("torchvision", "fx") and not case.tokens,
-        fast=("fx-stagenet",),
     ),
 )
 def test_train_after_eval_build_equals_torchvisions_extractor(case: Case) -> None:
@@ -528,7 +518,6 @@ def test_train_after_eval_build_equals_torchvisions_extractor(case: Case) -> Non
     params(
         # SqueezeNet has no norm layers to freeze.
         where=lambda case: case.id != "tv-squeezenet",
-        fast=("timm-resnet", "tv-vit", "hf-vit", "fx-stagenet"),
     ),
 )
 def test_source_modes_and_state_are_untouched(case: Case) -> None:
@@ -651,7 +640,6 @@ def test_library_leaf_modules_are_leaves() -> None:
     "case",
     params(
         where=lambda case: case.backend in ("torchvision", "timm"),
-        fast=("tv-squeezenet",),
     ),
 )
 def test_truncated_node_names(case: Case) -> None:
@@ -682,7 +670,6 @@ def test_non_tensor_node_is_returned_as_is() -> None:
     _assert_same(got[node], expected[node])
 
 
-@pytest.mark.slow
 def test_googlenet_aux_nodes_in_train_mode() -> None:
     """``test_build_fx_feature_extractor`` / ``test_forward_backward`` over GoogLeNet,
     whose train graph has auxiliary heads: train-only nodes work in train mode and
@@ -756,7 +743,7 @@ def test_inception_v3_train_return_nodes(by_name: bool) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    params(fast=ONE_PER_BACKEND),
+    params(),
 )
 def test_deepcopy_and_pickle_after_mode_switches(case: Case) -> None:
     """torchvision's deepcopy regression test (its extractor lost its eval graph in
