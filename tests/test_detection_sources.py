@@ -783,10 +783,10 @@ TASK_TYPES_REFUSED = {
     "rf_detr": "could not run",  # windowed DINOv2: 518 is no multiple of its windows
 }
 # Hiera-Det and SAM 3's ViT blocks return channels-last maps: SAM 2's four stages, SAM 3's
-# plain ViT (its default, the last 3 blocks).
+# plain ViT of 32 blocks.
 TASK_TYPES_CHANNELS_LAST = {
     "sam2_vision_model": (4, (768, 32)),
-    "sam3_vision_model": (3, (1024, 14)),
+    "sam3_vision_model": (32, (1024, 14)),
 }
 
 

@@ -6,9 +6,10 @@ later blocks and the final norm). What they cannot see is what a library keeps
 *inside* the part that runs: ConvNeXt's ``head.norm`` after timm's pruning,
 DINOv2's ``mask_token`` in an embedding that runs. :func:`drop_unused` finds,
 by autograd on the meta device, the parameters no requested level depends on
-and takes them out: a submodule all of whose parameters are unused is replaced
-by a parameter-free stand-in, a single unused parameter of a module that runs
-becomes a non-persistent buffer (its code may still read it; it is no longer
+and takes them out: a layer all of whose parameters are unused (the module that
+holds them, its children's included) is replaced by a parameter-free stand-in,
+the containers around it staying as they are; a single unused parameter of a
+layer that runs becomes a non-persistent buffer (its code may still read it; it is no longer
 trained, saved or counted). So every parameter gets a gradient from the levels
 (DDP needs no ignore list), and the parameter count is timm's own
 ``features_only`` count (docs/training.md, "What a feature model holds").
@@ -87,16 +88,17 @@ def drop_unused(
         return []
     removed: list[str] = []
     gone = set(unused)
-    # Outermost submodules first: one stand-in for a whole unused head. A ModuleDict or
-    # ModuleList is indexed, never called (a transformers *Backbone applies
-    # hidden_states_norms[stage] after its encoder): its members get stand-ins.
+    # The modules that hold parameters of their own get the stand-ins, not the
+    # containers around them: a library's own code reaches into those (timm's
+    # reset_classifier calls head.reset(); a transformers *Backbone indexes its
+    # hidden_states_norms ModuleDict), while a layer with unused weights is a layer.
     for path, module in list(root.named_modules()):
         if not path or any(path.startswith(f"{done}.") for done in removed):
             continue
-        if isinstance(module, (nn.ModuleDict, nn.ModuleList)):
+        if next(module.parameters(recurse=False), None) is None:
             continue
         inside = [f"{path}.{name}" for name, _ in module.named_parameters()]
-        if inside and all(name in gone for name in inside):
+        if all(name in gone for name in inside):
             _set_child(root, path, Unused())
             removed.append(path)
     covered = tuple(f"{path}." for path in removed)
