@@ -28,6 +28,13 @@ __all__ = ["create_model", "feature_info", "get_node_names", "list_models"]
 def _plan(model: str | nn.Module, *, backend: str | None, **options: Any) -> BuildPlan:
     if isinstance(model, ClassifierModel):
         model = model.library_model  # it stands for its library model, head as it is now
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedOptionError(
+            f"model is a TorchScript module ({type(model).__name__} of "
+            f"{model.original_name!r}): a compiled program, whose submodules unifeat can "
+            "neither trace nor hook; pass the eager nn.Module it was scripted from (or the "
+            "model's name)"
+        )
     if isinstance(model, nn.Module):
         chosen = (
             _registry.canonical_backend(backend, context=f"module {type(model).__qualname__}")

@@ -632,3 +632,21 @@ def test_zero_d_float_and_bool_indices_are_refused_everywhere(value: Any) -> Non
             lambda: model.forward_intermediates(_X, indices=value), InvalidIndicesError, [shown]
         )
     refused(lambda: model.prune_intermediate_layers(value), InvalidIndicesError, [shown])
+
+
+@pytest.mark.parametrize("compile_", ["script", "trace"])
+def test_a_torchscript_module_is_refused_naming_the_way_out(compile_: str) -> None:
+    """A scripted or traced module is a compiled program (torch's own get_submodule
+    raised "not supported on ScriptModules"): every entry point refuses it, naming
+    the eager module and the model's name as what it takes."""
+    import torchvision
+
+    eager = torchvision.models.resnet18().eval()
+    compiled = (
+        torch.jit.script(eager)
+        if compile_ == "script"
+        else torch.jit.trace(eager, torch.randn(1, 3, 64, 64))
+    )
+    for call in (unifeat.create_model, unifeat.feature_info, unifeat.get_node_names):
+        with pytest.raises(unifeat.UnsupportedOptionError, match="TorchScript module.*eager"):
+            call(compiled)
