@@ -648,5 +648,5 @@ def test_a_torchscript_module_is_refused_naming_the_way_out(compile_: str) -> No
         else torch.jit.trace(eager, torch.randn(1, 3, 64, 64))
     )
     for call in (unifeat.create_model, unifeat.feature_info, unifeat.get_node_names):
-        with pytest.raises(unifeat.UnsupportedOptionError, match="TorchScript module.*eager"):
+        with pytest.raises(unifeat.UnsupportedOptionError, match=r"TorchScript module.*eager"):
             call(compiled)
