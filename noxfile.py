@@ -25,7 +25,7 @@ def _install(session: nox.Session, extras: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The fast default suite, doctests included (what CI runs)."""
-    _install(session, "test,openclip,export,smp")
+    _install(session, "test,openclip,export,heads")
     session.run("pytest", *session.posargs)
 
 
@@ -58,7 +58,7 @@ def backend(session: nox.Session, backend: str) -> None:
 @nox.session
 def slow(session: nox.Session) -> None:
     """The checks that take 30 s or more each (many hypothesis examples, random kills)."""
-    _install(session, "test,openclip,export,smp")
+    _install(session, "test,openclip,export,heads")
     session.run("pytest", "-m", "slow", *session.posargs)
 
 

@@ -362,7 +362,9 @@ class Adapter:
         except TracingError as untraceable:
             if runner_class != "fx":
                 raise
-            raise UnsupportedOptionError(
+            # The model was asked to trace and did not: a TracingError, whose way out
+            # is the runner unifeat would have chosen.
+            raise TracingError(
                 f"feature_cls='fx' reads levels off an FX graph, but {plan.label} does not "
                 f"trace ({str(untraceable).split(': ', 1)[-1].split('. Ways out')[0]}): leave "
                 "feature_cls out to read it with forward hooks on its block list"
@@ -543,7 +545,7 @@ class Adapter:
         return pyramid_levels(levels[-1])
 
     def _check_feature_cls(self, plan: BuildPlan, native: NativeLevels | None) -> None:
-        """timm's ``feature_cls`` values this model takes (docs/api.md, "feature_cls"):
+        """timm's ``feature_cls`` values this model takes (docs/migrating.md, "feature_cls"):
         ``'getter'`` is a library's own ``forward_intermediates`` (timm, open_clip);
         ``'fx'`` a traced graph; ``'hook'`` forward hooks on the block list, which
         unifeat runs for models FX cannot trace (transformers)."""
@@ -554,6 +556,13 @@ class Adapter:
                 f"{plan.label} does not have (timm and open_clip models do); unifeat's "
                 f"{'graph' if self.finder == 'graph' else 'hook'} runner gives it the same "
                 "interface: leave feature_cls out"
+            )
+        if chosen == "fx" and self.finder == "hooks":
+            raise UnsupportedOptionError(
+                f"feature_cls='fx' reads levels off an FX graph, but FX cannot trace the "
+                f"models of backend {self.name!r}: unifeat reads {plan.label} with forward "
+                "hooks on its block list (feature_cls='hook', the default): leave "
+                "feature_cls out"
             )
         if chosen == "hook" and self.finder != "hooks":
             raise UnsupportedOptionError(
