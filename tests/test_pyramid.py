@@ -12,7 +12,7 @@ import torchvision
 from torch import Tensor, nn
 
 import unifeat
-from tests.configs import HF_VIT_64
+from tests.configs import HF_DINOV2_64, HF_VIT_64
 from unifeat import UnsupportedOptionError
 
 # One tiny ViT per backend, patch 16 (DINOv2: 14), all at 64 px (DINOv2: 56).
@@ -27,14 +27,7 @@ VITS: dict[str, tuple[Any, dict[str, Any]]] = {
     "hf": ("hf:vit", {**HF_VIT_64, "num_hidden_layers": 4}),
     "hf-dinov2": (
         "hf:dinov2",
-        dict(
-            hidden_size=32,
-            num_hidden_layers=4,
-            num_attention_heads=2,
-            image_size=56,
-            patch_size=14,
-            mlp_ratio=2,
-        ),
+        {**HF_DINOV2_64, "image_size": 56, "patch_size": 14},
     ),
     "open_clip": (
         "oc:ViT-B-32",

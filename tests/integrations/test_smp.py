@@ -25,30 +25,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import unifeat
+from tests.configs import HF_DINOV2_64, HF_RESNET_TINY, OC_RN50_TINY
 from unifeat.integrations.smp import UnifeatEncoder, register_encoder
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 
-_HF_RESNET = dict(embedding_size=8, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1])
-_OC_RN50 = dict(layers=(1, 1, 1, 1), width=16, head_width=16, image_size=64)
 _TIMM_VIT = dict(img_size=64, depth=4, pyramid="simple")
 _OC_VIT = dict(layers=4, width=64, head_width=32, image_size=64, patch_size=16, pyramid="simple")
-_HF_DINOV2 = dict(
-    hidden_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    image_size=64,
-    patch_size=16,
-    mlp_ratio=2,
-    pyramid="simple",
-)
+_HF_DINOV2 = {**HF_DINOV2_64, "pyramid": "simple"}
 
 BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
     "timm": ("timm:test_resnet", {}),
     "torchvision": ("tv:resnet18", {}),
-    "transformers": ("hf:resnet", _HF_RESNET),
+    "transformers": ("hf:resnet", HF_RESNET_TINY),
     # ModifiedResNet starts at stride 4: the encoder's stride-2 map is the placeholder.
-    "open_clip": ("oc:RN50", _OC_RN50),
+    "open_clip": ("oc:RN50", OC_RN50_TINY),
     "vit-pyramid": ("timm:vit_tiny_patch16_224", _TIMM_VIT),
     "open_clip-vit-pyramid": ("oc:ViT-B-32", _OC_VIT),
     "transformers-dinov2-pyramid": ("hf:dinov2", _HF_DINOV2),
@@ -241,7 +232,7 @@ def test_in_channels_through_timm_in_chans() -> None:
 
 def test_in_channels_through_transformers_num_channels() -> None:
     model = smp.Unet(
-        register_encoder("hf:resnet", **_HF_RESNET), encoder_weights=None, in_channels=1
+        register_encoder("hf:resnet", **HF_RESNET_TINY), encoder_weights=None, in_channels=1
     )
     assert model.encoder.model.get_parameter("embedder.embedder.convolution.weight").shape[1] == 1
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 1, 64, 64)
@@ -250,7 +241,7 @@ def test_in_channels_through_transformers_num_channels() -> None:
 def test_in_channels_refused_for_pretrained_transformers(tmp_path: Path) -> None:
     # transformers reinitializes (or refuses) a first conv of other channels.
     transformers = pytest.importorskip("transformers")
-    config = transformers.ResNetConfig(**_HF_RESNET)
+    config = transformers.ResNetConfig(**HF_RESNET_TINY)
     transformers.ResNetModel(config).save_pretrained(tmp_path)
     name = register_encoder(f"hf:{tmp_path}", pretrained=True)
     with pytest.raises(unifeat.UnsupportedOptionError, match=r"in_channels=4 .* adapt"):

@@ -24,6 +24,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import unifeat
+from tests.configs import HF_DINOV2_64, HF_RESNET_TINY, OC_RN50_TINY
 from unifeat.integrations.torchvision import BackboneWithFPN, backbone_with_fpn
 
 
@@ -51,23 +52,12 @@ BACKBONES: dict[str, tuple[Any, dict[str, Any]]] = {
     "torchvision": ("tv:resnet18", {}),
     "transformers": (
         "hf:resnet",
-        dict(embedding_size=8, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1]),
+        HF_RESNET_TINY,
     ),
-    "open_clip": ("oc:RN50", dict(layers=(1, 1, 1, 1), width=16, head_width=16, image_size=64)),
+    "open_clip": ("oc:RN50", OC_RN50_TINY),
     "module": (_FiveStageNet, {}),
     "vit-pyramid": ("timm:vit_tiny_patch16_224", _VIT_PYRAMID),
-    "hf-vit-pyramid": (
-        "hf:dinov2",
-        dict(
-            hidden_size=32,
-            num_hidden_layers=4,
-            num_attention_heads=2,
-            image_size=64,
-            patch_size=16,
-            mlp_ratio=2,
-            pyramid="simple",
-        ),
-    ),
+    "hf-vit-pyramid": ("hf:dinov2", {**HF_DINOV2_64, "pyramid": "simple"}),
     "oc-vit-pyramid": (
         "oc:ViT-B-32",
         dict(layers=4, width=64, head_width=32, image_size=64, patch_size=16, pyramid="simple"),

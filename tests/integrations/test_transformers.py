@@ -37,6 +37,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 import unifeat
+from tests.configs import HF_DINOV2_64, HF_RESNET_TINY
 from unifeat.integrations import transformers as integration
 from unifeat.integrations.transformers import (
     UnifeatBackbone,
@@ -47,15 +48,7 @@ from unifeat.integrations.transformers import (
 pytest.importorskip("scipy")  # Mask2Former's matcher
 pytest.importorskip("open_clip")
 
-HF_RESNET = dict(embedding_size=8, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1])
-HF_DINOV2 = dict(
-    hidden_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    image_size=32,
-    patch_size=16,
-    mlp_ratio=2,
-)
+HF_DINOV2 = {**HF_DINOV2_64, "image_size": 32}
 OC_RN50 = dict(layers=[1, 1, 1, 1], width=16, head_width=16, image_size=64)
 OC_VIT = dict(layers=4, width=64, head_width=32, image_size=32, patch_size=16)
 TIMM_VIT = dict(img_size=32, depth=4)
@@ -67,7 +60,9 @@ TIMM_SWIN = dict(
 BACKBONES: dict[str, dict[str, Any]] = {
     "timm": dict(model_name="timm:test_resnet", out_indices=(1, 2, 3, 4)),
     "torchvision": dict(model_name="tv:resnet18", out_indices=(1, 2, 3, 4)),
-    "transformers": dict(model_name="hf:resnet", out_indices=(1, 2, 3, 4), model_kwargs=HF_RESNET),
+    "transformers": dict(
+        model_name="hf:resnet", out_indices=(1, 2, 3, 4), model_kwargs=HF_RESNET_TINY
+    ),
     "open_clip": dict(model_name="oc:RN50", out_indices=(1, 2, 3, 4), model_kwargs=OC_RN50),
     "vit-pyramid": dict(
         model_name="timm:vit_tiny_patch16_224", pyramid="simple", model_kwargs=TIMM_VIT
@@ -292,7 +287,9 @@ def test_upernet_equals_upernet_on_transformers_resnet_backbone() -> None:
     ours = UperNetForSemanticSegmentation(
         _upernet_config(UnifeatBackboneConfig(**BACKBONES["transformers"]))
     ).eval()
-    reference = ResNetConfig(**HF_RESNET, out_features=["stage1", "stage2", "stage3", "stage4"])
+    reference = ResNetConfig(
+        **HF_RESNET_TINY, out_features=["stage1", "stage2", "stage3", "stage4"]
+    )
     theirs = UperNetForSemanticSegmentation(_upernet_config_like(ours.config, reference)).eval()
     _copy_backbone_weights(theirs, ours)
     x, labels = _images(), torch.randint(0, 3, (2, SIZE, SIZE))
@@ -689,8 +686,8 @@ def test_bad_values_are_unifeat_errors_at_config_creation(
 
 
 def test_a_config_changed_after_creation_is_refused_when_built() -> None:
-    config = UnifeatBackboneConfig(model_name="hf:resnet", model_kwargs=HF_RESNET)
-    config.model_kwargs = dict(HF_RESNET, hidden_sizes=[8, 8, 8, 8])
+    config = UnifeatBackboneConfig(model_name="hf:resnet", model_kwargs=HF_RESNET_TINY)
+    config.model_kwargs = dict(HF_RESNET_TINY, hidden_sizes=[8, 8, 8, 8])
     with pytest.raises(unifeat.UnsupportedOptionError, match="changed after it was made"):
         UnifeatBackbone(config)
 
