@@ -1,6 +1,11 @@
-"""Small model configurations the tests share: fast on two CPUs, random init."""
+"""Small model configurations (and a module of ones own) the tests share: fast on two
+CPUs, random init."""
 
 from __future__ import annotations
+
+from itertools import pairwise
+
+from torch import Tensor, nn
 
 # A transformers ViT at 64x64 with 16-pixel patches: a 4x4 grid and a class token.
 HF_VIT_64 = dict(
@@ -28,3 +33,21 @@ HF_DINOV2_64 = dict(
     patch_size=16,
     mlp_ratio=2,
 )
+
+
+class FiveStageNet(nn.Module):
+    """A module of one's own: five stride-2 stages (reductions 2 to 32) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        widths = [3, 8, 16, 24, 32, 48]
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(a, b, 3, 2, 1), nn.BatchNorm2d(b), nn.ReLU())
+            for a, b in pairwise(widths)
+        )
+        self.head = nn.Linear(widths[-1], 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x.mean((2, 3)))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import unifeat
-from tests.configs import HF_DINOV2_64, HF_RESNET_TINY, OC_RN50_TINY
+from tests.configs import HF_DINOV2_64, HF_RESNET_TINY, OC_RN50_TINY, FiveStageNet
 from unifeat.integrations.smp import UnifeatEncoder, register_encoder
 
 smp = pytest.importorskip("segmentation_models_pytorch")
@@ -40,6 +40,7 @@ BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
     "transformers": ("hf:resnet", HF_RESNET_TINY),
     # ModifiedResNet starts at stride 4: the encoder's stride-2 map is the placeholder.
     "open_clip": ("oc:RN50", OC_RN50_TINY),
+    "module": (FiveStageNet, {}),
     "vit-pyramid": ("timm:vit_tiny_patch16_224", _TIMM_VIT),
     "open_clip-vit-pyramid": ("oc:ViT-B-32", _OC_VIT),
     "transformers-dinov2-pyramid": ("hf:dinov2", _HF_DINOV2),
@@ -69,7 +70,8 @@ def _own_registry() -> Iterator[None]:
 
 
 def _build(decoder: str, backbone: str, **kwargs: Any) -> nn.Module:
-    name = register_encoder(BACKBONES[backbone][0], **BACKBONES[backbone][1])
+    source, options = BACKBONES[backbone]
+    name = register_encoder(source() if isinstance(source, type) else source, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # smp's Segformer init notes
         return getattr(smp, decoder)(name, encoder_weights=None, classes=3, **kwargs)

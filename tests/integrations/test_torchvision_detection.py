@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import math
-from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -24,27 +23,8 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import unifeat
-from tests.configs import HF_DINOV2_64, HF_RESNET_TINY, OC_RN50_TINY
+from tests.configs import HF_DINOV2_64, HF_RESNET_TINY, OC_RN50_TINY, FiveStageNet
 from unifeat.integrations.torchvision import BackboneWithFPN, backbone_with_fpn
-
-
-class _FiveStageNet(nn.Module):
-    """A module of one's own: five stride-2 stages (reductions 2 to 32) and a head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        widths = [3, 8, 16, 24, 32, 48]
-        self.stages = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(a, b, 3, 2, 1), nn.BatchNorm2d(b), nn.ReLU())
-            for a, b in pairwise(widths)
-        )
-        self.head = nn.Linear(widths[-1], 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for stage in self.stages:
-            x = stage(x)
-        return self.head(x.mean((2, 3)))
-
 
 _VIT_PYRAMID = dict(img_size=64, depth=4, pyramid="simple")
 BACKBONES: dict[str, tuple[Any, dict[str, Any]]] = {
@@ -55,7 +35,7 @@ BACKBONES: dict[str, tuple[Any, dict[str, Any]]] = {
         HF_RESNET_TINY,
     ),
     "open_clip": ("oc:RN50", OC_RN50_TINY),
-    "module": (_FiveStageNet, {}),
+    "module": (FiveStageNet, {}),
     "vit-pyramid": ("timm:vit_tiny_patch16_224", _VIT_PYRAMID),
     "hf-vit-pyramid": ("hf:dinov2", {**HF_DINOV2_64, "pyramid": "simple"}),
     "oc-vit-pyramid": (

@@ -243,10 +243,10 @@ def test_dpt_token_config_of_torchvisions_vit() -> None:
     check_head_config(DPTConfig(backbone_config=backbone))
 
 
-@pytest.mark.parametrize("backend", ["timm", "torchvision"])
+@pytest.mark.parametrize("backend", list(BACKBONES))
 def test_detr_trains_on_a_unifeat_backbone(backend: str) -> None:
     """DETR reads the last level; it swaps the backbone's BatchNorms for frozen ones."""
-    backbone = UnifeatBackboneConfig(**{**BACKBONES[backend], "out_indices": (4,)})
+    backbone = UnifeatBackboneConfig(**{**BACKBONES[backend], "out_indices": (-1,)})
     config = DetrConfig(
         backbone_config=backbone,
         use_timm_backbone=False,

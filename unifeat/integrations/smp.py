@@ -401,6 +401,7 @@ class UnifeatEncoder(nn.Module):
     _is_torch_compilable = True
 
     model: FeatureModel
+    _source: str | nn.Module
 
     def __init__(
         self,
@@ -416,7 +417,11 @@ class UnifeatEncoder(nn.Module):
                 f"invalid encoder_depth={depth!r} for {entry or _label(source)}: expected "
                 f"1 to 5 (the encoder gives strides 2 to 2**encoder_depth, at most 32)"
             )
-        self._source = source
+        # Held outside the module tree: the feature model built from it holds what the
+        # levels use, and a source module registered here would add its unused head to
+        # parameters(), state_dict() and the optimizer. It is kept to rebuild from when
+        # smp asks for other input channels or a dilation.
+        self.__dict__["_source"] = source
         self._options = dict(options)
         self._depth = depth
         self.name = entry or _label(source)
